@@ -1,0 +1,76 @@
+"""Every host path the storage manager uses, derived from one root.
+
+The root is ``$SM_ROOT`` when set (tests use a tmp_path, the README's main job
+uses the project's ``.state/``), else ``/``: then the paths are the standard
+system places (``/run/sm``, ``/var/lib/sm``, ``/var/log/sm``).
+
+Names that come from requests (an SR or VDI key) go through ``safe_name``
+before they touch a path, so no request can name a path outside its place.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from smcommon.errors import InvalidRequest
+
+ROOT_ENV = "SM_ROOT"
+MAX_NAME = 128
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]*")
+
+
+def safe_name(kind: str, name: object) -> str:
+    """Return ``name`` if it can be a single path component, else raise.
+
+    Allowed: letters, digits, ``.``, ``_``, ``:``, ``-``; not starting with a
+    dot or dash; at most MAX_NAME characters.  So no ``/``, no ``..``, no NUL.
+    """
+    if not isinstance(name, str):
+        raise InvalidRequest(f"{kind} must be a string, not {type(name).__name__}")
+    if not name:
+        raise InvalidRequest(f"{kind} must not be empty")
+    if len(name) > MAX_NAME:
+        raise InvalidRequest(f"{kind} is longer than {MAX_NAME} characters")
+    if not _NAME_RE.fullmatch(name):
+        raise InvalidRequest(
+            f"{kind} {name!r} may hold only letters, digits and . _ : - "
+            "and must start with a letter or digit"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class Paths:
+    root: Path
+
+    @classmethod
+    def from_env(cls, root: str | os.PathLike[str] | None = None) -> Paths:
+        return cls(Path(root or os.environ.get(ROOT_ENV) or "/"))
+
+    @property
+    def run_dir(self) -> Path:
+        """Volatile host state: locks, mounts, datapaths of this boot."""
+        return self.root / "run" / "sm"
+
+    @property
+    def state_dir(self) -> Path:
+        """Persistent host state: which SRs this host knows."""
+        return self.root / "var" / "lib" / "sm"
+
+    @property
+    def lock_dir(self) -> Path:
+        return self.run_dir / "lock"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.root / "var" / "log" / "sm"
+
+    @property
+    def log_file(self) -> Path:
+        return self.log_dir / "sm.log"
+
+    def sr_mount(self, sr: str) -> Path:
+        return self.run_dir / "sr-mount" / safe_name("sr", sr)
