@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+import sys
+import time
+
+import psutil
+import pytest
+
+from smcommon import runner
+from smcommon.errors import CommandError, CommandTimeout
+
+
+def test_run_captures_both_streams() -> None:
+    res = runner.run([sys.executable, "-c", "import sys; print('out'); print('err', file=sys.stderr)"])
+    assert res == runner.Result(0, "out\n", "err\n")
+
+
+def test_run_passes_input() -> None:
+    res = runner.run([sys.executable, "-c", "import sys; print(sys.stdin.read()[::-1])"], input="abc")
+    assert res.out == "cba\n"
+
+
+def test_disallowed_exit_code_raises_with_stderr() -> None:
+    with pytest.raises(CommandError) as info:
+        runner.run([sys.executable, "-c", "import sys; sys.stderr.write('boom'); sys.exit(3)"])
+    assert info.value.rc == 3
+    assert info.value.err == "boom"
+    assert "boom" in str(info.value)
+
+
+def test_allowed_exit_code_returns() -> None:
+    res = runner.run([sys.executable, "-c", "raise SystemExit(5)"], ok_codes=(0, 5))
+    assert res.rc == 5
+
+
+def test_shell_strings_are_refused() -> None:
+    with pytest.raises(TypeError):
+        runner.run("echo hi")  # type: ignore[arg-type]
+
+
+def test_timeout_kills_the_whole_process_group() -> None:
+    code = (
+        "import subprocess, sys, time\n"
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        "print(p.pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    start = time.monotonic()
+    with pytest.raises(CommandTimeout):
+        runner.run([sys.executable, "-c", code], timeout=1.0)
+    assert time.monotonic() - start < 30
+    me = psutil.Process()
+    assert not [c for c in me.children(recursive=True) if c.is_running() and c.status() != "zombie"]
+
+
+def test_secrets_are_masked_in_errors() -> None:
+    with pytest.raises(CommandError) as info:
+        runner.run(
+            [sys.executable, "-c", "import sys; sys.stderr.write(sys.argv[1]); sys.exit(1)", "s3cret"],
+            secrets=["s3cret"],
+        )
+    text = str(info.value) + " ".join(info.value.argv) + info.value.err
+    assert "s3cret" not in text
+    assert runner.MASK in text
