@@ -1,0 +1,365 @@
+"""Helpers of the ext black-box tests: run the real plugins/ext/EXTSR.
+
+Every call is a new process of the real executable (``sys.executable
+plugins/ext/EXTSR``) with ``SM_ROOT`` pointing at the test's tmp root; the
+request is built by ``xmlrpc.client.dumps`` and the response parsed by
+``xmlrpc.client.loads``.  Nothing here imports the engine: the only library
+these tests use is ``smcommon.vhd`` to read and write the images named by
+``attach_info.params``, as a VM backend would.
+
+The fixtures over these helpers are in conftest.py beside this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+import xmlrpc.client
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+REPO = Path(__file__).resolve().parents[3]
+PLUGIN = REPO / "plugins" / "ext" / "EXTSR"
+CALL_TIMEOUT = 60.0
+MiB = 1024 * 1024
+BLOCK = 2 * MiB
+
+
+@dataclass
+class Reply:
+    rc: int
+    stdout: str
+    stderr: str
+    status: str = ""
+    value: Any = None
+    error: list[str] = field(default_factory=list)
+    fault: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "Success"
+
+    def describe(self) -> str:
+        return (
+            f"rc={self.rc} status={self.status!r} value={self.value!r} "
+            f"error={self.error!r} fault={self.fault!r}\n"
+            f"stdout={self.stdout[:2000]!r}\nstderr={self.stderr[-3000:]!r}"
+        )
+
+
+def parse_response(rc: int, out: str, err: str) -> Reply:
+    """Parse one methodResponse; assert the wire invariants every reply keeps."""
+    reply = Reply(rc, out, err)
+    assert rc == 0, f"EXTSR exited {rc}\n{reply.describe()}"
+    assert "Traceback" not in out, f"traceback on stdout\n{reply.describe()}"
+    try:
+        (body,), _ = xmlrpc.client.loads(out)
+    except xmlrpc.client.Fault as f:
+        reply.fault = f"{f.faultCode}: {f.faultString}"
+        return reply
+    except Exception as e:  # noqa: BLE001 - any parse error is the finding
+        raise AssertionError(f"not a methodResponse: {e}\n{reply.describe()}") from None
+    assert isinstance(body, dict), f"response is not a struct\n{reply.describe()}"
+    reply.status = body.get("Status", "")
+    assert reply.status in ("Success", "Failure"), reply.describe()
+    if reply.ok:
+        assert "Value" in body, reply.describe()
+        reply.value = body["Value"]
+    else:
+        desc = body.get("ErrorDescription")
+        assert isinstance(desc, list) and desc, reply.describe()
+        assert all(isinstance(x, str) for x in desc), reply.describe()
+        reply.error = desc
+    return reply
+
+
+class Ext:
+    """The real executable on one SM_ROOT."""
+
+    def __init__(self, root: Path, dbg: str = "itest") -> None:
+        self.root = root
+        self.dbg = dbg
+        self.env = dict(os.environ, SM_ROOT=str(root))
+        self.calls = 0
+
+    def argv(self, *extra: str) -> list[str]:
+        return [sys.executable, str(PLUGIN), *extra]
+
+    def run_raw(
+        self, data: bytes | str | None, *extra: str, timeout: float = CALL_TIMEOUT
+    ) -> subprocess.CompletedProcess[str]:
+        self.calls += 1
+        return subprocess.run(
+            self.argv(*extra),
+            input=data.decode() if isinstance(data, bytes) else (data or ""),
+            capture_output=True,
+            text=True,
+            env=self.env,
+            timeout=timeout,
+            check=False,
+        )
+
+    def raw(self, data: bytes | str, *extra: str) -> Reply:
+        p = self.run_raw(data, *extra)
+        return parse_response(p.returncode, p.stdout, p.stderr)
+
+    @staticmethod
+    def request(method: str, args: dict[str, Any]) -> str:
+        return xmlrpc.client.dumps((args,), methodname=method)
+
+    def call(self, method: str, **args: Any) -> Reply:
+        args.setdefault("dbg", self.dbg)
+        return self.raw(self.request(method, args))
+
+    def ok(self, method: str, **args: Any) -> Any:
+        r = self.call(method, **args)
+        assert r.ok, f"{method} {args!r} failed\n{r.describe()}"
+        return r.value
+
+    def err(self, method: str, **args: Any) -> list[str]:
+        r = self.call(method, **args)
+        assert not r.ok, f"{method} {args!r} should have failed\n{r.describe()}"
+        assert r.error, (
+            f"{method}: a fault instead of an ErrorDescription\n{r.describe()}"
+        )
+        return r.error
+
+    def popen(self, method: str, **args: Any) -> subprocess.Popen[bytes]:
+        """Start a call and return the running process (crash tests)."""
+        args.setdefault("dbg", self.dbg)
+        p = subprocess.Popen(
+            self.argv(),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=self.env,
+        )
+        assert p.stdin is not None
+        p.stdin.write(self.request(method, args).encode())
+        p.stdin.close()
+        return p
+
+
+def vinfo(name: str, size: int | str = 8 * MiB, **extra: Any) -> dict[str, Any]:
+    """A vdi_info input; int64 sizes go as decimal strings (XML-RPC ints are 32-bit)."""
+    d: dict[str, Any] = {"name_label": name, "virtual_size": str(size)}
+    d.update(extra)
+    return d
+
+
+def is_vhd(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            if f.read(8) == b"conectix":
+                return True
+            f.seek(0, os.SEEK_END)
+            if f.tell() < 512:
+                return False
+            f.seek(-512, os.SEEK_END)
+            return f.read(8) == b"conectix"
+    except OSError:
+        return False
+
+
+class SR:
+    """An attached SR and the data checks of the tests."""
+
+    def __init__(self, ext: Ext, uuid_: str, kind: str, data_dir: Path) -> None:
+        self.ext = ext
+        self.uuid = uuid_
+        self.kind = kind
+        self.data_dir = data_dir
+
+    # --- calls ----------------------------------------------------------
+    def ok(self, method: str, **args: Any) -> Any:
+        return self.ext.ok(method, sr=self.uuid, **args)
+
+    def err(self, method: str, **args: Any) -> list[str]:
+        return self.ext.err(method, sr=self.uuid, **args)
+
+    def create(
+        self, name: str, size: int | str = 8 * MiB, **extra: Any
+    ) -> dict[str, Any]:
+        return self.ok("VDI.create", vdi_info=vinfo(name, size, **extra))
+
+    def scan(self) -> dict[str, dict[str, Any]]:
+        vdis = self.ok("SR.scan")
+        keys = [v["vdi"] for v in vdis]
+        assert len(keys) == len(set(keys)), f"SR.scan lists a VDI twice: {keys}"
+        return {v["vdi"]: v for v in vdis}
+
+    def snapshot(self, vdi: str, **extra: Any) -> dict[str, Any]:
+        return self.ok("VDI.snapshot", vdi_info={"vdi": vdi, **extra})
+
+    def clone(self, vdi: str, **extra: Any) -> dict[str, Any]:
+        return self.ok("VDI.clone", vdi_info={"vdi": vdi, **extra})
+
+    def attach(self, vdi: str, dp: str, rw: bool) -> str:
+        info = self.ok("VDI.attach", dp=dp, vdi=vdi, read_write=rw)
+        assert isinstance(info, dict) and isinstance(info.get("params"), str), info
+        assert isinstance(info.get("xenstore_data", {}), dict), info
+        return info["params"]
+
+    @contextlib.contextmanager
+    def opened(
+        self, vdi: str, rw: bool = False, dp: str | None = None
+    ) -> Iterator[str]:
+        """attach + activate, yield the image path, deactivate + detach."""
+        dp = dp or f"t-{'rw' if rw else 'ro'}-{uuid.uuid4().hex[:8]}"
+        path = self.attach(vdi, dp, rw)
+        self.ok("VDI.activate", dp=dp, vdi=vdi)
+        try:
+            yield path
+        finally:
+            self.ok("VDI.deactivate", dp=dp, vdi=vdi)
+            self.ok("VDI.detach", dp=dp, vdi=vdi)
+
+    def write(self, vdi: str, writes: dict[int, bytes]) -> None:
+        from smcommon import vhd
+
+        with self.opened(vdi, rw=True) as path:
+            for off, data in writes.items():
+                vhd.write(path, off, data)
+
+    def read(self, vdi: str, ranges: list[tuple[int, int]]) -> list[bytes]:
+        from smcommon import vhd
+
+        with self.opened(vdi) as path:
+            return [vhd.read(path, off, n) for off, n in ranges]
+
+    # --- on-disk checks -------------------------------------------------
+    def vhd_files(self) -> dict[Path, Any]:
+        from smcommon import vhd
+
+        out = {}
+        for p in sorted(self.data_dir.rglob("*")):
+            if p.is_file() and not p.is_symlink() and is_vhd(p):
+                out[p] = vhd.info(str(p))
+        return out
+
+    def assert_consistent(self, *, after_gc: bool = False) -> dict[str, dict[str, Any]]:
+        """SR.scan, VDI.stat of each VDI, vhd.check of every image; the tree
+        has one visible leaf per VDI, no hidden image without children, and
+        after a GC no hidden image with a single child."""
+        from smcommon import vhd
+
+        scan = self.scan()
+        for key, info in scan.items():
+            st = self.ok("VDI.stat", vdi=key)
+            assert st["vdi"] == key
+            assert int(st["virtual_size"]) == int(info["virtual_size"])
+        files = self.vhd_files()
+        problems = {str(p): vhd.check(str(p)) for p in files}
+        assert all(not v for v in problems.values()), f"vhd.check: {problems}"
+        children: dict[str, int] = {}
+        for _p, inf in files.items():
+            if inf.parent:
+                children[os.path.realpath(inf.parent)] = (
+                    children.get(os.path.realpath(inf.parent), 0) + 1
+                )
+                assert os.path.exists(inf.parent), f"{_p}: parent {inf.parent} missing"
+        visible = [p for p, inf in files.items() if not inf.hidden]
+        hidden = [p for p, inf in files.items() if inf.hidden]
+        assert len(visible) == len(scan), (
+            f"{len(visible)} visible images for {len(scan)} VDIs in SR.scan: "
+            f"{sorted(map(str, visible))}"
+        )
+        for p in hidden:
+            n = children.get(os.path.realpath(p), 0)
+            assert n >= 1, f"hidden image {p} has no child (garbage)"
+            if after_gc:
+                assert n >= 2, f"hidden image {p} has a single child after SR.gc"
+        return scan
+
+
+def sr_kinds() -> list[Any]:
+    return [
+        pytest.param("path", id="path"),
+        pytest.param("ext4", id="ext4", marks=pytest.mark.root),
+    ]
+
+
+def _mounts_under(root: Path) -> list[str]:
+    out = []
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            mnt = line.split()[1].replace("\\040", " ")
+            if mnt.startswith(str(root)):
+                out.append(mnt)
+    return out
+
+
+class SrFactory:
+    """Creates and attaches SRs; tears down mounts and loop devices."""
+
+    def __init__(self, ext: Ext, tmp: Path) -> None:
+        self.ext = ext
+        self.tmp = tmp
+        self.loops: list[str] = []
+        self.srs: list[SR] = []
+
+    def loop_device(self, size: str = "256M") -> str:
+        if os.geteuid() != 0:
+            pytest.skip("ext4 on a loop device needs root")
+        if not shutil.which("losetup") or not shutil.which("mkfs.ext4"):
+            pytest.skip("losetup or mkfs.ext4 missing (util-linux, e2fsprogs)")
+        img = self.tmp / f"disk-{len(self.loops)}.img"
+        subprocess.run(["truncate", "-s", size, str(img)], check=True)
+        p = subprocess.run(
+            ["losetup", "--find", "--show", str(img)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if p.returncode != 0:
+            pytest.skip(f"losetup failed: {p.stderr.strip()}")
+        dev = p.stdout.strip()
+        self.loops.append(dev)
+        return dev
+
+    def make(self, kind: str, *, attach: bool = True) -> SR:
+        sr_uuid = str(uuid.uuid4())
+        if kind == "path":
+            d = self.tmp / f"sr-{sr_uuid[:8]}"
+            d.mkdir()
+            config = {"path": str(d)}
+            data_dir = d
+        else:
+            config = {"device": self.loop_device()}
+            data_dir = self.ext.root / "run" / "sm" / "sr-mount" / sr_uuid
+        self.ext.ok("SR.create", sr=sr_uuid, device_config=config, physical_size="0")
+        sr = SR(self.ext, sr_uuid, kind, data_dir)
+        sr.config = config  # type: ignore[attr-defined]
+        self.srs.append(sr)
+        if attach:
+            self.ext.ok("SR.attach", sr=sr_uuid, device_config=config)
+        return sr
+
+    def cleanup(self) -> None:
+        for sr in self.srs:
+            with contextlib.suppress(Exception):
+                self.ext.call("SR.detach", sr=sr.uuid)
+        for mnt in reversed(_mounts_under(self.ext.root)):
+            subprocess.run(["umount", "-l", mnt], capture_output=True, check=False)
+        for dev in self.loops:
+            subprocess.run(["losetup", "-d", dev], capture_output=True, check=False)
+
+
+def leftover_processes(root: Path) -> list[psutil.Process]:
+    """Processes still running with our SM_ROOT (plugin calls, helpers)."""
+    out = []
+    for proc in psutil.process_iter(["pid", "cmdline", "environ"]):
+        with contextlib.suppress(psutil.Error):
+            env = proc.info.get("environ") or {}
+            if env.get("SM_ROOT") == str(root) and proc.pid != os.getpid():
+                out.append(proc)
+    return out
