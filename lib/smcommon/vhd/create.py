@@ -1,0 +1,207 @@
+"""Creating new images: dynamic, fixed, differencing (snapshot), and the parent locators.
+
+Owns the layout of new files (see ``smcommon.vhd.image``'s docstring) and the
+all-or-nothing creation of a file: an image is built under a temporary name in
+the destination directory, fsync'd, then linked to its name (never replacing
+an existing file), so an error or a kill leaves no half-made image behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid as uuidlib
+from collections.abc import Iterator
+
+from smcommon.vhd import format as fmt
+from smcommon.vhd.errors import (
+    AlreadyExists,
+    InvalidArgument,
+    ParentNotAllowed,
+    TooLarge,
+    VhdError,
+    from_os_error,
+)
+from smcommon.vhd.image import LOCATOR_ORDER, LOCATOR_SLOT, Image, Info, open_image
+
+HEADER_AT = fmt.FOOTER_SIZE
+AFTER_HEADER = HEADER_AT + fmt.HEADER_SIZE
+
+
+def check_size(size: object, what: str = "size") -> int:
+    """``size`` rounded up to a 2 MiB multiple; InvalidArgument/TooLarge if unusable."""
+    if isinstance(size, bool) or not isinstance(size, int):
+        raise InvalidArgument(f"{what} must be an integer number of bytes, not {size!r}")
+    if size <= 0:
+        raise InvalidArgument(f"{what} must be positive, not {size}")
+    rounded = fmt.round_up(size, fmt.BLOCK_SIZE)
+    if rounded > fmt.MAX_VIRTUAL_SIZE:
+        raise TooLarge(f"{what} {size} is above the VHD maximum of {fmt.MAX_VIRTUAL_SIZE} "
+                       "bytes (2040 GiB)")
+    return rounded
+
+
+@contextlib.contextmanager
+def new_file(path: str) -> Iterator[int]:
+    """An fd on a temporary file that becomes ``path`` only if the block succeeds."""
+    path = os.path.abspath(path)
+    if os.path.lexists(path):
+        raise AlreadyExists(f"{path}: already exists")
+    directory, name = os.path.split(path)
+    tmp = os.path.join(directory, f".{name}.tmp-{uuidlib.uuid4().hex[:12]}")
+    try:
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise from_os_error(path, exc, "creating the image") from None
+    try:
+        yield fd
+        os.fsync(fd)
+        try:
+            os.link(tmp, path)
+        except OSError as exc:
+            raise from_os_error(path, exc, "naming the new image") from None
+        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError as exc:
+        raise from_os_error(path, exc, "creating the image") from None
+    finally:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+def _pwrite_all(fd: int, data: bytes, pos: int) -> None:
+    view = memoryview(data)
+    while view:
+        done = os.pwrite(fd, view, pos)
+        view = view[done:]
+        pos += done
+
+
+def write_dynamic_layout(
+    fd: int,
+    size: int,
+    entries: int,
+    *,
+    disk_type: int = fmt.DISK_DYNAMIC,
+    block_size: int = fmt.BLOCK_SIZE,
+    parent: tuple[bytes, int, str, list[fmt.Locator], list[bytes]] | None = None,
+    uuid: bytes | None = None,
+) -> int:
+    """Write a new empty dynamic/differencing image into ``fd``; return the footer offset."""
+    if parent is not None:
+        table_offset = AFTER_HEADER + len(LOCATOR_ORDER) * LOCATOR_SLOT
+        puuid, pts, pname, locators, datas = parent
+        header = fmt.Header.new(table_offset, entries, block_size, puuid, pts, pname, locators)
+        for loc, data in zip(locators, datas, strict=True):
+            _pwrite_all(fd, data + bytes(LOCATOR_SLOT - len(data)), loc.data_offset)
+    else:
+        table_offset = AFTER_HEADER
+        header = fmt.Header.new(table_offset, entries, block_size)
+    footer = fmt.Footer.new(size, disk_type, uuid or uuidlib.uuid4().bytes, HEADER_AT)
+    end = table_offset + fmt.bat_bytes(entries)
+    _pwrite_all(fd, footer.to_bytes(), 0)
+    _pwrite_all(fd, header.to_bytes(), HEADER_AT)
+    _pwrite_all(fd, fmt.Bat.empty(entries).to_bytes(), table_offset)
+    _pwrite_all(fd, footer.to_bytes(), end)
+    return end
+
+
+def create(
+    path: str | os.PathLike[str],
+    size: int,
+    *,
+    fixed: bool = False,
+    max_size: int | None = None,
+) -> Info:
+    """A new empty image of ``size`` bytes rounded up to 2 MiB (Info tells the size used).
+
+    ``max_size`` preallocates BAT entries so that growing up to it is metadata only.
+    """
+    path = os.fspath(path)
+    size = check_size(size)
+    entries = fmt.blocks_for(size, fmt.BLOCK_SIZE)
+    if max_size is not None:
+        if fixed:
+            raise InvalidArgument("max_size applies to dynamic images, not fixed ones")
+        max_size = check_size(max_size, "max_size")
+        if max_size < size:
+            raise InvalidArgument(f"max_size {max_size} is smaller than the size {size}")
+        entries = fmt.blocks_for(max_size, fmt.BLOCK_SIZE)
+    with new_file(path) as fd:
+        if fixed:
+            os.ftruncate(fd, size)
+            footer = fmt.Footer.new(size, fmt.DISK_FIXED, uuidlib.uuid4().bytes, fmt.NO_OFFSET)
+            _pwrite_all(fd, footer.to_bytes(), size)
+        else:
+            write_dynamic_layout(fd, size, entries)
+    return info_of(path)
+
+
+def info_of(path: str, search_dirs: list[str] | None = None) -> Info:
+    with open_image(path, search_dirs=search_dirs) as img:
+        return img.info()
+
+
+def parent_locators(
+    child: str, parent: str, slot_offsets: list[int]
+) -> tuple[str, list[fmt.Locator], list[bytes]]:
+    """The parent name and the W2RU, W2KU, MACX locators (with data) as blktap writes them."""
+    child_dir = os.path.dirname(os.path.abspath(child))
+    parent_abs = os.path.abspath(parent)
+    rel = os.path.relpath(parent_abs, child_dir)
+    if not rel.startswith("../"):
+        rel = "./" + rel
+    locators: list[fmt.Locator] = []
+    datas: list[bytes] = []
+    for code, text, at in zip(LOCATOR_ORDER, (rel, parent_abs, parent_abs), slot_offsets, strict=True):
+        data = fmt.encode_locator(code, text)
+        if len(data) > LOCATOR_SLOT:
+            raise InvalidArgument(f"{parent}: path too long for a parent locator "
+                                  f"({len(data)} bytes, at most {LOCATOR_SLOT})")
+        locators.append(fmt.Locator(code, LOCATOR_SLOT // fmt.SECTOR, len(data), 0, at))
+        datas.append(data)
+    return os.path.basename(parent_abs), locators, datas
+
+
+def check_parent_allowed(child: str, parent: str, search_dirs: list[str] | None) -> None:
+    child_dir = os.path.dirname(os.path.abspath(child))
+    roots = [os.path.realpath(d) for d in (search_dirs or [child_dir])]
+    real = os.path.realpath(parent)
+    if not any(os.path.commonpath([real, r]) == r for r in roots):
+        raise ParentNotAllowed(f"{parent}: parent outside the allowed directories "
+                               f"({', '.join(roots)}) of {child}")
+
+
+def snapshot(
+    parent: str | os.PathLike[str],
+    child: str | os.PathLike[str],
+    *,
+    search_dirs: list[str] | None = None,
+) -> Info:
+    """A new empty differencing image ``child`` whose parent is ``parent``."""
+    parent, child = os.fspath(parent), os.fspath(child)
+    check_parent_allowed(child, parent, search_dirs)
+    with open_image(parent, search_dirs=search_dirs) as pimg:
+        if pimg.tail_damaged:
+            raise VhdError(f"{parent}: tail footer damaged; run repair first")
+        size = pimg.virtual_size
+        if pimg.header is not None:
+            entries, block_size = pimg.header.max_table_entries, pimg.header.block_size
+        else:
+            entries, block_size = fmt.blocks_for(size, fmt.BLOCK_SIZE), fmt.BLOCK_SIZE
+        entries = max(entries, fmt.blocks_for(size, block_size))
+        slots = [AFTER_HEADER + i * LOCATOR_SLOT for i in range(len(LOCATOR_ORDER))]
+        name, locators, datas = parent_locators(child, parent, slots)
+        parent_info = (pimg.footer.uuid, pimg.footer.timestamp, name, locators, datas)
+        with new_file(child) as fd:
+            write_dynamic_layout(fd, size, entries, disk_type=fmt.DISK_DIFFERENCING,
+                                 block_size=block_size, parent=parent_info)
+    return info_of(child, search_dirs)
+
+
+def open_for_write(path: str, search_dirs: list[str] | None = None) -> Image:
+    return open_image(path, writable=True, search_dirs=search_dirs)

@@ -1,0 +1,566 @@
+"""Open, create, read and write VHD images over a chain of parents.
+
+Owns the ``Image`` object (one open file descriptor, the parsed footer, header
+and BAT, and the opened parent chain), the parent search (locators resolved
+relative to the child's directory first, never outside the allowed roots),
+the crash-safe block allocation, and ``Info``.
+
+Where an image ends (the tail footer's offset) is decided in one place,
+``Image.end()``: a later logical-volume store, whose device is larger than the
+image, changes only that method and ``_set_end()``.
+
+Layout of the images this module creates (dynamic and differencing)::
+
+    0          footer copy (512)
+    512        dynamic header (1024)
+    1536       differencing only: 3 parent locator slots of LOCATOR_SLOT bytes
+               (W2RU, W2KU, MACX).  They sit *before* the BAT on purpose: qemu's
+               VHD writer puts its first new block right after the BAT, and
+               would overwrite locators kept there.
+    BAT        max_table_entries * 4, padded to a sector: the last metadata
+    ...        data blocks: sector bitmap (512) + block (2 MiB), appended
+    end()      footer (512)
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import asdict, dataclass
+
+from smcommon.vhd import format as fmt
+from smcommon.vhd.errors import (
+    ChainTooDeep,
+    Corrupt,
+    InvalidArgument,
+    NotFound,
+    ParentLoop,
+    ParentMismatch,
+    ParentMissing,
+    ParentNotAllowed,
+    ReadOnly,
+    VhdError,
+    from_os_error,
+)
+
+MAX_CHAIN_DEPTH = 64
+LOCATOR_SLOT = 8192
+LOCATOR_ORDER = (fmt.LOC_W2RU, fmt.LOC_W2KU, fmt.LOC_MACX)
+
+
+@dataclass(frozen=True)
+class Info:
+    path: str
+    uuid: str
+    disk_type: str
+    virtual_size: int
+    physical_size: int
+    block_size: int
+    max_blocks: int
+    allocated_blocks: int
+    parent: str | None
+    parent_uuid: str | None
+    hidden: bool
+    depth: int
+    creator: str
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def format_uuid(raw: bytes) -> str:
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def _within(path: str, roots: list[str]) -> bool:
+    return any(os.path.commonpath([path, root]) == root for root in roots)
+
+
+class Image:
+    """One open VHD file and, for a differencing disk, its opened parent chain."""
+
+    def __init__(self, path: str, fd: int, writable: bool) -> None:
+        self.path = path
+        self.fd = fd
+        self.writable = writable
+        self.footer: fmt.Footer
+        self.header: fmt.Header | None = None
+        self.bat: fmt.Bat | None = None
+        self.parent: Image | None = None
+        self.depth = 1
+        self.tail_damaged = False
+        self._size = 0
+        self.meta_end = 0
+
+    # --- opening ---------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        writable: bool = False,
+        search_dirs: list[str] | None = None,
+        parents: bool = True,
+        _seen: set[tuple[int, int]] | None = None,
+        _depth: int = 1,
+    ) -> Image:
+        path = os.fspath(path)
+        flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NONBLOCK
+        try:
+            fd = os.open(path, flags)
+        except OSError as exc:
+            raise from_os_error(path, exc, "opening the image") from None
+        img = cls(path, fd, writable)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise InvalidArgument(f"{path}: not a regular file")
+            seen = set() if _seen is None else _seen
+            key = (st.st_dev, st.st_ino)
+            if key in seen:
+                raise ParentLoop(f"{path}: parent loop (this image is its own ancestor)")
+            seen.add(key)
+            img._size = st.st_size
+            img.depth = _depth
+            img._load()
+            if parents and img.footer.disk_type == fmt.DISK_DIFFERENCING:
+                if _depth >= MAX_CHAIN_DEPTH:
+                    raise ChainTooDeep(f"{path}: chain deeper than {MAX_CHAIN_DEPTH} images")
+                ppath = img.find_parent(search_dirs)
+                img.parent = cls.open(
+                    ppath, search_dirs=search_dirs, _seen=seen, _depth=_depth + 1
+                )
+                if not img.parent.is_fixed and img.parent.block_size != img.block_size:
+                    raise Corrupt(f"{path}: block size {img.block_size} differs from its "
+                                  f"parent's {img.parent.block_size} ({ppath})")
+                if img.parent.footer.uuid != img.header_or_fail().parent_uuid:
+                    raise ParentMismatch(
+                        f"{path}: parent {ppath} has UUID "
+                        f"{format_uuid(img.parent.footer.uuid)}, expected "
+                        f"{format_uuid(img.header_or_fail().parent_uuid)}"
+                    )
+        except BaseException:
+            img.close()
+            raise
+        return img
+
+    def _pread(self, length: int, offset: int, what: str) -> bytes:
+        try:
+            data = os.pread(self.fd, length, offset)
+        except OSError as exc:
+            raise from_os_error(self.path, exc, f"reading {what}") from None
+        return data
+
+    def _load(self) -> None:
+        path = self.path
+        if self._size < fmt.FOOTER_SIZE:
+            raise Corrupt(f"{path}: file of {self._size} bytes is too small for a VHD footer")
+        raw = self._pread(fmt.FOOTER_SIZE, self.end(), "the footer")
+        try:
+            self.footer = fmt.Footer.from_bytes(raw, f"{path}: footer")
+        except Corrupt as tail_exc:
+            # blktap keeps a copy at offset 0: read through it, refuse writes
+            try:
+                head = fmt.Footer.from_bytes(self._pread(512, 0, "footer copy"), "copy")
+            except Corrupt:
+                raise tail_exc from None
+            if head.disk_type == fmt.DISK_FIXED:
+                raise tail_exc from None
+            self.footer = head
+            self.tail_damaged = True
+        footer = self.footer
+        if footer.disk_type == fmt.DISK_FIXED:
+            if footer.current_size > self.end():
+                raise Corrupt(f"{path}: fixed disk of {footer.current_size} bytes in a "
+                              f"file of {self._size} bytes (truncated)")
+            self.meta_end = 0
+            return
+        hoff = footer.data_offset
+        if hoff < fmt.FOOTER_SIZE or hoff + fmt.HEADER_SIZE > self.end():
+            raise Corrupt(f"{path}: dynamic header offset {hoff} outside the file")
+        header = fmt.Header.from_bytes(
+            self._pread(fmt.HEADER_SIZE, hoff, "the dynamic header"), f"{path}: dynamic header"
+        )
+        header.validate(f"{path}: dynamic header")
+        bat_len = fmt.bat_bytes(header.max_table_entries)
+        if header.table_offset < hoff + fmt.HEADER_SIZE and header.table_offset + bat_len > hoff:
+            raise Corrupt(f"{path}: BAT at {header.table_offset} overlaps the dynamic header")
+        if header.table_offset < fmt.FOOTER_SIZE or header.table_offset + 4 * header.max_table_entries > self.end():
+            raise Corrupt(f"{path}: BAT ({header.max_table_entries} entries at "
+                          f"{header.table_offset}) lies outside the file")
+        if header.max_table_entries * header.block_size < footer.current_size:
+            raise Corrupt(f"{path}: BAT of {header.max_table_entries} blocks cannot map "
+                          f"the disk size {footer.current_size}")
+        self.header = header
+        self.bat = fmt.Bat.from_bytes(
+            self._pread(4 * header.max_table_entries, header.table_offset, "the BAT"),
+            header.max_table_entries,
+        )
+        self.meta_end = max(hoff + fmt.HEADER_SIZE, header.table_offset + bat_len)
+        self._check_blocks()
+
+    def _check_blocks(self) -> None:
+        """Every BAT entry inside the file, after the metadata, no two overlapping."""
+        assert self.header is not None and self.bat is not None
+        span = self.header.bitmap_size + self.header.block_size
+        regions = [(0, fmt.FOOTER_SIZE), (self.footer.data_offset, fmt.HEADER_SIZE),
+                   (self.header.table_offset, fmt.bat_bytes(self.header.max_table_entries))]
+        end = self.end()
+        prev = -1
+        for sector in sorted(v for v in self.bat.entries if v != fmt.UNALLOCATED):
+            pos = sector * fmt.SECTOR
+            if pos + span > end:
+                raise Corrupt(f"{self.path}: BAT entry {sector} (offset {pos}) points past "
+                              f"the end of the image ({end})")
+            if prev >= 0 and pos < prev + span:
+                raise Corrupt(f"{self.path}: data blocks at sectors {prev // 512} and "
+                              f"{sector} overlap")
+            for rstart, rlen in regions:
+                if pos < rstart + rlen and rstart < pos + span:
+                    raise Corrupt(f"{self.path}: data block at sector {sector} overlaps "
+                                  f"metadata at offset {rstart}")
+            prev = pos
+
+    def header_or_fail(self) -> fmt.Header:
+        if self.header is None:
+            raise InvalidArgument(f"{self.path}: a fixed disk has no dynamic header")
+        return self.header
+
+    def find_parent(self, search_dirs: list[str] | None = None) -> str:
+        """The parent's path from the locators: W2RU first, never outside the allowed roots."""
+        header = self.header_or_fail()
+        child_dir = os.path.dirname(os.path.abspath(self.path))
+        roots = [os.path.realpath(d) for d in (search_dirs or [child_dir])]
+        candidates: list[tuple[str, str]] = []
+        by_code = {loc.code: loc for loc in header.locators if loc.used}
+        for code in LOCATOR_ORDER:
+            loc = by_code.get(code)
+            if loc is None:
+                continue
+            if loc.data_length > fmt.MAX_LOCATOR_DATA or loc.data_length == 0:
+                continue
+            if loc.data_offset + loc.data_length > self.end():
+                raise Corrupt(f"{self.path}: parent locator {code.decode()} data past the end")
+            text = fmt.decode_locator(code, self._pread(loc.data_length, loc.data_offset, "a locator"))
+            candidates.append((code.decode(), text))
+        if header.parent_name:
+            candidates.append(("parent name", header.parent_name))
+        rejected: list[str] = []
+        for label, text in candidates:
+            if not text:
+                continue
+            text = text.replace("\\", "/") if label in ("W2ru", "W2ku") else text
+            full = os.path.normpath(os.path.join(child_dir, text))
+            real = os.path.realpath(full)
+            if not _within(real, roots):
+                rejected.append(f"{label} {text!r}")
+                continue
+            if os.path.isfile(real):
+                return full
+        if rejected:
+            raise ParentNotAllowed(
+                f"{self.path}: parent {', '.join(rejected)} resolves outside the allowed "
+                f"directories ({', '.join(roots)})"
+            )
+        names = ", ".join(f"{label} {text!r}" for label, text in candidates) or "no locator"
+        raise ParentMissing(f"{self.path}: parent not found ({names})")
+
+    def close(self) -> None:
+        if self.parent is not None:
+            self.parent.close()
+            self.parent = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> Image:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- where the image ends ----------------------------------------------------
+
+    def end(self) -> int:
+        """Offset of the tail footer: the one place that decides where the image ends."""
+        return self._size - fmt.FOOTER_SIZE
+
+    def _set_end(self, new_end: int) -> None:
+        """Write the footer at ``new_end`` (growing the file): the old end becomes free."""
+        self._pwrite(self.footer.to_bytes(), new_end, "the footer")
+        self._size = max(self._size, new_end + fmt.FOOTER_SIZE)
+
+    # --- properties --------------------------------------------------------------
+
+    @property
+    def virtual_size(self) -> int:
+        return self.footer.current_size
+
+    @property
+    def is_fixed(self) -> bool:
+        return self.footer.disk_type == fmt.DISK_FIXED
+
+    @property
+    def block_size(self) -> int:
+        return self.header.block_size if self.header else fmt.BLOCK_SIZE
+
+    @property
+    def bitmap_size(self) -> int:
+        return self.header.bitmap_size if self.header else 0
+
+    def chain(self) -> list[Image]:
+        out: list[Image] = []
+        img: Image | None = self
+        while img is not None:
+            out.append(img)
+            img = img.parent
+        return out
+
+    def info(self) -> Info:
+        hdr = self.header
+        diff = self.footer.disk_type == fmt.DISK_DIFFERENCING
+        allocated = len(self.bat.allocated()) if self.bat else 0
+        max_blocks = hdr.max_table_entries if hdr else fmt.blocks_for(self.virtual_size, fmt.BLOCK_SIZE)
+        return Info(
+            path=self.path,
+            uuid=format_uuid(self.footer.uuid),
+            disk_type=self.footer.type_name,
+            virtual_size=self.virtual_size,
+            physical_size=self.end() + fmt.FOOTER_SIZE,
+            block_size=self.block_size,
+            max_blocks=max_blocks,
+            allocated_blocks=allocated if hdr else max_blocks,
+            parent=self.parent.path if self.parent else None,
+            parent_uuid=format_uuid(hdr.parent_uuid) if (hdr and diff) else None,
+            hidden=bool(self.footer.hidden),
+            depth=len(self.chain()),
+            creator=self.footer.creator_app.decode("latin-1").replace("\0", " "),
+        )
+
+    # --- block access ----------------------------------------------------------
+
+    def block_pos(self, block: int) -> int | None:
+        """File offset of block ``block``'s bitmap, or None if not allocated."""
+        if self.bat is None or block >= len(self.bat):
+            return None
+        sector = self.bat[block]
+        return None if sector == fmt.UNALLOCATED else sector * fmt.SECTOR
+
+    def bitmap(self, block: int, pos: int) -> int:
+        """The sector bitmap of an allocated block, as an int (bit i = sector i)."""
+        raw = self._pread(self.bitmap_size, pos, "a sector bitmap")
+        if raw == _full_bitmap(self.bitmap_size):
+            return -1
+        return fmt.bitmap_to_int(raw)
+
+    def _read_run(self, view: memoryview, pos: int) -> None:
+        try:
+            got = os.preadv(self.fd, [view], pos)
+        except OSError as exc:
+            raise from_os_error(self.path, exc, "reading data") from None
+        if got != len(view):
+            raise Corrupt(f"{self.path}: short read at {pos} (file truncated?)")
+
+    def read_block_into(self, block: int, first: int, view: memoryview) -> None:
+        """Fill ``view`` with sectors ``first``.. of ``block``, resolving the chain."""
+        nsec = len(view) // fmt.SECTOR
+        wanted = fmt.sector_mask(first, nsec)
+        img: Image | None = self
+        while img is not None and wanted:
+            base = block * self.block_size
+            if img.is_fixed:
+                limit = img.virtual_size
+                for f, c in fmt.runs(wanted):
+                    start = base + f * fmt.SECTOR
+                    stop = min(start + c * fmt.SECTOR, limit)
+                    if stop > start:
+                        off = (f - first) * fmt.SECTOR
+                        img._read_run(view[off : off + stop - start], start)
+                return
+            pos = img.block_pos(block)
+            if pos is not None:
+                bits = img.bitmap(block, pos)
+                have = wanted & bits
+                data = pos + img.bitmap_size
+                for f, c in fmt.runs(have):
+                    off = (f - first) * fmt.SECTOR
+                    img._read_run(view[off : off + c * fmt.SECTOR], data + f * fmt.SECTOR)
+                wanted &= ~have
+            img = img.parent
+
+    def read(self, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0:
+            raise InvalidArgument(f"{self.path}: negative offset or length")
+        if offset + length > self.virtual_size:
+            raise InvalidArgument(f"{self.path}: read of {length} bytes at {offset} goes past "
+                                  f"the disk size {self.virtual_size}")
+        start = offset // fmt.SECTOR * fmt.SECTOR
+        stop = fmt.round_up(offset + length, fmt.SECTOR)
+        buf = bytearray(stop - start)
+        self.read_into(memoryview(buf), start)
+        return bytes(buf[offset - start : offset - start + length]) if (start, stop) != (offset, offset + length) else bytes(buf)
+
+    def read_into(self, view: memoryview, offset: int) -> None:
+        """Sector-aligned read of ``len(view)`` bytes at ``offset`` (buffer pre-zeroed)."""
+        bs = self.block_size
+        pos = offset
+        end = offset + len(view)
+        while pos < end:
+            block, within = divmod(pos, bs)
+            n = min(end - pos, bs - within)
+            self.read_block_into(block, within // fmt.SECTOR, view[pos - offset : pos - offset + n])
+            pos += n
+
+    # --- writing -----------------------------------------------------------------
+
+    def _pwrite(self, data: bytes | bytearray | memoryview, pos: int, what: str) -> None:
+        try:
+            done = os.pwrite(self.fd, data, pos)
+            while done < len(data):
+                done += os.pwrite(self.fd, memoryview(data)[done:], pos + done)
+        except OSError as exc:
+            raise from_os_error(self.path, exc, f"writing {what}") from None
+
+    def sync(self) -> None:
+        try:
+            os.fdatasync(self.fd)
+        except OSError as exc:
+            raise from_os_error(self.path, exc, "fdatasync") from None
+
+    def _check_writable(self) -> None:
+        if not self.writable:
+            raise ReadOnly(f"{self.path}: image opened read-only")
+        if self.tail_damaged:
+            raise Corrupt(f"{self.path}: tail footer damaged; run repair before writing")
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write ``data`` at ``offset`` of the virtual disk; durable when it returns."""
+        self._check_writable()
+        length = len(data)
+        if offset < 0:
+            raise InvalidArgument(f"{self.path}: negative offset")
+        if offset + length > self.virtual_size:
+            raise InvalidArgument(f"{self.path}: write of {length} bytes at {offset} goes "
+                                  f"past the disk size {self.virtual_size}")
+        if not length:
+            return
+        start = offset // fmt.SECTOR * fmt.SECTOR
+        stop = fmt.round_up(offset + length, fmt.SECTOR)
+        if (start, stop) != (offset, offset + length):
+            # partial sectors: merge with what the chain holds there now
+            buf = bytearray(stop - start)
+            self.read_into(memoryview(buf)[: fmt.SECTOR], start)
+            if stop - fmt.SECTOR > start:
+                self.read_into(memoryview(buf)[-fmt.SECTOR :], stop - fmt.SECTOR)
+            buf[offset - start : offset - start + length] = data
+            data = buf
+        self.write_aligned(start, memoryview(data))
+
+    def write_aligned(self, offset: int, view: memoryview, sync: bool = True) -> None:
+        if self.is_fixed:
+            self._pwrite(view, offset, "data")
+            if sync:
+                self.sync()
+            return
+        bs = self.block_size
+        pos = offset
+        end = offset + len(view)
+        dirty = False
+        while pos < end:
+            block, within = divmod(pos, bs)
+            n = min(end - pos, bs - within)
+            chunk = view[pos - offset : pos - offset + n]
+            if self.block_pos(block) is None:
+                self.allocate_block(block, within // fmt.SECTOR, chunk)
+            else:
+                self._write_in_block(block, within // fmt.SECTOR, chunk)
+                dirty = True
+            pos += n
+        if dirty and sync:
+            self.sync()
+
+    def _write_in_block(self, block: int, first: int, chunk: memoryview) -> None:
+        """Data first, then the bitmap bits; the caller fsyncs."""
+        bpos = self.block_pos(block)
+        assert bpos is not None
+        self._pwrite(chunk, bpos + self.bitmap_size + first * fmt.SECTOR, "data")
+        bits = self.bitmap(block, bpos)
+        add = fmt.sector_mask(first, len(chunk) // fmt.SECTOR)
+        if bits != -1 and (bits | add) != bits:
+            self._pwrite(fmt.int_to_bitmap(bits | add, self.bitmap_size), bpos, "a sector bitmap")
+
+    def allocate_block(self, block: int, first: int, chunk: memoryview) -> None:
+        """Append a new block holding ``chunk`` at sector ``first``, crash-safely.
+
+        Order: footer at the new end (the file always has a valid tail footer),
+        then bitmap and data into the gap, fdatasync, then the BAT entry,
+        fdatasync.  Killed at any instant, the BAT points only at durable data;
+        an unfinished block is unreferenced space.
+        """
+        header = self.header_or_fail()
+        assert self.bat is not None
+        if block >= len(self.bat):
+            raise InvalidArgument(f"{self.path}: block {block} beyond the BAT")
+        nsec = len(chunk) // fmt.SECTOR
+        bpos = fmt.round_up(self.end(), fmt.SECTOR)
+        self._set_end(bpos + header.bitmap_size + header.block_size)
+        if self.footer.disk_type == fmt.DISK_DIFFERENCING:
+            bitmap = fmt.int_to_bitmap(fmt.sector_mask(first, nsec), header.bitmap_size)
+        else:
+            # the rest of the new block is a hole: zeros, as the disk was there
+            bitmap = _full_bitmap(header.bitmap_size)
+        data_pos = bpos + header.bitmap_size + first * fmt.SECTOR
+        if first == 0:
+            try:
+                os.pwritev(self.fd, [bitmap, chunk], bpos)
+            except OSError as exc:
+                raise from_os_error(self.path, exc, "writing a new block") from None
+        else:
+            self._pwrite(bitmap, bpos, "a sector bitmap")
+            self._pwrite(chunk, data_pos, "data")
+        self.sync()
+        self._pwrite(fmt.Bat.entry_bytes(bpos // fmt.SECTOR), header.table_offset + 4 * block, "the BAT")
+        self.sync()
+        self.bat[block] = bpos // fmt.SECTOR
+
+    def set_footer(self, footer: fmt.Footer) -> None:
+        """Rewrite the tail footer, then the copy at offset 0; fsync'd."""
+        self._check_writable()
+        self.footer = footer
+        raw = footer.to_bytes()
+        self._pwrite(raw, self.end(), "the footer")
+        if not self.is_fixed:
+            self._pwrite(raw, 0, "the footer copy")
+        self.sync()
+
+    def set_header(self, header: fmt.Header) -> None:
+        self._check_writable()
+        self._pwrite(header.to_bytes(), self.footer.data_offset, "the dynamic header")
+        self.sync()
+        self.header = header
+
+
+_FULL: dict[int, bytes] = {}
+
+
+def _full_bitmap(size: int) -> bytes:
+    raw = _FULL.get(size)
+    if raw is None:
+        raw = _FULL[size] = b"\xff" * size
+    return raw
+
+
+def open_image(path: str | os.PathLike[str], *, writable: bool = False,
+               search_dirs: list[str] | None = None) -> Image:
+    """Open ``path`` and its whole chain; every failure is a VhdError."""
+    try:
+        return Image.open(path, writable=writable, search_dirs=search_dirs)
+    except VhdError:
+        raise
+    except (OSError, ValueError, OverflowError, MemoryError) as exc:  # defensive
+        raise Corrupt(f"{os.fspath(path)}: cannot be read as a VHD ({type(exc).__name__}: {exc})") from None
+
+
+__all__ = ["Image", "Info", "open_image", "NotFound"]
