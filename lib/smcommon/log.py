@@ -1,0 +1,88 @@
+"""Logging of a plugin call: where lines go and what every line carries.
+
+This module owns the logging set-up of a plugin process (``setup``): every
+record of every logger goes to the log file (``Paths.log_file``, directories
+created), tagged with the program name, pid and the call's ``dbg``; ``-v``
+also sends them to stderr.  If the log file cannot be opened the records go to
+syslog (``/dev/log``) instead, or nowhere: logging never fails a call.  Nothing
+is ever logged to stdout (stdout carries the response).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+FORMAT = (
+    "%(asctime)s %(prog)s[%(process)d] %(levelname)s [%(dbg)s] %(name)s: %(message)s"
+)
+SYSLOG_FORMAT = "%(prog)s[%(process)d]: %(levelname)s [%(dbg)s] %(name)s: %(message)s"
+
+
+class CallContext(logging.Filter):
+    """Adds ``prog`` and ``dbg`` to every record that reaches a handler."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__()
+        self.prog = prog
+        self.dbg = "-"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.prog = self.prog
+        record.dbg = self.dbg
+        return True
+
+
+def setup(
+    log_file: str | os.PathLike[str] | None, prog: str, *, verbose: bool = False
+) -> CallContext:
+    """Send every log record to ``log_file`` (else syslog), and stderr if verbose.
+
+    Returns the filter whose ``dbg`` attribute the caller sets once it knows it.
+    """
+    context = CallContext(prog)
+    # a full disk must neither print tracebacks nor fail the call
+    logging.raiseExceptions = False
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+        h.close()
+    root.setLevel(logging.DEBUG)
+    handler = _file_handler(log_file) if log_file is not None else None
+    if handler is None:
+        handler = _syslog_handler()
+    if handler is not None:
+        handler.addFilter(context)
+        root.addHandler(handler)
+    if verbose:
+        stream = logging.StreamHandler(sys.stderr)
+        stream.setFormatter(logging.Formatter(FORMAT))
+        stream.addFilter(context)
+        root.addHandler(stream)
+    return context
+
+
+def _file_handler(log_file: str | os.PathLike[str]) -> logging.Handler | None:
+    try:
+        os.makedirs(os.path.dirname(os.fspath(log_file)), exist_ok=True)
+        handler = logging.FileHandler(
+            log_file, encoding="utf-8", errors="backslashreplace"
+        )
+    except (OSError, ValueError):
+        return None
+    handler.setFormatter(logging.Formatter(FORMAT))
+    return handler
+
+
+def _syslog_handler() -> logging.Handler | None:
+    if not os.path.exists("/dev/log"):
+        return None
+    try:
+        import logging.handlers
+
+        handler = logging.handlers.SysLogHandler(address="/dev/log")
+    except OSError:
+        return None
+    handler.setFormatter(logging.Formatter(SYSLOG_FORMAT))
+    return handler

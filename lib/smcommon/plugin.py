@@ -1,0 +1,535 @@
+"""The entry point of every SR plugin executable: one request in, one response out.
+
+This module owns the per-call process of a plugin (docs/design.md, "The wire
+runtime").  ``main(driver_factory)`` is the whole body of an executable such
+as ``plugins/ext/EXTSR``:
+
+- With no argument it reads one XML-RPC methodCall from stdin (bounded in size
+  and in time); with an XML argument it reads that.  It validates the request
+  against ``smcommon.api``, calls ``driver.<method>`` (``"VDI.create"`` ->
+  ``driver.vdi_create(dbg=..., sr=..., vdi_info=...)``), writes one
+  methodResponse to stdout and exits 0, whatever happened.  Malformed input
+  gets a well-formed Failure naming the problem (``Backend_error
+  INVALID_REQUEST`` / ``UNKNOWN_METHOD``); a method the driver lacks answers
+  ``Unimplemented``; an ``smcommon.errors.Error`` from the driver is answered
+  with its ErrorDescription and logged at INFO; anything else is a bug, logged
+  at ERROR with its traceback and answered ``Backend_error INTERNAL_ERROR``.
+  While the driver runs, stdout (fd 1) points at stderr, so a stray print or
+  a child process cannot corrupt the response.
+- For people: ``--help`` (``METHOD --help`` for one method); the by-hand form
+  ``EXTSR VDI.create sr=<uuid> vdi_info='{"name_label": "d0", "virtual_size":
+  "10G"}'`` (values typed by the method's inputs: strings as given, int64 with
+  K/M/G/T/P suffixes, bools, JSON for structs; ``dbg`` defaults to
+  ``cli-<pid>``) prints the Value as pretty JSON, or one error line on stderr
+  and exit code 1; ``--json`` prints the whole response struct as JSON,
+  ``--xml`` the methodResponse; ``-v`` logs to stderr; ``--root DIR`` sets
+  ``$SM_ROOT`` for the call.
+- Every call is logged (dbg, method, sr, duration, outcome) to
+  ``Paths.log_file`` (see ``smcommon.log``).
+
+The toolstack pays a process start per call, so this module imports only
+what every call needs; the driver factory should import its engine lazily too.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from smcommon import api, rpc
+from smcommon.errors import Error, InvalidRequest, Unimplemented, to_wire
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import logging
+    from collections.abc import Callable
+    from typing import BinaryIO, NoReturn, TextIO
+
+    from smcommon.log import CallContext
+    from smcommon.paths import Paths
+
+    DriverFactory = Callable[[Paths], object]
+
+STDIN_TIMEOUT_ENV = "SM_STDIN_TIMEOUT"
+STDIN_TIMEOUT = 60.0  # seconds to wait for a complete request on stdin
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+_SIZE_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+
+
+class Outcome:
+    """What a call produced: a Value, or an ErrorDescription."""
+
+    __slots__ = ("error", "method", "value")
+
+    def __init__(
+        self,
+        method: api.Method | None,
+        value: object = None,
+        error: list[str] | None = None,
+    ) -> None:
+        self.method = method
+        self.value = value
+        self.error = error
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def response(self) -> bytes:
+        if self.error is not None:
+            return rpc.failure(self.error)
+        return rpc.success(self.value, self.method.output if self.method else None)
+
+    def as_struct(self) -> dict[str, object]:
+        if self.error is not None:
+            return {"Status": "Failure", "ErrorDescription": self.error}
+        return {"Status": "Success", "Value": self.value}
+
+
+class Call:
+    """One plugin process's call: lazy driver, dispatch, logging."""
+
+    def __init__(
+        self, driver_factory: DriverFactory, prog: str, context: CallContext | None
+    ) -> None:
+        self.driver_factory = driver_factory
+        self.prog = prog
+        self.context = context
+        self._driver: object | None = None
+
+    @property
+    def log(self) -> logging.Logger:
+        import logging
+
+        return logging.getLogger("smcommon.plugin")
+
+    def driver(self) -> object:
+        if self._driver is None:
+            from smcommon.paths import Paths
+
+            self._driver = self.driver_factory(Paths.from_env())
+        return self._driver
+
+    def extra_methods(self) -> list[api.Method]:
+        return list(getattr(self.driver(), "extra_methods", None) or ())
+
+    def method(self, name: str) -> api.Method:
+        found = api.METHODS.get(name)
+        if found is not None:
+            return found
+        return api.lookup(name, self.extra_methods())
+
+    def dispatch(
+        self, name: str | None, params: list[object], started: float | None = None
+    ) -> Outcome:
+        """Validate and run one call; never raises."""
+        started = time.monotonic() if started is None else started
+        first = params[0] if len(params) == 1 and isinstance(params[0], dict) else {}
+        dbg, sr = first.get("dbg"), first.get("sr")
+        if self.context is not None and isinstance(dbg, str):
+            self.context.dbg = dbg
+        method: api.Method | None = None
+        try:
+            if name is None:
+                raise InvalidRequest("no method")
+            method = self.method(name)
+            if len(params) != 1:
+                raise InvalidRequest(
+                    f"{name} takes exactly one struct argument holding its named inputs, "
+                    f"not {len(params)} parameters"
+                )
+            kwargs = method.validate(params[0])
+            fn = getattr(self.driver(), method.attr, None)
+            if fn is None:
+                raise Unimplemented(name)
+            try:
+                result = fn(**kwargs)
+            except NotImplementedError:
+                raise Unimplemented(name) from None
+            outcome = Outcome(method, method.check_result(result))
+            # a result that cannot be marshalled is a bug, answered as one
+            rpc.success(outcome.value, method.output)
+        except Error as e:
+            outcome = Outcome(method, error=to_wire(e))
+            self._log_call(
+                name, sr, started, f"failed: {' '.join(outcome.error or ())}"
+            )
+            return outcome
+        except BaseException as e:
+            # a bug: the traceback goes to the log, the answer is INTERNAL_ERROR
+            outcome = Outcome(method, error=to_wire(e))
+            self.log.exception("%s: internal error", name)
+            self._log_call(
+                name, sr, started, f"failed: {' '.join(outcome.error or ())}"
+            )
+            return outcome
+        self._log_call(name, sr, started, "ok")
+        return outcome
+
+    def _log_call(
+        self, name: str | None, sr: object, started: float, outcome: str
+    ) -> None:
+        took = time.monotonic() - started
+        where = f" sr={sr}" if isinstance(sr, str) and sr else ""
+        self.log.info("%s%s: %s in %.3fs", name or "?", where, outcome, took)
+
+
+# --- reading the request ----------------------------------------------------------
+
+
+def read_request(stream: BinaryIO, timeout: float | None = None) -> bytes:
+    """At most rpc.MAX_REQUEST bytes from ``stream`` until EOF, within ``timeout``."""
+    if timeout is None:
+        try:
+            timeout = float(os.environ.get(STDIN_TIMEOUT_ENV) or STDIN_TIMEOUT)
+        except ValueError:
+            timeout = STDIN_TIMEOUT
+    limit = rpc.MAX_REQUEST
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        data = stream.read(limit + 1)
+        if len(data) > limit:
+            raise InvalidRequest(f"the request is larger than {limit} bytes") from None
+        return data
+    import select
+
+    deadline = time.monotonic() + timeout
+    chunks: list[bytes] = []
+    total = 0
+    while True:
+        left = deadline - time.monotonic()
+        ready = select.select([fd], [], [], max(left, 0))[0] if left > 0 else []
+        if not ready:
+            raise InvalidRequest(
+                f"no complete request on stdin within {timeout:g}s (stdin was not closed)"
+            )
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return b"".join(chunks)
+        total += len(chunk)
+        if total > limit:
+            raise InvalidRequest(f"the request is larger than {limit} bytes")
+        chunks.append(chunk)
+
+
+# --- the by-hand form ----------------------------------------------------------
+
+
+def parse_size(text: str) -> int | None:
+    """``"10G"`` -> 10 GiB (K, M, G, T, P are powers of 1024; "GiB", "GB" too),
+    plain decimal integers as they are; None if ``text`` is not a size."""
+    t = text.strip().upper()
+    if t.endswith("IB"):
+        t = t[:-2]
+    elif t.endswith("B") and len(t) > 1 and t[-2] in _SIZE_UNITS:
+        t = t[:-1]
+    unit = t[-1] if t and t[-1] in _SIZE_UNITS else ""
+    number = t[:-1] if unit else t
+    if number.isascii() and number.isdigit():
+        return int(number) * (_SIZE_UNITS[unit] if unit else 1)
+    if unit:
+        try:
+            value = float(number)
+        except ValueError:
+            return None
+        if 0 <= value < 2.0**63:
+            return int(value * _SIZE_UNITS[unit])
+    return None
+
+
+def _typed_value(type: api.Type, text: str) -> object:
+    """A by-hand argument's value, read according to the input's type."""
+    kind = type.kind
+    if kind in ("string", "key"):
+        return text
+    if kind == "int64":
+        size = parse_size(text)
+        return size if size is not None else text
+    if kind == "bool":
+        low = text.strip().lower()
+        if low in ("true", "yes", "on", "1"):
+            return True
+        if low in ("false", "no", "off", "0"):
+            return False
+        return text
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return _sizes_in(type, value)
+
+
+def _sizes_in(type: api.Type, value: object) -> object:
+    """Read size suffixes in int64 fields of a struct given as JSON."""
+    if type.kind == "struct" and isinstance(value, dict):
+        for name, f in type.fields.items():
+            v = value.get(name)
+            if f.type.kind == "int64" and isinstance(v, str):
+                size = parse_size(v)
+                if size is not None:
+                    value[name] = size
+    elif type.kind == "list" and isinstance(value, list) and type.item is not None:
+        return [_sizes_in(type.item, v) for v in value]
+    return value
+
+
+def by_hand_params(method: api.Method, args: list[str]) -> dict[str, object]:
+    """The struct argument built from ``key=value`` words."""
+    params: dict[str, object] = {}
+    for word in args:
+        key, sep, text = word.partition("=")
+        if not sep or not key:
+            raise InvalidRequest(
+                f"by-hand arguments are key=value, not {word!r} (see {method.name} --help)"
+            )
+        if key in params:
+            raise InvalidRequest(f"{method.name}: argument {key!r} given twice")
+        arg = method.inputs.get(key)
+        if arg is not None:
+            params[key] = _typed_value(arg.type, text)
+        else:
+            # not an input: validation refuses it, naming it
+            params[key] = _typed_value(api.ANY, text)
+    params.setdefault("dbg", f"cli-{os.getpid()}")
+    return params
+
+
+# --- help ------------------------------------------------------------------------
+
+
+def usage(prog: str) -> str:
+    return (
+        f"usage: {prog} [-v] < request.xml           one XML-RPC methodCall on stdin\n"
+        f"       {prog} [-v] '<methodCall>...'       the request as the first argument\n"
+        f"       {prog} [-v] [--json|--xml] METHOD key=value ...   a call by hand\n"
+        f"       {prog} --help | METHOD --help\n"
+        f"options: -v log to stderr; --json print the whole response as JSON; --xml print\n"
+        f"         the methodResponse; --root DIR every host path under DIR ($SM_ROOT)\n"
+    )
+
+
+def _signature(m: api.Method) -> str:
+    inputs = " ".join(f"{n}=<{a.type.name}>" for n, a in m.inputs.items() if n != "dbg")
+    return f"{m.name} {inputs}".rstrip() + f"  -> {m.output.name}"
+
+
+def help_all(prog: str, extra: list[api.Method]) -> str:
+    lines = [usage(prog), "methods (dbg=<string> is accepted by every method):"]
+    lines += [f"  {_signature(m)}" for m in api.METHODS.values()]
+    if extra:
+        lines.append(f"methods specific to {prog}:")
+        lines += [f"  {_signature(m)}" for m in extra if m.name not in api.METHODS]
+    lines.append(f"\n{prog} METHOD --help describes one method.")
+    return "\n".join(lines) + "\n"
+
+
+def help_method(prog: str, m: api.Method) -> str:
+    lines = [f"{prog} {_signature(m)}", "", f"  {m.description}", "", "arguments:"]
+    for name, a in m.inputs.items():
+        lines.append(f"  {name:<14} {a.type.name:<20} {a.description}")
+        lines += _fields(a.type)
+    lines.append(f"result: {m.output.name}")
+    lines += _fields(
+        m.output.item if m.output.kind == "list" and m.output.item else m.output
+    )
+    return "\n".join(lines) + "\n"
+
+
+def _fields(type: api.Type) -> list[str]:
+    if type.kind != "struct":
+        return []
+    return [
+        f"      {n:<22} {f.type.name:<20} {f.description}"
+        for n, f in type.fields.items()
+    ]
+
+
+# --- main ------------------------------------------------------------------------
+
+
+def main(driver_factory: DriverFactory, argv: list[str] | None = None) -> NoReturn:
+    """The body of a plugin executable; exits 0 after a wire call (see module doc)."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "plugin"
+    # The response goes to a private copy of stdout; fd 1 points at stderr while
+    # the driver runs, so nothing else can write into the response.
+    sys.stdout.flush()
+    try:
+        out_fd = os.dup(1)
+        os.dup2(2, 1)
+        out = os.fdopen(out_fd, "wb")
+    except OSError:
+        out = sys.stdout.buffer
+    sys.stdout = sys.stderr
+    code = run(
+        driver_factory,
+        args,
+        stdin=sys.stdin.buffer,
+        stdout=out,
+        stderr=sys.stderr,
+        prog=prog,
+    )
+    try:
+        out.flush()
+    except OSError:
+        pass
+    raise SystemExit(code)
+
+
+def run(
+    driver_factory: DriverFactory,
+    argv: list[str],
+    *,
+    stdin: BinaryIO,
+    stdout: BinaryIO,
+    stderr: TextIO,
+    prog: str = "plugin",
+) -> int:
+    """Serve one call with these streams; return the exit code."""
+    started = time.monotonic()
+    options = {"-v", "--verbose", "--json", "--xml", "-h", "--help"}
+    flags = {a for a in argv if a in options}
+    args = [a for a in argv if a not in options]
+    if args and args[0].startswith("--root"):
+        root = args.pop(0).partition("=")[2] or (args.pop(0) if args else "")
+        if not root:
+            stderr.write(f"{prog}: --root needs a directory\n")
+            return EXIT_USAGE
+        os.environ["SM_ROOT"] = root
+    verbose = bool(flags & {"-v", "--verbose"})
+    want_help = bool(flags & {"-h", "--help"})
+
+    if want_help or (not args and _isatty(stdin)) or (args and args[0] == "help"):
+        return _help(
+            driver_factory,
+            prog,
+            args[1:] if args and args[0] == "help" else args,
+            stdout,
+        )
+    if args and args[0].startswith("-"):
+        stderr.write(f"{prog}: unknown option {args[0]}\n{usage(prog)}")
+        return EXIT_USAGE
+
+    context = _setup_logging(prog, verbose)
+    call = Call(driver_factory, prog, context)
+    if not args or args[0].lstrip().startswith("<"):
+        outcome = _wire(call, args, stdin, started)
+        _write(stdout, outcome.response())
+        return EXIT_OK
+    return _by_hand(call, args, flags, stdout, stderr, started)
+
+
+def _wire(call: Call, args: list[str], stdin: BinaryIO, started: float) -> Outcome:
+    try:
+        if len(args) > 1:
+            raise InvalidRequest(
+                f"unexpected arguments after the request: {' '.join(args[1:])[:80]}"
+            )
+        data = (
+            args[0].encode("utf-8", "surrogateescape") if args else read_request(stdin)
+        )
+        name, params = rpc.parse_call(data)
+    except Error as e:
+        call.log.info("malformed request: %s", e)
+        return Outcome(None, error=to_wire(e))
+    except BaseException as e:  # a bug in the parser: still answer
+        call.log.exception("internal error reading the request")
+        return Outcome(None, error=to_wire(e))
+    return call.dispatch(name, params, started)
+
+
+def _by_hand(
+    call: Call,
+    args: list[str],
+    flags: set[str],
+    stdout: BinaryIO,
+    stderr: TextIO,
+    started: float,
+) -> int:
+    name = args[0]
+    try:
+        method = call.method(name)
+        params = by_hand_params(method, args[1:])
+    except Error as e:
+        stderr.write(f"{call.prog}: {e}\n")
+        return EXIT_USAGE
+    except Exception as e:  # the driver factory failed
+        call.log.exception("internal error")
+        stderr.write(f"{call.prog}: {' '.join(to_wire(e))}\n")
+        return EXIT_FAILURE
+    outcome = call.dispatch(name, [params], started)
+    if "--xml" in flags:
+        _write(stdout, outcome.response())
+    elif "--json" in flags:
+        import json
+
+        _write(
+            stdout,
+            (json.dumps(outcome.as_struct(), indent=2, default=str) + "\n").encode(),
+        )
+    elif outcome.error is not None:
+        stderr.write(f"{call.prog}: {name}: {' '.join(outcome.error)}\n")
+    else:
+        _write(stdout, _pretty(outcome.value))
+    return EXIT_OK if outcome.ok else EXIT_FAILURE
+
+
+def _pretty(value: object) -> bytes:
+    if value is None:
+        return b""
+    if isinstance(value, str):
+        text = value if value.endswith("\n") else value + "\n"
+    else:
+        import json
+
+        text = json.dumps(value, indent=2, default=str) + "\n"
+    return text.encode("utf-8", "replace")
+
+
+def _help(
+    driver_factory: DriverFactory, prog: str, args: list[str], stdout: BinaryIO
+) -> int:
+    call = Call(driver_factory, prog, None)
+    try:
+        extra = call.extra_methods()
+    except BaseException:  # noqa: BLE001 -- help must work even if the driver cannot start
+        extra = []
+    if args and not args[0].startswith("<"):
+        try:
+            text = help_method(prog, api.lookup(args[0], extra))
+        except Error as e:
+            _write(stdout, f"{prog}: {e}\n\n{help_all(prog, extra)}".encode())
+            return EXIT_USAGE
+    else:
+        text = help_all(prog, extra)
+    _write(stdout, text.encode("utf-8", "replace"))
+    return EXIT_OK
+
+
+def _setup_logging(prog: str, verbose: bool) -> CallContext | None:
+    try:
+        from smcommon import log
+        from smcommon.paths import Paths
+
+        return log.setup(Paths.from_env().log_file, prog, verbose=verbose)
+    except Exception:  # noqa: BLE001 -- logging never fails a call
+        return None
+
+
+def _isatty(stream: BinaryIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+def _write(stream: BinaryIO, data: bytes) -> None:
+    try:
+        stream.write(data)
+        stream.flush()
+    except (OSError, ValueError):
+        pass  # the caller went away; nothing left to tell it

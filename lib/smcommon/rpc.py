@@ -1,0 +1,353 @@
+"""One XML-RPC methodCall in, one methodResponse out.
+
+This module owns the wire format of a plugin call (shared/API.md, "Wire
+conventions"):
+
+- ``parse_call(data)`` parses one methodCall with expat directly (cheap to
+  import, no xmlrpc.client): ``<i4>``, ``<int>``, ``<i8>``, ``<boolean>``,
+  ``<string>`` (and bare text), ``<double>``, ``<base64>``,
+  ``<dateTime.iso8601>`` (kept as its text), ``<nil/>``, ``<struct>``,
+  ``<array>``.  A DOCTYPE (and so any entity declaration: entity expansion,
+  external entities) is refused, as are requests over ``MAX_REQUEST`` bytes or
+  nested deeper than ``MAX_DEPTH``.  Every problem is an ``InvalidRequest``
+  that says what is wrong and where.
+- ``success(value, type)`` builds ``{"Status": "Success", "Value": value}``,
+  marshalled by the method's declared output type: int64 is always ``<i8>``
+  (xmlrpc.client writes ``<int>`` and refuses values past 2**31), a unit result
+  is ``<nil/>``.  ``failure(description)`` builds ``{"Status": "Failure",
+  "ErrorDescription": [...]}`` (a flat list of strings).
+- Strings are XML-escaped; ``\\r`` is written as ``&#13;`` so it survives;
+  characters XML 1.0 cannot carry (control characters, lone surrogates) become
+  U+FFFD, so a response is always well-formed UTF-8.
+"""
+
+from __future__ import annotations
+
+from smcommon.errors import InvalidRequest
+
+TYPE_CHECKING = False  # typing itself costs an import in every plugin call
+if TYPE_CHECKING:
+    from smcommon.api import Type
+
+MAX_REQUEST = 1 << 20  # bytes; a real request is a few KiB at most
+MAX_DEPTH = 32  # nested value containers
+
+_SCALARS = {
+    "i4",
+    "int",
+    "i8",
+    "boolean",
+    "string",
+    "double",
+    "base64",
+    "dateTime.iso8601",
+    "nil",
+}
+
+
+class _Frame:
+    """A container being built: the params list, an array or a struct."""
+
+    __slots__ = ("items", "key", "kind")
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind  # "params" | "array" | "struct"
+        self.items: list[object] | dict[str, object] = {} if kind == "struct" else []
+        self.key: str | None = None
+
+
+class _CallParser:
+    def __init__(self) -> None:
+        self.method: str | None = None
+        self.params: list[object] = []
+        self.path: list[str] = []  # open element names
+        self.text: list[str] = []
+        self.frames: list[_Frame] = []
+        self.value: object = _NOTHING  # the value of the <value> being closed
+
+    # expat handlers -----------------------------------------------------------
+
+    def start(self, tag: str, attrs: dict[str, str]) -> None:
+        parent = self.path[-1] if self.path else None
+        if not _allowed(parent, tag):
+            where = f"inside <{parent}>" if parent else "as the document element"
+            raise InvalidRequest(f"unexpected element <{tag}> {where}")
+        self.path.append(tag)
+        self.text = []
+        if tag == "value":
+            self.value = _NOTHING
+            return
+        if parent == "value" and self.value is not _NOTHING:
+            raise InvalidRequest("a <value> holds more than one value")
+        if tag in ("params", "array", "struct"):
+            if len(self.frames) > MAX_DEPTH:
+                raise InvalidRequest(
+                    f"values are nested deeper than {MAX_DEPTH} levels"
+                )
+            self.frames.append(_Frame(tag))
+
+    def chars(self, data: str) -> None:
+        self.text.append(data)
+
+    def end(self, tag: str) -> None:
+        self.path.pop()
+        text = "".join(self.text)
+        self.text = []
+        if tag == "methodName":
+            self.method = text.strip()
+        elif tag in _SCALARS:
+            self.value = _scalar(tag, text)
+        elif tag in ("array", "struct"):
+            frame = self.frames.pop()
+            self.value = frame.items
+        elif tag == "params":
+            self.params = self.frames.pop().items  # type: ignore[assignment]
+        elif tag == "name":
+            self.frames[-1].key = text
+        elif tag == "value":
+            value = self.value
+            if value is _NOTHING:
+                value = text  # <value>text</value> is a string
+            self._deliver(value)
+        elif tag == "member":
+            frame = self.frames[-1]
+            if frame.key is not None:
+                raise InvalidRequest(f"struct member {frame.key!r} has no <value>")
+
+    def _deliver(self, value: object) -> None:
+        frame = self.frames[-1]
+        if frame.kind == "struct":
+            if frame.key is None:
+                raise InvalidRequest("struct member has no <name> before its <value>")
+            items = frame.items
+            assert isinstance(items, dict)
+            items[frame.key] = value
+            frame.key = None
+        else:
+            items2 = frame.items
+            assert isinstance(items2, list)
+            items2.append(value)
+
+    @staticmethod
+    def refuse_doctype(*_args: object) -> None:
+        raise InvalidRequest(
+            "DOCTYPE and entity declarations are not allowed in a request"
+        )
+
+
+class _Nothing:
+    pass
+
+
+_NOTHING = _Nothing()
+
+_CHILDREN = {
+    None: {"methodCall"},
+    "methodCall": {"methodName", "params"},
+    "params": {"param"},
+    "param": {"value"},
+    "value": _SCALARS | {"struct", "array"},
+    "struct": {"member"},
+    "member": {"name", "value"},
+    "array": {"data"},
+    "data": {"value"},
+}
+
+
+def _allowed(parent: str | None, tag: str) -> bool:
+    return tag in _CHILDREN.get(parent, ())
+
+
+def _scalar(tag: str, text: str) -> object:
+    if tag in ("i4", "int", "i8"):
+        t = text.strip()
+        digits = t[1:] if t[:1] in "+-" else t
+        if not digits.isascii() or not digits.isdigit() or len(digits) > 19:
+            raise InvalidRequest(f"<{tag}> holds {text[:40]!r}, not an integer")
+        return int(t)
+    if tag == "boolean":
+        t = text.strip().lower()
+        if t in ("1", "true"):
+            return True
+        if t in ("0", "false"):
+            return False
+        raise InvalidRequest(f"<boolean> holds {text[:40]!r}, not 0 or 1")
+    if tag == "string" or tag == "dateTime.iso8601":
+        return text
+    if tag == "double":
+        try:
+            return float(text.strip())
+        except ValueError:
+            raise InvalidRequest(
+                f"<double> holds {text[:40]!r}, not a number"
+            ) from None
+    if tag == "base64":
+        import binascii
+
+        try:
+            return binascii.a2b_base64(text.encode("ascii", "replace"))
+        except binascii.Error:
+            raise InvalidRequest("<base64> does not hold base64 data") from None
+    return None  # nil
+
+
+def parse_call(data: bytes | str) -> tuple[str, list[object]]:
+    """The method name and the parameters of one XML-RPC methodCall."""
+    if isinstance(data, str):
+        data = data.encode("utf-8", "surrogateescape")
+    if len(data) > MAX_REQUEST:
+        raise InvalidRequest(f"the request is larger than {MAX_REQUEST} bytes")
+    if not data.strip():
+        raise InvalidRequest("the request is empty (expected an XML-RPC methodCall)")
+    from xml.parsers import expat
+
+    handler = _CallParser()
+    parser = expat.ParserCreate()
+    parser.buffer_text = True
+    parser.StartElementHandler = handler.start
+    parser.EndElementHandler = handler.end
+    parser.CharacterDataHandler = handler.chars
+    parser.StartDoctypeDeclHandler = handler.refuse_doctype
+    parser.EntityDeclHandler = handler.refuse_doctype
+    parser.ExternalEntityRefHandler = handler.refuse_doctype  # type: ignore[assignment]
+    parser.SetParamEntityParsing(expat.XML_PARAM_ENTITY_PARSING_NEVER)
+    try:
+        parser.Parse(data, True)
+    except expat.ExpatError as e:
+        raise InvalidRequest(
+            f"the request is not well-formed XML: {expat.ErrorString(e.code)} "
+            f"at line {e.lineno}, column {e.offset}"
+        ) from None
+    except RecursionError:
+        raise InvalidRequest("the request is nested too deeply") from None
+    if handler.method is None:
+        raise InvalidRequest(
+            "the request is not an XML-RPC methodCall (no <methodName>)"
+        )
+    if not handler.method:
+        raise InvalidRequest("the request's <methodName> is empty")
+    return handler.method, handler.params
+
+
+# --- responses ---------------------------------------------------------------
+
+
+def _escape_table() -> dict[int, str]:
+    table = {c: "\ufffd" for c in range(0x20) if c not in (0x09, 0x0A, 0x0D)}
+    table.update({ord("&"): "&amp;", ord("<"): "&lt;", ord(">"): "&gt;", 0x0D: "&#13;"})
+    table.update({0xFFFE: "\ufffd", 0xFFFF: "\ufffd"})
+    return table
+
+
+_ESCAPE = _escape_table()
+
+
+def escape(text: str) -> str:
+    """``text`` as XML character data (lone surrogates are fixed at encoding)."""
+    return text.translate(_ESCAPE)
+
+
+def _marshal(out: list[str], value: object, type: Type | None) -> None:
+    """Append ``<value>...</value>`` for ``value``, driven by ``type`` when given."""
+    kind = type.kind if type is not None else "any"
+    if kind == "unit" or value is None:
+        out.append("<value><nil/></value>")
+    elif kind == "int64":
+        out.append(f"<value><i8>{int(value)}</i8></value>")  # type: ignore[call-overload]
+    elif kind == "list":
+        assert type is not None
+        out.append("<value><array><data>")
+        for v in value:  # type: ignore[attr-defined]
+            _marshal(out, v, type.item)
+        out.append("</data></array></value>")
+    elif kind == "struct":
+        assert type is not None
+        out.append("<value><struct>")
+        for k, v in value.items():  # type: ignore[attr-defined]
+            f = type.fields.get(k)
+            out.append(f"<member><name>{escape(k)}</name>")
+            _marshal(out, v, f.type if f is not None else None)
+            out.append("</member>")
+        out.append("</struct></value>")
+    elif kind == "map":
+        out.append("<value><struct>")
+        for k, v in value.items():  # type: ignore[attr-defined]
+            out.append(
+                f"<member><name>{escape(str(k))}</name><value>{escape(str(v))}</value></member>"
+            )
+        out.append("</struct></value>")
+    else:
+        _marshal_any(out, value)
+
+
+def _marshal_any(out: list[str], value: object) -> None:
+    """Marshal by Python type (results of ANY, error descriptions)."""
+    if value is None:
+        out.append("<value><nil/></value>")
+    elif isinstance(value, bool):
+        out.append(f"<value><boolean>{int(value)}</boolean></value>")
+    elif isinstance(value, int):
+        out.append(f"<value><i8>{value}</i8></value>")
+    elif isinstance(value, float):
+        out.append(f"<value><double>{value!r}</double></value>")
+    elif isinstance(value, str):
+        out.append(f"<value>{escape(value)}</value>")
+    elif isinstance(value, (bytes, bytearray)):
+        import binascii
+
+        out.append(
+            f"<value><base64>{binascii.b2a_base64(bytes(value)).decode().strip()}</base64></value>"
+        )
+    elif isinstance(value, dict):
+        out.append("<value><struct>")
+        for k, v in value.items():
+            out.append(f"<member><name>{escape(str(k))}</name>")
+            _marshal_any(out, v)
+            out.append("</member>")
+        out.append("</struct></value>")
+    elif isinstance(value, (list, tuple)):
+        out.append("<value><array><data>")
+        for v in value:
+            _marshal_any(out, v)
+        out.append("</data></array></value>")
+    else:
+        out.append(f"<value>{escape(str(value))}</value>")
+
+
+def _response(members: list[str]) -> bytes:
+    doc = (
+        "<?xml version='1.0' encoding='UTF-8'?>\n<methodResponse><params><param><value><struct>"
+        + "".join(members)
+        + "</struct></value></param></params></methodResponse>\n"
+    )
+    return doc.encode("utf-8", "replace")
+
+
+def success(value: object, type: Type | None = None) -> bytes:
+    """The methodResponse of a call that returned ``value`` of ``type``."""
+    out = [
+        "<member><name>Status</name><value>Success</value></member><member><name>Value</name>"
+    ]
+    _marshal(out, value, type)
+    out.append("</member>")
+    return _response(out)
+
+
+def failure(description: list[str]) -> bytes:
+    """The methodResponse of a call that failed: ErrorDescription is a flat string list."""
+    out = [
+        "<member><name>Status</name><value>Failure</value></member><member><name>ErrorDescription</name>"
+    ]
+    _marshal_any(out, [str(d) for d in description])
+    out.append("</member>")
+    return _response(out)
+
+
+def build_call(method: str, params: dict[str, object]) -> bytes:
+    """A methodCall with one struct argument (the by-hand form and tests use it)."""
+    out = [
+        f"<?xml version='1.0'?>\n<methodCall><methodName>{escape(method)}</methodName><params><param>"
+    ]
+    _marshal_any(out, params)
+    out.append("</param></params></methodCall>\n")
+    return "".join(out).encode("utf-8", "replace")
