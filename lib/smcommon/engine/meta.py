@@ -1,0 +1,252 @@
+"""VDI metadata records and the SR identity file, kept in the SR.
+
+This module owns the SR's own metadata directory ``<sr dir>/.sm/``::
+
+    .sm/sr.json            the SR identity: {"sr": <uuid>, "type": ..., ...}
+    .sm/vdi/<vdi>.json     one record per VDI: its SMAPI fields and its leaf volume
+    .sm/gc.json            the garbage collector's journal (smcommon.engine.gc)
+
+Every file is written atomically (temp file, fsync, rename, fsync of the
+directory), so a process killed at any instant leaves the old or the new
+record, never a torn one.  Temp files start with a dot and are never read as
+records; ``cleanup_temp`` removes leftovers of killed processes.
+
+A record maps the VDI key to its *current leaf volume* (``volume``): the
+writable top of its VHD chain.  ``epoch_base`` is the hidden volume that holds
+a non-persistent VDI's content (VDI.set_persistent false); the VDI's leaf is a
+child of it that VDI.epoch_begin replaces with an empty one.
+
+SR.scan reads only these records (plus one ``stat`` of each leaf), never a
+VHD chain, so it stays fast for thousands of VDIs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from smcommon.errors import BackendError, VdiDoesNotExist
+from smcommon.paths import safe_name
+
+log = logging.getLogger(__name__)
+
+SM_DIR = ".sm"
+FORMAT = 1
+
+
+@dataclass
+class VdiRecord:
+    """One VDI: the SMAPI vdi_info fields, minus physical_utilisation (live)."""
+
+    vdi: str
+    volume: str
+    name_label: str = ""
+    name_description: str = ""
+    ty: str = "user"
+    content_id: str = ""
+    metadata_of_pool: str = ""
+    is_a_snapshot: bool = False
+    snapshot_time: str = ""
+    snapshot_of: str = ""
+    read_only: bool = False
+    virtual_size: int = 0
+    persistent: bool = True
+    sm_config: dict[str, str] = field(default_factory=dict)
+    epoch_base: str | None = None
+    created: str = ""
+
+    def to_vdi_info(self, physical_utilisation: int) -> dict[str, Any]:
+        return {
+            "vdi": self.vdi,
+            "content_id": self.content_id,
+            "name_label": self.name_label,
+            "name_description": self.name_description,
+            "ty": self.ty,
+            "metadata_of_pool": self.metadata_of_pool,
+            "is_a_snapshot": self.is_a_snapshot,
+            "snapshot_time": self.snapshot_time,
+            "snapshot_of": self.snapshot_of,
+            "read_only": self.read_only,
+            "virtual_size": int(self.virtual_size),
+            "physical_utilisation": int(physical_utilisation),
+            "persistent": self.persistent,
+            "sm_config": dict(self.sm_config),
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        doc = asdict(self)
+        doc["format"] = FORMAT
+        return doc
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> VdiRecord:
+        names = {f.name for f in fields(cls)}
+        rec = cls(**{k: v for k, v in doc.items() if k in names})
+        if not isinstance(rec.vdi, str) or not isinstance(rec.volume, str):
+            raise TypeError("vdi and volume must be strings")
+        rec.virtual_size = int(rec.virtual_size)
+        rec.sm_config = {str(k): str(v) for k, v in dict(rec.sm_config).items()}
+        return rec
+
+
+class MetadataCorrupt(BackendError):
+    def __init__(self, path: Path, why: str) -> None:
+        super().__init__("VDI_METADATA_CORRUPT", [str(path), why])
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Replace ``path`` by ``data``: a crash leaves the old or the new content."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, doc: Any) -> None:
+    atomic_write(path, json.dumps(doc, sort_keys=True, indent=1).encode() + b"\n")
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def unlink_durable(path: Path) -> bool:
+    """Remove ``path`` and make the removal durable; False if it was not there."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    fsync_dir(path.parent)
+    return True
+
+
+def read_json(path: Path) -> Any:
+    """The JSON document at ``path``, None if absent; MetadataCorrupt if unreadable."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise MetadataCorrupt(path, e.strerror or str(e)) from None
+    try:
+        return json.loads(raw)
+    except ValueError as e:
+        raise MetadataCorrupt(path, f"not JSON: {e}") from None
+
+
+class Metadata:
+    """The metadata of one SR, rooted at ``sr_dir``."""
+
+    def __init__(self, sr_dir: Path) -> None:
+        self.sr_dir = Path(sr_dir)
+        self.sm_dir = self.sr_dir / SM_DIR
+        self.vdi_dir = self.sm_dir / "vdi"
+        self.sr_file = self.sm_dir / "sr.json"
+        self.gc_file = self.sm_dir / "gc.json"
+
+    # --- the SR identity ---------------------------------------------------
+
+    def read_sr(self) -> dict[str, Any] | None:
+        doc = read_json(self.sr_file)
+        if doc is not None and not isinstance(doc, dict):
+            raise MetadataCorrupt(self.sr_file, "not an object")
+        return doc
+
+    def write_sr(self, doc: dict[str, Any]) -> None:
+        self.vdi_dir.mkdir(parents=True, exist_ok=True)
+        fsync_dir(self.sr_dir)
+        atomic_write_json(self.sr_file, doc)
+
+    # --- VDI records -------------------------------------------------------
+
+    def _path(self, vdi: str) -> Path:
+        return self.vdi_dir / (safe_name("vdi", vdi) + ".json")
+
+    def exists(self, vdi: str) -> bool:
+        return self._path(vdi).exists()
+
+    def get(self, vdi: str) -> VdiRecord:
+        path = self._path(vdi)
+        doc = read_json(path)
+        if doc is None:
+            raise VdiDoesNotExist(vdi)
+        return self._parse(path, doc)
+
+    @staticmethod
+    def _parse(path: Path, doc: Any) -> VdiRecord:
+        try:
+            if not isinstance(doc, dict):
+                raise TypeError("not an object")
+            return VdiRecord.from_json(doc)
+        except (TypeError, ValueError) as e:
+            raise MetadataCorrupt(path, f"{type(e).__name__}: {e}") from None
+
+    def put(self, rec: VdiRecord) -> None:
+        atomic_write_json(self._path(rec.vdi), rec.to_json())
+
+    def remove(self, vdi: str) -> bool:
+        return unlink_durable(self._path(vdi))
+
+    def names(self) -> list[str]:
+        try:
+            entries = os.listdir(self.vdi_dir)
+        except FileNotFoundError:
+            return []
+        return sorted(
+            n[:-5] for n in entries if n.endswith(".json") and not n.startswith(".")
+        )
+
+    def all(self) -> tuple[list[VdiRecord], list[str]]:
+        """Every readable record, and a note for each unreadable one."""
+        recs: list[VdiRecord] = []
+        bad: list[str] = []
+        for name in self.names():
+            path = self.vdi_dir / (name + ".json")
+            try:
+                doc = read_json(path)
+                if doc is None:
+                    continue  # removed since listdir
+                recs.append(self._parse(path, doc))
+            except MetadataCorrupt as e:
+                log.warning("skipping unreadable VDI record: %s", e)
+                bad.append(str(e))
+        return recs, bad
+
+    def records(self) -> list[VdiRecord]:
+        return self.all()[0]
+
+    def cleanup_temp(self) -> int:
+        """Remove temp files left by killed writers; how many were removed."""
+        n = 0
+        for d in (self.sm_dir, self.vdi_dir):
+            with contextlib.suppress(FileNotFoundError):
+                for name in os.listdir(d):
+                    if name.startswith(".") and name.endswith(".tmp"):
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(d / name)
+                            n += 1
+        return n

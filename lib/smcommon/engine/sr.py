@@ -1,0 +1,425 @@
+"""The SR/VDI operations of one attached SR: its VDI tree and its metadata.
+
+``SrEngine`` owns everything that changes an SR's tree of VHD volumes and its
+VDI records: VDI.create/destroy/stat/scan, snapshot and clone, persistence and
+epochs, compose, similar_content, get_url, and the import side of VDI.copy.
+Datapath changes (attach/activate/...) are in ``smcommon.engine.vdipath``.
+
+Trees.  A VDI's record names its *leaf* volume.  Snapshot and clone make the
+leaf L a hidden read-only parent and give the VDI a new empty child A of L;
+the snapshot (or clone) is another new empty child S of L.  Nothing is copied,
+so the cost does not depend on the disk's size or data.
+
+Crash safety, by the order of the steps (all under the SR lock, with the
+VDI lock too so no datapath change interleaves):
+
+1. create the children A and S (a crash leaves unreferenced volumes: the
+   collector deletes them);
+2. point the VDI's record at A (one atomic rename: before it the VDI reads L
+   with all its data, after it A, whose parent is L);
+3. write the new VDI's record (a crash before leaves S unreferenced);
+4. hide L (a crash before leaves an unreferenced, unhidden interior volume:
+   the collector hides it).
+
+So a kill -9 at any point leaves every VDI on a readable leaf holding all
+its acknowledged data; ``smcommon.engine.gc`` finishes or undoes the rest.
+
+Non-persistent VDIs.  set_persistent(false) freezes the current content: the
+leaf becomes the hidden ``epoch_base`` and the VDI moves to an empty child.
+epoch_begin gives the VDI a fresh empty child of the base (the writes of the
+last epoch are dropped); set_persistent(true) keeps the current content and
+forgets the base.  Collectors never coalesce into an epoch base.
+
+Compose(vdi1, vdi2): vdi1's current content is frozen as a hidden volume B
+(vdi1 continues on a new empty child of B), then vdi2's leaf is re-parented
+onto B.  vdi2 then reads its own leaf's sectors (its updates) over vdi1's
+content; vdi1 is unchanged.  vdi2's old ancestors lose a child and are
+collected if nobody needs them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from smcommon.engine import locks
+from smcommon.engine.meta import Metadata, VdiRecord
+from smcommon.engine.store import FileStore, VolumeStore
+from smcommon.errors import BackendError, InvalidRequest, VdiDoesNotExist
+from smcommon.paths import Paths, safe_name
+
+log = logging.getLogger(__name__)
+
+VDI_FIELDS_STR = ("name_label", "name_description", "ty", "metadata_of_pool")
+MAX_TEXT = 4096
+
+
+def now_stamp() -> str:
+    """A timestamp in the toolstack's format, e.g. 20261125T16:02:03Z."""
+    return time.strftime("%Y%m%dT%H:%M:%SZ", time.gmtime())
+
+
+def _text(info: dict[str, Any], key: str, default: str = "") -> str:
+    value = info.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise InvalidRequest(f"vdi_info.{key} must be a string")
+    if len(value) > MAX_TEXT or "\x00" in value:
+        raise InvalidRequest(
+            f"vdi_info.{key} is longer than {MAX_TEXT} characters or holds NUL"
+        )
+    return value
+
+
+def _sm_config(info: dict[str, Any]) -> dict[str, str]:
+    cfg = info.get("sm_config") or {}
+    if not isinstance(cfg, dict):
+        raise InvalidRequest("vdi_info.sm_config must be a map of strings")
+    out = {}
+    for k, v in cfg.items():
+        if not isinstance(k, str) or not isinstance(v, (str, int, bool)):
+            raise InvalidRequest("vdi_info.sm_config must be a map of strings")
+        out[k] = str(v)
+    return out
+
+
+class SrEngine:
+    """The operations on one attached SR whose directory is ``sr_dir``."""
+
+    def __init__(
+        self,
+        paths: Paths,
+        sr: str,
+        sr_dir: Path,
+        store: VolumeStore | None = None,
+        vhd: Any = None,
+    ) -> None:
+        from smcommon.engine.datapath import Datapaths
+
+        self.paths = paths
+        self.sr = safe_name("sr", sr)
+        self.sr_dir = Path(sr_dir)
+        self.meta = Metadata(self.sr_dir)
+        self.store: Any = store if store is not None else FileStore(self.sr_dir, vhd)
+        self.dps = Datapaths(paths.run_dir / "dp" / self.sr)
+
+    # --- locks ---------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def tree_lock(self, resume_gc: bool = True) -> Iterator[None]:
+        """The SR lock; a GC step left by a killed process is finished first."""
+        with locks.flock(locks.sr_lock_path(self.paths, self.sr)):
+            if resume_gc and self.meta.gc_file.exists():
+                from smcommon.engine.gc import Collector
+
+                Collector(self).resume()
+            yield
+
+    def vdi_lock(self, vdi: str, timeout: float | None = None) -> Any:
+        return locks.flock(locks.vdi_lock_path(self.paths, self.sr, vdi), timeout)
+
+    # --- reading -------------------------------------------------------------
+
+    def vdi_info(self, rec: VdiRecord) -> dict[str, Any]:
+        return rec.to_vdi_info(self.store.physical_utilisation(rec.volume))
+
+    def get(self, vdi: str) -> VdiRecord:
+        return self.meta.get(safe_name("vdi", vdi))
+
+    def stat(self, vdi: str) -> dict[str, Any]:
+        return self.vdi_info(self.get(vdi))
+
+    def scan(self) -> list[dict[str, Any]]:
+        return [self.vdi_info(r) for r in self.meta.records()]
+
+    def get_by_name(self, name: str) -> dict[str, Any]:
+        """The VDI whose name_label (or key) is ``name``; the oldest if several."""
+        if not isinstance(name, str) or not name:
+            raise InvalidRequest("name must be a non-empty string")
+        matches = [
+            r for r in self.meta.records() if r.name_label == name or r.vdi == name
+        ]
+        if not matches:
+            raise VdiDoesNotExist(name)
+        matches.sort(key=lambda r: (r.vdi != name, r.created, r.vdi))
+        return self.vdi_info(matches[0])
+
+    def get_url(self, vdi: str) -> str:
+        """file:// URL of the leaf image: a VHD whose parents resolve from it."""
+        rec = self.get(vdi)
+        return Path(self.store.path(rec.volume)).resolve().as_uri()
+
+    def in_use(self, vdi: str) -> bool:
+        return bool(self.dps.states(vdi))
+
+    def _require_unused(self, vdi: str, what: str) -> None:
+        states = self.dps.states(vdi)
+        if states:
+            shown = ", ".join(f"{dp}={s.value}" for dp, s in sorted(states.items()))
+            raise BackendError(
+                "VDI_IN_USE", [f"cannot {what} VDI {vdi}: datapaths {shown}"]
+            )
+
+    # --- create / destroy ----------------------------------------------------
+
+    def create(self, vdi_info: dict[str, Any]) -> dict[str, Any]:
+        size = vdi_info.get("virtual_size")
+        if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+            raise InvalidRequest(
+                "vdi_info.virtual_size must be a positive number of bytes"
+            )
+        persistent = vdi_info.get("persistent", True)
+        rec = VdiRecord(
+            vdi=str(uuid.uuid4()),
+            volume="",
+            name_label=_text(vdi_info, "name_label"),
+            name_description=_text(vdi_info, "name_description"),
+            ty=_text(vdi_info, "ty", "user") or "user",
+            content_id=_text(vdi_info, "content_id") or str(uuid.uuid4()),
+            metadata_of_pool=_text(vdi_info, "metadata_of_pool"),
+            read_only=bool(vdi_info.get("read_only", False)),
+            sm_config={**_sm_config(vdi_info), "vdi_type": "vhd"},
+            created=now_stamp(),
+        )
+        with self.tree_lock():
+            volume, info = self.store.create(size)
+            rec.volume = volume
+            rec.virtual_size = int(info.virtual_size)
+            self.meta.put(rec)
+            if persistent is False:
+                self._freeze(rec)
+        log.info(
+            "created VDI %s on volume %s (%d bytes)",
+            rec.vdi,
+            rec.volume,
+            rec.virtual_size,
+        )
+        return self.vdi_info(rec)
+
+    def destroy(self, vdi: str) -> None:
+        from smcommon.engine.gc import Collector
+
+        with self.tree_lock():
+            rec = self.get(vdi)
+            with self.vdi_lock(rec.vdi):
+                self._require_unused(rec.vdi, "destroy")
+                # Only the record goes here: its leaf is then an unreferenced
+                # volume, which the collector deletes (with any ancestors
+                # nobody needs any more); a crash in between loses nothing.
+                self.meta.remove(rec.vdi)
+                self.dps.forget(rec.vdi)
+            Collector(self).run()
+        log.info("destroyed VDI %s", rec.vdi)
+
+    # --- metadata-only changes -------------------------------------------------
+
+    def set_content_id(self, vdi: str, content_id: str) -> None:
+        if not isinstance(content_id, str) or len(content_id) > MAX_TEXT:
+            raise InvalidRequest("content_id must be a string")
+        with self.tree_lock():
+            rec = self.get(vdi)
+            rec.content_id = content_id
+            self.meta.put(rec)
+
+    def update(self, vdi: str, **changes: Any) -> dict[str, Any]:
+        """Change record fields (name_label, sm_config ...) atomically."""
+        with self.tree_lock():
+            rec = self.get(vdi)
+            for k, v in changes.items():
+                if not hasattr(rec, k) or k in ("vdi", "volume", "epoch_base"):
+                    raise InvalidRequest(f"cannot set {k}")
+                setattr(rec, k, v)
+            self.meta.put(rec)
+            return self.vdi_info(rec)
+
+    # --- snapshot / clone ------------------------------------------------------
+
+    def snapshot(self, vdi_info: dict[str, Any]) -> dict[str, Any]:
+        return self._fork(vdi_info, snapshot=True)
+
+    def clone(self, vdi_info: dict[str, Any]) -> dict[str, Any]:
+        return self._fork(vdi_info, snapshot=False)
+
+    def _fork(self, vdi_info: dict[str, Any], snapshot: bool) -> dict[str, Any]:
+        if not isinstance(vdi_info, dict):
+            raise InvalidRequest("vdi_info must be a struct")
+        src_key = safe_name("vdi_info.vdi", vdi_info.get("vdi"))
+        with self.tree_lock():
+            src = self.get(src_key)
+            with self.vdi_lock(src.vdi):
+                leaf = src.volume
+                own = self.store.snapshot(leaf)
+                other = self.store.snapshot(leaf)
+                src.volume = own
+                self.meta.put(src)
+                new = VdiRecord(
+                    vdi=str(uuid.uuid4()),
+                    volume=other,
+                    name_label=_text(vdi_info, "name_label") or src.name_label,
+                    name_description=_text(vdi_info, "name_description")
+                    or src.name_description,
+                    ty=_text(vdi_info, "ty") or src.ty,
+                    content_id=src.content_id,
+                    metadata_of_pool=src.metadata_of_pool,
+                    is_a_snapshot=snapshot,
+                    snapshot_time=(_text(vdi_info, "snapshot_time") or now_stamp())
+                    if snapshot
+                    else "",
+                    snapshot_of=src.vdi if snapshot else "",
+                    read_only=bool(vdi_info.get("read_only", src.read_only)),
+                    virtual_size=src.virtual_size,
+                    persistent=True,
+                    sm_config={
+                        **src.sm_config,
+                        **_sm_config(vdi_info),
+                        "vdi_type": "vhd",
+                    },
+                    created=now_stamp(),
+                )
+                self.meta.put(new)
+                self.store.set_hidden(leaf, True)
+        log.info(
+            "%s of VDI %s: %s (volume %s over %s)",
+            "snapshot" if snapshot else "clone",
+            src.vdi,
+            new.vdi,
+            other,
+            leaf,
+        )
+        return self.vdi_info(new)
+
+    # --- persistence and epochs -----------------------------------------------
+
+    def _freeze(self, rec: VdiRecord) -> str:
+        """Make the VDI's current content a hidden base; the VDI moves to a child."""
+        base = rec.volume
+        rec.volume = self.store.snapshot(base)
+        rec.epoch_base = base
+        rec.persistent = False
+        self.meta.put(rec)
+        self.store.set_hidden(base, True)
+        return base
+
+    def set_persistent(self, vdi: str, persistent: bool) -> None:
+        if not isinstance(persistent, bool):
+            raise InvalidRequest("persistent must be a boolean")
+        with self.tree_lock():
+            rec = self.get(vdi)
+            with self.vdi_lock(rec.vdi):
+                if persistent:
+                    if rec.persistent and rec.epoch_base is None:
+                        return
+                    rec.persistent = True
+                    rec.epoch_base = None
+                    self.meta.put(rec)
+                elif rec.epoch_base is None:
+                    self._freeze(rec)
+                elif rec.persistent:
+                    rec.persistent = False
+                    self.meta.put(rec)
+
+    def epoch_begin(self, vdi: str) -> None:
+        """A non-persistent VDI starts again from its frozen content."""
+        with self.tree_lock():
+            rec = self.get(vdi)
+            if rec.persistent or rec.epoch_base is None:
+                return
+            with self.vdi_lock(rec.vdi):
+                if any(s.activated for s in self.dps.states(rec.vdi).values()):
+                    raise BackendError(
+                        "VDI_IN_USE",
+                        [f"VDI {rec.vdi} is activated: deactivate it first"],
+                    )
+                # The leaf is replaced in place by an empty child of the base
+                # (one rename): the VDI keeps its leaf path, so an attach
+                # made before still names the right image.
+                self.store.renew(rec.volume, rec.epoch_base)
+        log.info(
+            "epoch_begin of %s: leaf %s emptied over base %s",
+            rec.vdi,
+            rec.volume,
+            rec.epoch_base,
+        )
+
+    def epoch_end(self, vdi: str) -> None:
+        """Nothing to do: the next epoch_begin drops this epoch's writes."""
+        self.get(vdi)
+
+    # --- compose and similar content --------------------------------------------
+
+    def compose(self, vdi1: str, vdi2: str) -> None:
+        from smcommon.engine.gc import Collector
+
+        if vdi1 == vdi2:
+            raise InvalidRequest("compose needs two different VDIs")
+        with self.tree_lock():
+            r1 = self.get(vdi1)
+            r2 = self.get(vdi2)
+            with self.vdi_lock(r1.vdi), self.vdi_lock(r2.vdi):
+                self._require_unused(r2.vdi, "compose onto")
+                base = r1.volume
+                r1.volume = self.store.snapshot(base)
+                self.meta.put(r1)
+                self.store.set_hidden(base, True)
+                self.store.set_parent(r2.volume, base)
+                r2.content_id = str(uuid.uuid4())
+                self.meta.put(r2)
+            Collector(self).run()
+        log.info(
+            "composed %s (leaf %s) onto %s (base %s)", r2.vdi, r2.volume, r1.vdi, base
+        )
+
+    def similar_content(self, vdi: str) -> list[dict[str, Any]]:
+        """VDIs sharing an ancestor volume with ``vdi``, fewest tree hops first."""
+        rec = self.get(vdi)
+        tree = self.store.tree()
+
+        def ancestors(v: str) -> dict[str, int]:
+            out: dict[str, int] = {}
+            hops = 0
+            while v is not None and v not in out:
+                out[v] = hops
+                node = tree.get(v)
+                v = node.parent if node else None  # type: ignore[assignment]
+                hops += 1
+            return out
+
+        mine = ancestors(rec.volume)
+        scored = []
+        for other in self.meta.records():
+            if other.vdi == rec.vdi:
+                continue
+            theirs = ancestors(other.volume)
+            common = [mine[v] + h for v, h in theirs.items() if v in mine]
+            if common:
+                scored.append((min(common), other.created, other.vdi, other))
+        scored.sort(key=lambda t: t[:3])
+        return [self.vdi_info(t[3]) for t in scored]
+
+    # --- copy in ------------------------------------------------------------------
+
+    def import_image(self, src_path: str, template: VdiRecord) -> dict[str, Any]:
+        """A new VDI holding the flattened content of the image ``src_path``."""
+        with self.tree_lock():
+            volume, info = self.store.convert_from(src_path)
+            rec = VdiRecord(
+                vdi=str(uuid.uuid4()),
+                volume=volume,
+                name_label=template.name_label,
+                name_description=template.name_description,
+                ty=template.ty,
+                content_id=template.content_id,
+                metadata_of_pool=template.metadata_of_pool,
+                read_only=template.read_only,
+                virtual_size=int(info.virtual_size),
+                sm_config={**template.sm_config, "vdi_type": "vhd"},
+                created=now_stamp(),
+            )
+            self.meta.put(rec)
+        return self.vdi_info(rec)

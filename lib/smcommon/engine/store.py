@@ -1,0 +1,276 @@
+"""The VolumeStore seam: where the volumes (VHD images) of an SR live.
+
+The engine names volumes (UUID strings) and never builds their paths: it asks
+the store.  ``FileStore`` is the store of file SRs (ext, later nfs): a volume
+is the file ``<sr dir>/<volume>.vhd``; all volumes of an SR sit in one
+directory, so the relative parent locators a VHD child records stay valid.
+A later logical-volume store keeps the same methods over LVs.
+
+Every image operation goes through ``smcommon.vhd`` (imported lazily, or the
+module given to the store, which is how unit tests pass a fake).  The store
+also owns a volume's *activation* on this host: for files, activation checks
+that the whole chain opens (a missing or corrupt parent is reported before a
+VM opens the disk); there is nothing to map.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from smcommon.errors import BackendError, Error
+from smcommon.paths import safe_name
+
+VHD_SUFFIX = ".vhd"
+NEW_SUFFIX = ".vhd.new"
+
+
+@dataclass(frozen=True)
+class Node:
+    """One volume of an SR's tree, as its VHD header says."""
+
+    volume: str
+    parent: str | None  # volume name of the parent, None for a base
+    hidden: bool
+    virtual_size: int
+    physical_size: int
+
+
+class VolumeStore(Protocol):
+    def new_name(self) -> str: ...
+    def path(self, volume: str) -> str: ...
+    def exists(self, volume: str) -> bool: ...
+    def list(self) -> list[str]: ...
+    def create(self, size: int) -> tuple[str, Any]: ...
+    def snapshot(self, parent: str) -> str: ...
+    def renew(self, volume: str, parent: str) -> None: ...
+    def remove(self, volume: str) -> bool: ...
+    def info(self, volume: str) -> Any: ...
+    def tree(self) -> dict[str, Node]: ...
+    def physical_utilisation(self, volume: str) -> int: ...
+    def set_hidden(self, volume: str, hidden: bool) -> None: ...
+    def set_parent(self, child: str, parent: str) -> None: ...
+    def coalesce(self, child: str) -> int: ...
+    def resize(self, volume: str, size: int) -> Any: ...
+    def convert_from(self, src_path: str) -> tuple[str, Any]: ...
+    def activate(self, volume: str, read_write: bool) -> None: ...
+    def deactivate(self, volume: str) -> None: ...
+    def space(self) -> tuple[int, int]: ...
+    def cleanup_partial(self) -> list[str]: ...
+
+
+def load_vhd() -> Any:
+    from smcommon import vhd
+
+    return vhd
+
+
+def vhd_call(what: str, fn: Any, *args: Any) -> Any:
+    """Call a vhd function; anything but a library error becomes Backend_error."""
+    try:
+        return fn(*args)
+    except Error:
+        raise
+    except OSError as e:
+        raise BackendError("VHD_IO_ERROR", [what, f"{e.strerror or e}"]) from None
+
+
+class FileStore:
+    """Volumes as ``<volume>.vhd`` files in one directory."""
+
+    def __init__(self, sr_dir: Path, vhd: Any = None) -> None:
+        self.sr_dir = Path(sr_dir)
+        self._vhd = vhd
+
+    @property
+    def vhd(self) -> Any:
+        if self._vhd is None:
+            self._vhd = load_vhd()
+        return self._vhd
+
+    # --- names and paths ---------------------------------------------------
+
+    def new_name(self) -> str:
+        return str(uuid.uuid4())
+
+    def path(self, volume: str) -> str:
+        return str(self.sr_dir / (safe_name("volume", volume) + VHD_SUFFIX))
+
+    def exists(self, volume: str) -> bool:
+        return os.path.exists(self.path(volume))
+
+    def list(self) -> list[str]:
+        try:
+            names = os.listdir(self.sr_dir)
+        except FileNotFoundError:
+            return []
+        return sorted(
+            n[: -len(VHD_SUFFIX)]
+            for n in names
+            if n.endswith(VHD_SUFFIX) and not n.startswith(".")
+        )
+
+    def volume_of(self, path: str | None) -> str | None:
+        """The volume name of an image path in this SR (None if elsewhere)."""
+        if not path:
+            return None
+        p = Path(path)
+        if p.parent.resolve() != self.sr_dir.resolve() or not p.name.endswith(
+            VHD_SUFFIX
+        ):
+            return None
+        return p.name[: -len(VHD_SUFFIX)]
+
+    # --- images ------------------------------------------------------------
+
+    def create(self, size: int) -> tuple[str, Any]:
+        name = self.new_name()
+        info = vhd_call("create", self.vhd.create, self.path(name), size)
+        return name, info
+
+    def snapshot(self, parent: str) -> str:
+        """A new empty child of ``parent``.  Cost independent of the data."""
+        name = self.new_name()
+        vhd_call("snapshot", self.vhd.snapshot, self.path(parent), self.path(name))
+        return name
+
+    def renew(self, volume: str, parent: str) -> None:
+        """Replace ``volume`` by a new empty child of ``parent`` (one rename)."""
+        final = self.path(volume)
+        tmp = final[: -len(VHD_SUFFIX)] + NEW_SUFFIX
+        try:
+            vhd_call("snapshot", self.vhd.snapshot, self.path(parent), tmp)
+            _fsync_file(tmp)
+            os.replace(tmp, final)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        _fsync_dir(self.sr_dir)
+
+    def remove(self, volume: str) -> bool:
+        path = Path(self.path(volume))
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return False
+        _fsync_dir(path.parent)
+        return True
+
+    def info(self, volume: str) -> Any:
+        return vhd_call("info", self.vhd.info, self.path(volume))
+
+    def node(self, volume: str) -> Node:
+        i = self.info(volume)
+        return Node(
+            volume=volume,
+            parent=self.volume_of(i.parent),
+            hidden=bool(i.hidden),
+            virtual_size=int(i.virtual_size),
+            physical_size=int(i.physical_size),
+        )
+
+    def tree(self) -> dict[str, Node]:
+        """Every volume's node, read from the VHD headers."""
+        out: dict[str, Node] = {}
+        for v in self.list():
+            try:
+                out[v] = self.node(v)
+            except FileNotFoundError:
+                continue
+        return out
+
+    def chain(self, volume: str) -> list[str]:
+        paths = vhd_call("chain", self.vhd.chain, self.path(volume))
+        return [self.volume_of(p) or p for p in paths]
+
+    def physical_utilisation(self, volume: str) -> int:
+        try:
+            return os.stat(self.path(volume)).st_blocks * 512
+        except FileNotFoundError:
+            return 0
+
+    def set_hidden(self, volume: str, hidden: bool) -> None:
+        vhd_call("set_hidden", self.vhd.set_hidden, self.path(volume), hidden)
+
+    def set_parent(self, child: str, parent: str) -> None:
+        vhd_call("set_parent", self.vhd.set_parent, self.path(child), self.path(parent))
+
+    def coalesce(self, child: str) -> int:
+        return int(vhd_call("coalesce", self.vhd.coalesce, self.path(child)))
+
+    def resize(self, volume: str, size: int) -> Any:
+        return vhd_call("resize", self.vhd.resize, self.path(volume), size)
+
+    def convert_from(self, src_path: str) -> tuple[str, Any]:
+        """A new volume holding the flattened content of the image ``src_path``.
+
+        Written under a ``.vhd.new`` name and renamed when complete, so a
+        crash never leaves a half-copied volume that looks like a real one.
+        """
+        name = self.new_name()
+        final = self.path(name)
+        tmp = final[: -len(VHD_SUFFIX)] + NEW_SUFFIX
+        try:
+            vhd_call("convert", self.vhd.convert, src_path, tmp)
+            _fsync_file(tmp)
+            os.rename(tmp, final)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        _fsync_dir(self.sr_dir)
+        return name, self.info(name)
+
+    def cleanup_partial(self) -> list[str]:
+        """Remove ``.vhd.new`` files of copies that were killed midway."""
+        gone = []
+        with contextlib.suppress(FileNotFoundError):
+            for n in os.listdir(self.sr_dir):
+                if n.endswith(NEW_SUFFIX):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self.sr_dir / n)
+                        gone.append(n)
+        return gone
+
+    # --- activation on this host ------------------------------------------
+
+    def activate(self, volume: str, read_write: bool) -> None:
+        """Check that the whole chain of ``volume`` is there and sound."""
+        for v in self.chain(volume):
+            if not os.path.exists(self.path(v) if "/" not in v else v):
+                raise BackendError(
+                    "VHD_CHAIN_BROKEN", [f"{v} of the chain of {volume} is missing"]
+                )
+        problems = vhd_call("check", self.vhd.check, self.path(volume))
+        if problems:
+            raise BackendError("VHD_CORRUPT", [self.path(volume), *problems])
+        if read_write and not os.access(self.path(volume), os.W_OK):
+            raise BackendError("VHD_NOT_WRITABLE", [self.path(volume)])
+
+    def deactivate(self, volume: str) -> None:
+        """Flush what a writer left: fsync the leaf (a no-op if it is gone)."""
+        with contextlib.suppress(FileNotFoundError):
+            _fsync_file(self.path(volume))
+
+    def space(self) -> tuple[int, int]:
+        st = os.statvfs(self.sr_dir)
+        return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
