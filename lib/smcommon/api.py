@@ -182,6 +182,11 @@ class Method:
     """
 
     __slots__ = ("description", "inputs", "name", "output", "output_name")
+    name: str
+    inputs: dict[str, Arg]
+    output: Type
+    description: str
+    output_name: str
 
     def __init__(
         self,

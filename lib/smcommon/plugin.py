@@ -358,6 +358,7 @@ def main(driver_factory: DriverFactory, argv: list[str] | None = None) -> NoRetu
     # The response goes to a private copy of stdout; fd 1 points at stderr while
     # the driver runs, so nothing else can write into the response.
     sys.stdout.flush()
+    out: BinaryIO
     try:
         out_fd = os.dup(1)
         os.dup2(2, 1)
