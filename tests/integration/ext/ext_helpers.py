@@ -173,8 +173,11 @@ def is_vhd(path: Path) -> bool:
 class SR:
     """An attached SR and the data checks of the tests."""
 
-    def __init__(self, ext: Ext, uuid_: str, kind: str, data_dir: Path) -> None:
+    def __init__(
+        self, ext: Ext, uuid_: str, kind: str, data_dir: Path, config: dict[str, str]
+    ) -> None:
         self.ext = ext
+        self.config = config
         self.uuid = uuid_
         self.kind = kind
         self.data_dir = data_dir
@@ -337,8 +340,7 @@ class SrFactory:
             config = {"device": self.loop_device()}
             data_dir = self.ext.root / "run" / "sm" / "sr-mount" / sr_uuid
         self.ext.ok("SR.create", sr=sr_uuid, device_config=config, physical_size="0")
-        sr = SR(self.ext, sr_uuid, kind, data_dir)
-        sr.config = config  # type: ignore[attr-defined]
+        sr = SR(self.ext, sr_uuid, kind, data_dir, config)
         self.srs.append(sr)
         if attach:
             self.ext.ok("SR.attach", sr=sr_uuid, device_config=config)
