@@ -120,7 +120,9 @@ class ChainMachine(RuleBasedStateMachine):
             assert vhd.read(path, 0, len(model)) == model, (
                 f"{Path(path).name} (level {depth}) differs"
             )
-        assert vhd.chain(self.leaf) == list(reversed(self.chain))
+        assert [Path(x).resolve() for x in vhd.chain(self.leaf)] == [
+            Path(x).resolve() for x in reversed(self.chain)
+        ]
         assert vhd.check(self.leaf) == []
 
     def teardown(self) -> None:

@@ -314,10 +314,14 @@ def qemu_info(path: str | Path) -> dict[str, object]:
 
 
 def qemu_compare_raw(vhd: str | Path, raw: str | Path) -> tuple[bool, str]:
-    """qemu-img compare in strict mode (-s): sizes must match, content identical."""
-    res = tool(
-        ["qemu-img", "compare", "-s", "-f", "vpc", "-F", "raw", str(vhd), str(raw)]
-    )
+    """qemu-img compare: same content; sizes must match too (checked here, since
+    plain compare forgives a longer image whose tail is zero and strict mode (-s)
+    also compares allocation, which is not content)."""
+    vsize = int(qemu_info(vhd)["virtual-size"])  # type: ignore[call-overload]
+    rsize = os.path.getsize(raw)
+    if vsize != rsize:
+        return False, f"qemu sees {vsize} bytes, the raw file has {rsize}"
+    res = tool(["qemu-img", "compare", "-f", "vpc", "-F", "raw", str(vhd), str(raw)])
     return res.returncode == 0, (res.stdout + res.stderr).strip()
 
 
