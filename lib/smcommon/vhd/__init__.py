@@ -29,12 +29,45 @@ from smcommon.vhd.errors import (
 )
 from smcommon.vhd.format import BLOCK_SIZE, MAX_VIRTUAL_SIZE
 from smcommon.vhd.image import Image, Info
-from smcommon.vhd.ops import chain, info, read, set_hidden, write
+from smcommon.vhd.check import check, repair
+from smcommon.vhd.ops import (
+    allocation_map,
+    chain,
+    coalesce,
+    info,
+    read,
+    resize,
+    set_hidden,
+    set_parent,
+    write,
+)
+from smcommon.vhd.transfer import convert, export_raw, import_raw
 
 __all__ = [
-    "BLOCK_SIZE", "MAX_VIRTUAL_SIZE", "Info", "Image",
-    "create", "snapshot", "info", "chain", "read", "write", "set_hidden",
-    "VhdError", "NotFound", "AlreadyExists", "InvalidArgument", "TooLarge", "Corrupt",
-    "Unsupported", "ParentMissing", "ParentMismatch", "ParentNotAllowed", "ParentLoop",
-    "ChainTooDeep", "DataBeyondEnd", "ReadOnly", "VhdIOError",
+    "BLOCK_SIZE",
+    "MAX_VIRTUAL_SIZE",
+    "AlreadyExists",
+    "ChainTooDeep",
+    "Corrupt",
+    "DataBeyondEnd",
+    "Image",
+    "Info",
+    "InvalidArgument",
+    "NotFound",
+    "ParentLoop",
+    "ParentMismatch",
+    "ParentMissing",
+    "ParentNotAllowed",
+    "ReadOnly",
+    "TooLarge",
+    "Unsupported",
+    "VhdError",
+    "VhdIOError",
+    "chain",
+    "create",
+    "info",
+    "read",
+    "set_hidden",
+    "snapshot",
+    "write",
 ]

@@ -205,8 +205,7 @@ def decode_locator(code: bytes, data: bytes) -> str:
     try:
         if code in (LOC_MACX, b"Mac "):
             text = data.decode("utf-8")
-            if text.startswith("file://"):
-                text = text[len("file://"):]
+            text = text.removeprefix("file://")
         else:
             text = data.decode("utf-16-le")
     except UnicodeDecodeError as exc:

@@ -563,4 +563,4 @@ def open_image(path: str | os.PathLike[str], *, writable: bool = False,
         raise Corrupt(f"{os.fspath(path)}: cannot be read as a VHD ({type(exc).__name__}: {exc})") from None
 
 
-__all__ = ["Image", "Info", "open_image", "NotFound"]
+__all__ = ["Image", "Info", "NotFound", "open_image"]

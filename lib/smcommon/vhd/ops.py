@@ -11,7 +11,15 @@ from __future__ import annotations
 import os
 
 from smcommon.vhd import format as fmt
-from smcommon.vhd.image import Image, Info, open_image
+from smcommon.vhd.create import check_parent_allowed, check_size, parent_locators
+from smcommon.vhd.errors import (
+    Corrupt,
+    DataBeyondEnd,
+    ParentLoop,
+    Unsupported,
+    from_os_error,
+)
+from smcommon.vhd.image import LOCATOR_ORDER, Image, Info, open_image
 
 
 def info(path: str | os.PathLike[str], *, search_dirs: list[str] | None = None) -> Info:
@@ -43,4 +51,285 @@ def set_hidden(path: str | os.PathLike[str], hidden: bool) -> None:
         img.set_footer(img.footer.sealed(hidden=1 if hidden else 0))
 
 
-__all__ = ["info", "chain", "read", "write", "set_hidden", "fmt"]
+
+
+def set_parent(
+    child: str | os.PathLike[str],
+    parent: str | os.PathLike[str],
+    *,
+    search_dirs: list[str] | None = None,
+) -> None:
+    """Re-link differencing ``child`` to ``parent``: its UUID, timestamp and locators.
+
+    Locator data goes into the child's existing locator slots first, then the
+    header (one write) switches to it.  Not atomic against a kill between the
+    two, but re-running it finishes the job.
+    """
+    child, parent = os.fspath(child), os.fspath(parent)
+    check_parent_allowed(child, parent, search_dirs)
+    with Image.open(child, writable=True, parents=False) as img:
+        if img.footer.disk_type != fmt.DISK_DIFFERENCING:
+            raise Unsupported(f"{child}: a {img.footer.type_name} image has no parent to set")
+        header = img.header_or_fail()
+        with open_image(parent, search_dirs=search_dirs) as pimg:
+            st = os.fstat(img.fd)
+            for anc in pimg.chain():
+                pst = os.fstat(anc.fd)
+                if (pst.st_dev, pst.st_ino) == (st.st_dev, st.st_ino):
+                    raise ParentLoop(f"{child}: {parent} is {child} or one of its descendants")
+            if not pimg.is_fixed and pimg.block_size != img.block_size:
+                raise Unsupported(f"{parent}: block size {pimg.block_size} differs from the "
+                                  f"child's {img.block_size}")
+            slots = _locator_slots(img, header)
+            name, locators, datas = parent_locators(child, parent, [s[0] for s in slots])
+            for (at, space), loc, data in zip(slots, locators, datas, strict=True):
+                if len(data) > space:
+                    raise Unsupported(f"{child}: no room for the parent locator "
+                                      f"{loc.code.decode()} ({len(data)} bytes, {space} reserved)")
+                img._pwrite(data + bytes(space - len(data)), at, "a parent locator")
+            locators = [fmt.Locator(loc.code, space // fmt.SECTOR, loc.data_length, 0, at)
+                        for loc, (at, space) in zip(locators, slots, strict=True)]
+            img.sync()
+            img.set_header(header.sealed(
+                parent_uuid=pimg.footer.uuid,
+                parent_timestamp=pimg.footer.timestamp,
+                parent_name_raw=fmt.encode_parent_name(name),
+                locators_raw=fmt.pack_locators(locators),
+            ))
+
+
+def _locator_slots(img: Image, header: fmt.Header) -> list[tuple[int, int]]:
+    """(offset, bytes) of the places for W2RU, W2KU, MACX: the child's used locator areas."""
+    areas = sorted(
+        (loc.data_offset, loc.data_space * fmt.SECTOR)
+        for loc in header.locators
+        if loc.used and loc.data_space and loc.data_offset >= fmt.FOOTER_SIZE
+        and loc.data_offset + loc.data_space * fmt.SECTOR <= img.end()
+    )
+    if len(areas) < len(LOCATOR_ORDER):
+        raise Unsupported(f"{img.path}: only {len(areas)} parent locator areas; "
+                          f"{len(LOCATOR_ORDER)} needed")
+    return areas[: len(LOCATOR_ORDER)]
+
+
+def coalesce(child: str | os.PathLike[str], *, search_dirs: list[str] | None = None) -> int:
+    """Copy the child's allocated sectors into its parent; return the bytes copied.
+
+    Only copies: the child is untouched, so a coalesce killed mid-way and run
+    again finishes with the same result.  The parent grows first if it is
+    smaller than the child.
+    """
+    child = os.fspath(child)
+    with open_image(child, search_dirs=search_dirs) as img:
+        if img.parent is None:
+            raise Unsupported(f"{child}: a {img.footer.type_name} image has no parent")
+        ppath = img.parent.path
+        if img.parent.virtual_size < img.virtual_size:
+            resize(ppath, img.virtual_size, search_dirs=search_dirs)
+        copied = 0
+        with open_image(ppath, writable=True, search_dirs=search_dirs) as parent:
+            assert img.bat is not None
+            bs = img.block_size
+            for block in img.bat.allocated():
+                pos = img.block_pos(block)
+                assert pos is not None
+                bits = img.bitmap(block, pos)
+                data_at = pos + img.bitmap_size
+                if bits == -1:
+                    spans = [(0, bs // fmt.SECTOR)]
+                else:
+                    spans = fmt.runs(bits)
+                for first, count in spans:
+                    offset = block * bs + first * fmt.SECTOR
+                    length = min(count * fmt.SECTOR, img.virtual_size - offset)
+                    if length <= 0:
+                        continue
+                    data = img._pread(length, data_at + first * fmt.SECTOR, "data")
+                    if len(data) != length:
+                        raise Corrupt(f"{child}: short read in block {block}")
+                    parent.write_aligned(offset, memoryview(data), sync=False)
+                    copied += length
+                parent.sync()
+        return copied
+
+
+def resize(path: str | os.PathLike[str], new_size: int, *,
+           search_dirs: list[str] | None = None) -> Info:
+    """Grow or shrink the virtual size (rounded up to 2 MiB); shrink refused over data."""
+    path = os.fspath(path)
+    size = check_size(new_size, "new size")
+    with Image.open(path, writable=True, parents=False) as img:
+        if img.tail_damaged:
+            raise Corrupt(f"{path}: tail footer damaged; run repair first")
+        if img.is_fixed:
+            _resize_fixed(img, size)
+        else:
+            _resize_dynamic(img, size)
+    return info(path, search_dirs=search_dirs)
+
+
+def _resize_fixed(img: Image, size: int) -> None:
+    old = img.virtual_size
+    footer = _resized_footer(img.footer, size)
+    if size > old:
+        img._set_end(size)                  # new footer first: a valid tail at every instant
+        img.footer = footer
+        img._pwrite(footer.to_bytes(), size, "the footer")
+        img._pwrite(bytes(fmt.FOOTER_SIZE), old, "zeros over the old footer")
+        img.sync()
+    elif size < old:
+        zero = bytes(fmt.BLOCK_SIZE)
+        for at in range(size, old, fmt.BLOCK_SIZE):
+            chunk = img._pread(min(fmt.BLOCK_SIZE, old - at), at, "data")
+            if chunk != zero[: len(chunk)]:
+                raise DataBeyondEnd(f"{img.path}: data beyond the new end {size} (at {at})")
+        img._pwrite(footer.to_bytes(), size, "the footer")
+        img.sync()
+        try:
+            os.ftruncate(img.fd, size + fmt.FOOTER_SIZE)
+        except OSError as exc:
+            raise from_os_error(img.path, exc, "truncating") from None
+        img._size = size + fmt.FOOTER_SIZE
+        img.footer = footer
+        img.sync()
+
+
+def _resized_footer(footer: fmt.Footer, size: int) -> fmt.Footer:
+    cyl, heads, spt = fmt.geometry(size)
+    return footer.sealed(current_size=size, cylinders=cyl, heads=heads, sectors=spt)
+
+
+def _resize_dynamic(img: Image, size: int) -> None:
+    header = img.header_or_fail()
+    assert img.bat is not None
+    bs = header.block_size
+    need = fmt.blocks_for(size, bs)
+    if size < img.virtual_size:
+        beyond = [b for b in img.bat.allocated() if (b + 1) * bs > size]
+        if beyond:
+            raise DataBeyondEnd(f"{img.path}: {len(beyond)} allocated block(s) lie beyond the "
+                                f"new end {size} (first at {beyond[0] * bs})")
+    elif need > header.max_table_entries:
+        _grow_bat(img, header, need)
+    if size != img.virtual_size:
+        img.set_footer(_resized_footer(img.footer, size))
+
+
+def _grow_bat(img: Image, header: fmt.Header, need: int) -> None:
+    """Make room for a BAT of ``need`` entries: relocate blocks in the way, crash-safely."""
+    assert img.bat is not None
+    old = header.max_table_entries
+    start = header.table_offset
+    bat_end = start + fmt.bat_bytes(need)
+    for loc in header.locators:
+        if loc.used and start < loc.data_offset < bat_end:
+            raise Unsupported(f"{img.path}: parent locator data after the BAT is in the way "
+                              "of a larger BAT")
+    span = header.bitmap_size + bs_of(header)
+    movers = sorted((img.bat[b], b) for b in img.bat.allocated()
+                    if img.bat[b] * fmt.SECTOR < bat_end)
+    for sector, block in movers:
+        _relocate_block(img, block, sector * fmt.SECTOR, span)
+    if bat_end > img.end():
+        img._set_end(fmt.round_up(bat_end, fmt.SECTOR))
+    # the new entries, unallocated, into the freed space; then the header uses them
+    img._pwrite(b"\xff" * (bat_end - start - 4 * old), start + 4 * old, "the BAT")
+    img.sync()
+    img.bat = fmt.Bat(img.bat.entries + fmt.Bat.empty(need - old).entries)
+    img.set_header(header.sealed(max_table_entries=need))
+
+
+def bs_of(header: fmt.Header) -> int:
+    return header.block_size
+
+
+def _relocate_block(img: Image, block: int, old_pos: int, span: int) -> None:
+    """Copy a block to the end, fdatasync, then point the BAT at the copy."""
+    assert img.header is not None and img.bat is not None
+    new_pos = fmt.round_up(img.end(), fmt.SECTOR)
+    img._set_end(new_pos + span)
+    copy_range(img.fd, img.fd, old_pos, new_pos, span, img.path)
+    img.sync()
+    img._pwrite(fmt.Bat.entry_bytes(new_pos // fmt.SECTOR), img.header.table_offset + 4 * block,
+                "the BAT")
+    img.sync()
+    img.bat[block] = new_pos // fmt.SECTOR
+
+
+def copy_range(src: int, dst: int, src_pos: int, dst_pos: int, length: int, path: str) -> None:
+    """Copy bytes in the kernel (copy_file_range), falling back to pread/pwrite."""
+    try:
+        while length > 0:
+            done = os.copy_file_range(src, dst, length, src_pos, dst_pos)
+            if done <= 0:
+                break
+            src_pos += done
+            dst_pos += done
+            length -= done
+    except OSError:
+        pass
+    try:
+        while length > 0:
+            chunk = os.pread(src, min(length, 8 * fmt.BLOCK_SIZE), src_pos)
+            if not chunk:
+                raise Corrupt(f"{path}: short read at {src_pos} while copying")
+            os.pwrite(dst, chunk, dst_pos)
+            src_pos += len(chunk)
+            dst_pos += len(chunk)
+            length -= len(chunk)
+    except OSError as exc:
+        raise from_os_error(path, exc, "copying data") from None
+
+
+def allocation_map(path: str | os.PathLike[str], *,
+                   search_dirs: list[str] | None = None) -> list[tuple[int, int, int]]:
+    """(offset, length, depth) extents covering the disk: depth 1 = the image itself,
+    2 = its parent …, 0 = in no image (reads as zeros).  Adjacent extents merge."""
+    out: list[tuple[int, int, int]] = []
+
+    def add(offset: int, length: int, depth: int) -> None:
+        if length <= 0:
+            return
+        if out and out[-1][2] == depth and out[-1][0] + out[-1][1] == offset:
+            out[-1] = (out[-1][0], out[-1][1] + length, depth)
+        else:
+            out.append((offset, length, depth))
+
+    with open_image(path, search_dirs=search_dirs) as img:
+        images = img.chain()
+        vsize = img.virtual_size
+        bs = img.block_size
+        fixed_depth = next((d for d, i in enumerate(images, 1) if i.is_fixed), 0)
+        allocated = set()
+        for i in images:
+            if i.bat is not None:
+                allocated.update(i.bat.allocated())
+        for block in range(fmt.blocks_for(vsize, bs)):
+            base = block * bs
+            blen = min(bs, vsize - base)
+            if block not in allocated:
+                add(base, blen, fixed_depth if _fixed_covers(images, fixed_depth, base) else 0)
+                continue
+            nsec = -(-blen // fmt.SECTOR)
+            wanted = fmt.sector_mask(0, nsec)
+            pieces: list[tuple[int, int, int]] = []
+            for depth, i in enumerate(images, 1):
+                if not wanted:
+                    break
+                if i.is_fixed:
+                    have = wanted
+                else:
+                    pos = i.block_pos(block)
+                    if pos is None:
+                        continue
+                    have = wanted & i.bitmap(block, pos)
+                pieces.extend((f, c, depth) for f, c in fmt.runs(have))
+                wanted &= ~have
+            pieces.extend((f, c, 0) for f, c in fmt.runs(wanted))
+            for f, c, depth in sorted(pieces):
+                add(base + f * fmt.SECTOR, min(c * fmt.SECTOR, blen - f * fmt.SECTOR), depth)
+    return out
+
+
+def _fixed_covers(images: list[Image], depth: int, offset: int) -> bool:
+    return depth > 0 and offset < images[depth - 1].virtual_size
