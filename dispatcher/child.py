@@ -1,0 +1,258 @@
+"""One plugin process per call: spawn, feed, collect, bound, cancel, reap.
+
+Owns ``Child``: the plugin runs in its own session (so its whole process group
+can be signalled), gets the request on stdin, and is watched with one epoll
+set over its stdin, stdout, stderr and a pidfd, until it has exited and closed
+its pipes, or the per-call deadline passes.
+
+Guarantees, whatever the plugin does:
+- the call ends by ``timeout`` (plus a short drain bound): on timeout the
+  whole process group gets SIGKILL;
+- ``cancel()`` (from any thread) sends SIGTERM to the group, then SIGKILL
+  after ``grace`` seconds;
+- when the plugin exits, whatever it left running in its group is killed
+  (SIGKILL) before the leader is reaped, so no orphan survives a call, and the
+  leader is always reaped (no zombie).  Killing the group while the leader is
+  an unreaped zombie is safe: its pid, hence the group id, cannot be reused.
+- memory is bounded: stdout up to ``max_out`` bytes (beyond: killed, marked
+  ``overflow``), stderr keeps its last ``ERR_TAIL`` bytes.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import selectors
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+ERR_TAIL = 8192
+DRAIN_BOUND = 2.0  # seconds to wait for pipes after the group was killed
+READ_CHUNK = 65536
+
+
+@dataclass(frozen=True)
+class ChildResult:
+    rc: int | None  # exit status; negative = killed by that signal; None = never ran
+    out: bytes
+    err: bytes  # the tail of stderr
+    duration: float
+    timed_out: bool = False
+    cancelled: bool = False
+    overflow: bool = False
+    spawn_error: str = ""
+
+    def describe(self) -> str:
+        """What happened to the process, in words (for error details)."""
+        if self.spawn_error:
+            return f"could not be started: {self.spawn_error}"
+        if self.rc is None:
+            return "did not run"
+        if self.rc < 0:
+            try:
+                name = signal.Signals(-self.rc).name
+            except ValueError:
+                name = f"signal {-self.rc}"
+            return f"was killed by {name}"
+        return f"exited with status {self.rc}"
+
+    def err_text(self, limit: int = 2000) -> str:
+        text = self.err.decode("utf-8", "replace").strip()
+        return text[-limit:]
+
+
+class Child:
+    """One plugin process.  ``run()`` in the calling thread; ``cancel()`` from any."""
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        data: bytes,
+        *,
+        timeout: float,
+        grace: float = 5.0,
+        max_out: int = 64 * 1024 * 1024,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.argv = list(argv)
+        self.data = data
+        self.timeout = timeout
+        self.grace = grace
+        self.max_out = max_out
+        self.env = None if env is None else dict(env)
+        self.pid: int | None = None
+        self.started = 0.0
+        self._lock = threading.Lock()
+        self._reaped = False
+        self._cancelled = False
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._kill_timer: threading.Timer | None = None
+
+    # -- signalling (any thread) ---------------------------------------------
+
+    def _signal_group(self, sig: int) -> None:
+        with self._lock:
+            if self.pid is None or self._reaped:
+                return
+            try:
+                os.killpg(self.pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def cancel(self) -> None:
+        """SIGTERM the group now, SIGKILL it after the grace period."""
+        with self._lock:
+            if self._cancelled:
+                return
+            self._cancelled = True
+        self._signal_group(signal.SIGTERM)
+        timer = threading.Timer(self.grace, self._signal_group, args=(signal.SIGKILL,))
+        timer.daemon = True
+        self._kill_timer = timer
+        timer.start()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    # -- the call (one thread) -----------------------------------------------
+
+    def run(self) -> ChildResult:
+        self.started = time.monotonic()
+        with self._lock:
+            if self._cancelled:
+                return ChildResult(None, b"", b"", 0.0, cancelled=True)
+            try:
+                proc = subprocess.Popen(
+                    self.argv,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    env=self.env,
+                    start_new_session=True,
+                    close_fds=True,
+                )
+            except OSError as e:
+                return ChildResult(
+                    None, b"", b"", time.monotonic() - self.started, spawn_error=str(e)
+                )
+            self._proc = proc
+            self.pid = proc.pid
+        try:
+            return self._watch(proc)
+        finally:
+            self._reap(proc)
+
+    def _watch(self, proc: subprocess.Popen[bytes]) -> ChildResult:
+        assert proc.stdin and proc.stdout and proc.stderr
+        out = bytearray()
+        err = bytearray()
+        timed_out = overflow = False
+        pidfd = os.pidfd_open(proc.pid)
+        sel = selectors.DefaultSelector()
+        try:
+            stdin_fd, out_fd, err_fd = (
+                proc.stdin.fileno(),
+                proc.stdout.fileno(),
+                proc.stderr.fileno(),
+            )
+            os.set_blocking(stdin_fd, False)
+            pending = memoryview(self.data)
+            if pending:
+                sel.register(stdin_fd, selectors.EVENT_WRITE)
+            else:
+                proc.stdin.close()
+            sel.register(out_fd, selectors.EVENT_READ)
+            sel.register(err_fd, selectors.EVENT_READ)
+            sel.register(pidfd, selectors.EVENT_READ)
+            deadline = self.started + self.timeout
+            hard_deadline: float | None = None
+            exited = False
+            open_pipes = {out_fd, err_fd}
+            while open_pipes or not exited:
+                now = time.monotonic()
+                if hard_deadline is None and now >= deadline:
+                    timed_out = True
+                    self._signal_group(signal.SIGKILL)
+                    hard_deadline = now + DRAIN_BOUND
+                if hard_deadline is not None and now >= hard_deadline:
+                    break  # something outside the group holds the pipes
+                wait = (hard_deadline if hard_deadline is not None else deadline) - now
+                for key, _events in sel.select(max(wait, 0.0)):
+                    fd = key.fd
+                    if fd == stdin_fd:
+                        try:
+                            n = os.write(fd, pending[:READ_CHUNK])
+                            pending = pending[n:]
+                        except BlockingIOError:
+                            continue
+                        except OSError as e:
+                            if e.errno not in (errno.EPIPE, errno.ECONNRESET):
+                                raise
+                            pending = pending[:0]
+                        if not pending:
+                            sel.unregister(fd)
+                            proc.stdin.close()
+                    elif fd == pidfd:
+                        exited = True
+                        sel.unregister(pidfd)
+                        # leftovers of the plugin's group die with the call
+                        self._signal_group(signal.SIGKILL)
+                        if hard_deadline is None:
+                            hard_deadline = time.monotonic() + DRAIN_BOUND
+                    else:
+                        chunk = os.read(fd, READ_CHUNK)
+                        if not chunk:
+                            sel.unregister(fd)
+                            open_pipes.discard(fd)
+                        elif fd == out_fd:
+                            out += chunk
+                            if len(out) > self.max_out and not overflow:
+                                overflow = True
+                                self._signal_group(signal.SIGKILL)
+                                hard_deadline = time.monotonic() + DRAIN_BOUND
+                                del out[self.max_out :]
+                            elif overflow:
+                                del out[self.max_out :]
+                        else:
+                            err += chunk
+                            if len(err) > 2 * ERR_TAIL:
+                                del err[:-ERR_TAIL]
+        finally:
+            sel.close()
+            os.close(pidfd)
+        rc = self._reap(proc)
+        return ChildResult(
+            rc,
+            bytes(out),
+            bytes(err[-ERR_TAIL:]),
+            time.monotonic() - self.started,
+            timed_out=timed_out,
+            cancelled=self._cancelled,
+            overflow=overflow,
+        )
+
+    def _reap(self, proc: subprocess.Popen[bytes]) -> int:
+        """Kill what is left of the group, then reap the leader; idempotent."""
+        with self._lock:
+            if self._reaped:
+                return proc.returncode
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            rc = proc.wait()
+            self._reaped = True
+        if self._kill_timer is not None:
+            self._kill_timer.cancel()
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
+            if stream is not None:
+                try:
+                    stream.close()
+                except OSError:
+                    pass
+        return rc

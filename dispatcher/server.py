@@ -1,0 +1,545 @@
+"""The ``sm-dispatcher`` daemon: HTTP over a Unix socket (and TCP), start, stop.
+
+Owns the HTTP layer (``Handler``), the listening servers, the command line,
+the embedded default SR and the daemon's life cycle.  Routing and plugin
+processes are ``dispatcher.core``'s.
+
+- Listens on ``<run_dir>/sm-dispatcher.sock`` by default (``--socket``), and on
+  TCP when asked (``--tcp [HOST:]PORT``; HOST defaults to 127.0.0.1).
+- ``POST /`` and ``POST /RPC2`` route by SR; ``POST /<type>`` to one plugin.
+- Request limits: a body must have a Content-Length no larger than
+  ``--max-body``; a bigger one gets an XML-RPC fault (-32702) and the
+  connection is closed; a body with a DTD gets fault -32701.  At most
+  ``--max-connections`` connections are served at once (503 beyond).
+- SIGTERM/SIGINT: stop accepting, let in-flight calls finish within
+  ``--stop-timeout``, then cancel the rest (SIGTERM, SIGKILL after
+  ``--cancel-grace``), remove socket and pid file, exit 0.
+- One log line per call (logger ``dispatcher.calls``):
+  ``dbg=... method=... sr=... plugin=... duration=...s outcome=...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.server
+import logging
+import os
+import signal
+import socket
+import socketserver
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from smcommon.paths import Paths
+
+from dispatcher import client, wire
+from dispatcher.core import TYPE_RE, Config, Dispatcher
+from dispatcher.routes import RouteTable
+
+log = logging.getLogger("dispatcher")
+call_log = logging.getLogger("dispatcher.calls")
+
+REPO_PLUGINS = Path(__file__).resolve().parent.parent / "plugins"
+PLUGINS_ENV = "SM_PLUGINS_DIR"
+DEFAULT_SR_NAMESPACE = uuid.UUID("6f1d3a52-6a4b-4c69-9a3e-2f1f6f0c7d11")
+DEFAULT_SR_TYPE = "ext"
+
+
+def default_plugins_dir() -> Path:
+    return Path(os.environ.get(PLUGINS_ENV) or REPO_PLUGINS)
+
+
+def routes_path(paths: Paths) -> Path:
+    return paths.state_dir / "dispatcher" / "routes.json"
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "sm-dispatcher/1"
+    timeout = 120  # an idle or stalled connection is dropped after this
+    server: _ServerMixin  # type: ignore[assignment]
+
+    def setup(self) -> None:
+        super().setup()
+        if self.connection.family in (socket.AF_INET, socket.AF_INET6):
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+
+    def address_string(self) -> str:
+        return (
+            self.client_address[0] if isinstance(self.client_address, tuple) else "unix"
+        )
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("http %s: " + format, self.address_string(), *args)
+
+    def _reply(
+        self, code: int, body: bytes, ctype: str = "text/xml", close: bool = False
+    ) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        if close:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        self._reply(
+            405,
+            b"sm-dispatcher speaks XML-RPC: POST / or /<type>\n",
+            "text/plain",
+            close=True,
+        )
+
+    def do_POST(self) -> None:
+        disp = self.server.dispatcher
+        started = time.monotonic()
+        path = self.path.split("?", 1)[0].rstrip("/")
+        if path in ("", "/RPC2"):
+            route = None
+        else:
+            route = path.lstrip("/")
+            if "/" in route or not TYPE_RE.fullmatch(route):
+                msg = f"no such endpoint {self.path!r}: POST / or /<type> (a lower-case SR type)\n"
+                self._reply(404, msg.encode(), "text/plain", close=True)
+                return
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            self._reply(
+                411,
+                b"a Content-Length is required (chunked bodies are not accepted)\n",
+                "text/plain",
+                True,
+            )
+            return
+        try:
+            length = int(self.headers.get("Content-Length", ""))
+            if length < 0:
+                raise ValueError
+        except ValueError:
+            self._reply(
+                411, b"a valid Content-Length is required\n", "text/plain", close=True
+            )
+            return
+        limit = disp.config.max_body
+        if length > limit:
+            self._drain(length)
+            msg = f"the request body is {length} bytes, more than the limit of {limit} bytes"
+            call_log.info(
+                "dbg=- method=- sr=- plugin=- duration=0.000s outcome=TooLarge(%d)",
+                length,
+            )
+            self._reply(200, wire.dumps_fault(wire.FAULT_TOO_LARGE, msg), close=True)
+            return
+        body = self.rfile.read(length)
+        if len(body) != length:
+            self.close_connection = True
+            return
+        self.server.enter()
+        try:
+            out, fields = disp.handle(route, body)
+        finally:
+            self.server.leave()
+        call_log.info(
+            "dbg=%s method=%s sr=%s plugin=%s duration=%.3fs outcome=%s",
+            fields["dbg"], fields["method"], fields["sr"], fields["plugin"],
+            time.monotonic() - started, fields["outcome"],
+        )  # fmt: skip
+        self._reply(200, out, close=disp.stopping)
+
+    def _drain(self, length: int) -> None:
+        """Read and drop an oversized body (bounded), so the client sees our answer."""
+        budget = min(length, 8 * self.server.dispatcher.config.max_body + (1 << 20))
+        self.connection.settimeout(5)
+        try:
+            while budget > 0:
+                chunk = self.rfile.read(min(budget, 1 << 16))
+                if not chunk:
+                    break
+                budget -= len(chunk)
+        except OSError:
+            pass
+
+
+class _ServerMixin:
+    dispatcher: Dispatcher
+    max_connections: int = 512
+    daemon_threads = True
+    block_on_close = False
+    _conn_lock: threading.Lock
+    _connections: int
+    _in_flight: int
+
+    def init_limits(self, dispatcher: Dispatcher, max_connections: int) -> None:
+        self.dispatcher = dispatcher
+        self.max_connections = max_connections
+        self._conn_lock = threading.Lock()
+        self._connections = 0
+        self._in_flight = 0
+
+    def enter(self) -> None:
+        with self._conn_lock:
+            self._in_flight += 1
+
+    def leave(self) -> None:
+        with self._conn_lock:
+            self._in_flight -= 1
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._conn_lock:
+            full = self._connections >= self.max_connections
+            if not full:
+                self._connections += 1
+        if full:
+            try:
+                request.sendall(
+                    b"HTTP/1.1 503 Busy\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                )
+            except OSError:
+                pass
+            self.shutdown_request(request)  # type: ignore[attr-defined]
+            return
+        super().process_request(request, client_address)  # type: ignore[misc]
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)  # type: ignore[misc]
+        finally:
+            with self._conn_lock:
+                self._connections -= 1
+
+
+class UnixServer(_ServerMixin, socketserver.ThreadingUnixStreamServer):
+    pass
+
+
+class TcpServer(_ServerMixin, socketserver.ThreadingTCPServer):
+    allow_reuse_address = True
+
+
+def _bind_unix(path: Path, dispatcher: Dispatcher, max_connections: int) -> UnixServer:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() or path.is_symlink():
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink()  # stale: nobody listens there
+        else:
+            raise SystemExit(
+                f"sm-dispatcher: another dispatcher already listens on {path}"
+            )
+        finally:
+            probe.close()
+    old = os.umask(0o117)
+    try:
+        srv = UnixServer(str(path), Handler, bind_and_activate=True)
+    finally:
+        os.umask(old)
+    srv.init_limits(dispatcher, max_connections)
+    return srv
+
+
+def _bind_tcp(spec: str, dispatcher: Dispatcher, max_connections: int) -> TcpServer:
+    host, _, port = spec.rpartition(":")
+    srv = TcpServer((host or "127.0.0.1", int(port)), Handler)
+    srv.init_limits(dispatcher, max_connections)
+    return srv
+
+
+# -- the embedded default SR ----------------------------------------------------
+
+
+def ensure_default_sr(
+    dispatcher: Dispatcher, directory: Path, sr_uuid: str | None
+) -> str:
+    """Create (first time) or attach the ext SR on ``directory``; its uuid."""
+    directory = directory.resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    known = dispatcher.routes.default_for(str(directory))
+    sr = known or sr_uuid or str(uuid.uuid5(DEFAULT_SR_NAMESPACE, str(directory)))
+    dc = {"path": str(directory)}
+    dbg = f"sm-dispatcher-default-sr-{os.getpid()}"
+    problems = []
+    if not known:
+        # a failed create is not fatal: the SR may exist from an earlier table
+        err = _call_ext(
+            dispatcher,
+            "SR.create",
+            {"dbg": dbg, "sr": sr, "device_config": dc, "physical_size": 0},
+        )
+        if err:
+            problems.append(f"SR.create: {' '.join(err)}")
+    err = _call_ext(
+        dispatcher, "SR.attach", {"dbg": dbg, "sr": sr, "device_config": dc}
+    )
+    if err and err[0] != "Sr_attached":
+        problems.append(f"SR.attach: {' '.join(err)}")
+        raise SystemExit(
+            f"sm-dispatcher: cannot set up the default SR on {directory}: {'; '.join(problems)}"
+        )
+    dispatcher.routes.set_default(str(directory), sr, DEFAULT_SR_TYPE)
+    return sr
+
+
+def _call_ext(dispatcher: Dispatcher, method: str, args: dict[str, Any]) -> list[str]:
+    """Call the ext plugin through the dispatcher; the ErrorDescription, [] if fine."""
+    out, _fields = dispatcher.handle(DEFAULT_SR_TYPE, wire.dumps_call(method, args))
+    resp = wire.parse_response(out)
+    if resp.status == "Success":
+        return []
+    return resp.error or [f"fault {resp.fault}"]
+
+
+# -- the command line -----------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="sm-dispatcher",
+        description="The storage manager's dispatcher: XML-RPC over HTTP on a Unix socket "
+        "(and TCP), one plugin process per call.",
+        epilog="Extra methods: Dispatcher.cancel({dbg, task}) cancels the running call whose dbg is "
+        "task; Dispatcher.status({dbg}) lists plugins, known SRs and running calls. "
+        "Host paths derive from $SM_ROOT.",
+    )
+    p.add_argument(
+        "--plugins-dir",
+        type=Path,
+        default=None,
+        help=f"where <TYPE>SR executables live (default ${PLUGINS_ENV} or {REPO_PLUGINS})",
+    )
+    p.add_argument(
+        "--socket",
+        type=Path,
+        default=None,
+        help="Unix socket (default <run_dir>/sm-dispatcher.sock)",
+    )
+    p.add_argument(
+        "--no-socket", action="store_true", help="do not listen on a Unix socket"
+    )
+    p.add_argument(
+        "--tcp",
+        metavar="[HOST:]PORT",
+        help="also listen on TCP (HOST default 127.0.0.1)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=300.0,
+        help="per-call plugin timeout, seconds (300)",
+    )
+    p.add_argument(
+        "--workers", type=int, default=16, help="plugin processes at once (16)"
+    )
+    p.add_argument(
+        "--queue-timeout",
+        type=float,
+        default=60.0,
+        help="how long a call waits for a slot (60)",
+    )
+    p.add_argument(
+        "--max-body",
+        type=int,
+        default=4 * 1024 * 1024,
+        help="request body limit, bytes (4 MiB)",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=512,
+        help="connections served at once (512)",
+    )
+    p.add_argument(
+        "--cancel-grace",
+        type=float,
+        default=5.0,
+        help="SIGTERM to SIGKILL on cancel, seconds (5)",
+    )
+    p.add_argument(
+        "--stop-timeout",
+        type=float,
+        default=30.0,
+        help="in-flight bound on SIGTERM, seconds (30)",
+    )
+    p.add_argument(
+        "--default-sr",
+        type=Path,
+        metavar="DIR",
+        help="attach (create once) an ext SR on DIR",
+    )
+    p.add_argument(
+        "--default-sr-uuid", help="uuid of the default SR when it is first created"
+    )
+    p.add_argument(
+        "--pid-file",
+        type=Path,
+        default=None,
+        help="default <run_dir>/sm-dispatcher.pid",
+    )
+    p.add_argument(
+        "--log-file", type=Path, default=None, help="log here instead of stderr"
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    args = p.parse_args(argv)
+    if args.no_socket and not args.tcp:
+        p.error("--no-socket needs --tcp: the dispatcher must listen somewhere")
+    if args.tcp:
+        _host, _, port = args.tcp.rpartition(":")
+        if not port.isdigit() or not 0 <= int(port) < 65536:
+            p.error(f"--tcp {args.tcp!r}: expected [HOST:]PORT")
+    for name in ("timeout", "queue_timeout", "cancel_grace", "stop_timeout"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive")
+    if args.workers < 1 or args.max_body < 1 or args.max_connections < 1:
+        p.error("--workers, --max-body and --max-connections must be at least 1")
+    return args
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    handler: logging.Handler
+    if args.log_file:
+        args.log_file.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(args.log_file)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        logging.Formatter(
+            "%(asctime)s sm-dispatcher[%(process)d] %(levelname)s %(message)s"
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if args.verbose else logging.INFO)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    _setup_logging(args)
+    paths = Paths.from_env()
+    plugins_dir = (args.plugins_dir or default_plugins_dir()).resolve()
+    config = Config(
+        plugins_dir=plugins_dir,
+        timeout=args.timeout,
+        workers=args.workers,
+        queue_timeout=args.queue_timeout,
+        max_body=args.max_body,
+        cancel_grace=args.cancel_grace,
+        env=dict(os.environ),
+    )
+    dispatcher = Dispatcher(config, RouteTable(routes_path(paths)))
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    servers: list[socketserver.BaseServer] = []
+    sock_path = (
+        None if args.no_socket else (args.socket or client.default_socket(paths))
+    )
+    try:
+        if sock_path is not None:
+            servers.append(_bind_unix(sock_path, dispatcher, args.max_connections))
+        if args.tcp:
+            servers.append(_bind_tcp(args.tcp, dispatcher, args.max_connections))
+    except OSError as e:
+        for srv in servers:
+            srv.server_close()
+        raise SystemExit(f"sm-dispatcher: cannot listen: {e}") from None
+    pid_file = args.pid_file or paths.run_dir / "sm-dispatcher.pid"
+    pid_file.parent.mkdir(parents=True, exist_ok=True)
+    pid_file.write_text(f"{os.getpid()}\n")
+    threads = [
+        threading.Thread(
+            target=s.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True
+        )
+        for s in servers
+    ]
+    for t in threads:
+        t.start()
+    try:
+        default_sr = None
+        if args.default_sr is not None:
+            default_sr = ensure_default_sr(
+                dispatcher, args.default_sr, args.default_sr_uuid
+            )
+        _announce(dispatcher, sock_path, servers, default_sr, args)
+        while not stop.wait(3600):
+            pass
+        log.info(
+            "stopping: no new connections; waiting up to %gs for %d call(s)",
+            args.stop_timeout,
+            len(dispatcher.running()),
+        )
+    finally:
+        for srv in servers:
+            srv.shutdown()
+            srv.server_close()
+        if sock_path is not None:
+            try:
+                sock_path.unlink()
+            except FileNotFoundError:
+                pass
+        dispatcher.stopping = True
+        if not dispatcher.wait_idle(args.stop_timeout):
+            n = dispatcher.cancel_all("stop")
+            log.warning("stopping: cancelling %d call(s) still running", n)
+            dispatcher.wait_idle(args.cancel_grace + 5)
+        try:
+            pid_file.unlink()
+        except FileNotFoundError:
+            pass
+    # let handler threads write the last responses
+    time.sleep(0.05)
+    log.info("stopped")
+    return 0
+
+
+def _announce(
+    dispatcher: Dispatcher,
+    sock_path: Path | None,
+    servers: list[socketserver.BaseServer],
+    default_sr: str | None,
+    args: argparse.Namespace,
+) -> None:
+    plugins = dispatcher.plugin_types()
+    lines = [f"sm-dispatcher ready (pid {os.getpid()})"]
+    lines.append(
+        f"  plugins: {', '.join(plugins) or 'none'} (from {dispatcher.config.plugins_dir})"
+    )
+    address = ""
+    if sock_path is not None:
+        lines.append(f"  unix socket: {sock_path}")
+        address = f"--socket {sock_path}"
+    for srv in servers:
+        if isinstance(srv, TcpServer):
+            host, port = srv.server_address[0], srv.server_address[1]
+            host = host.decode() if isinstance(host, bytes) else host
+            lines.append(f"  tcp: http://{host}:{port}/")
+            if not address:
+                address = f"--url http://{host}:{port}/"
+    if default_sr:
+        lines.append(f"  default SR: {default_sr} (ext on {args.default_sr.resolve()})")
+        lines.append(
+            f"  try: smctl {address} vdi-create {default_sr} --name d0 --size 10M"
+        )
+        lines.append(f"       smctl {address} vdi-list {default_sr}")
+    else:
+        lines.append(f"  try: smctl {address} sr-ls")
+    lines.append(
+        "  python: import dispatcher.client as c; c.connect().SR.ls({'dbg': 'me'})"
+    )
+    print("\n".join(lines), flush=True)
+    log.info("listening: %s", "; ".join(lines[1:]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

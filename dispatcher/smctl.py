@@ -1,0 +1,637 @@
+"""``smctl``: the storage manager for people (and scripts).
+
+Owns the command line: one subcommand per SR/VDI operation, talking to the
+dispatcher (its Unix socket by default, ``--socket PATH`` or ``--url URL``)
+or running the plugin directly (``--direct``: the same routing as the daemon,
+in this process, no daemon needed).
+
+Output: tables and ``key: value`` lines for people; ``--json`` prints the
+result's value as JSON (on failure, the response struct) for scripts.  An
+error is one line on stderr (``smctl: error: ...``) plus indented detail.
+
+Exit codes (stable, for scripts):
+    0  success
+    1  the storage manager answered with a failure (or a fault)
+    2  usage: bad arguments
+    3  cannot reach the dispatcher (or, with --direct, no such plugin)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from dispatcher import client, wire
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_CONNECT = 0, 1, 2, 3
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:i?B)?", re.IGNORECASE)
+
+EPILOG = """\
+exit codes: 0 success; 1 the storage manager answered with a failure; 2 bad
+arguments; 3 cannot reach the dispatcher (or no such plugin with --direct).
+
+cancelling: `smctl cancel TASK` cancels the running call whose dbg is TASK
+(the dispatcher's Dispatcher.cancel({"dbg", "task"}) method): its plugin gets
+SIGTERM, then SIGKILL after a grace period, and its caller gets Cancelled.
+Give your own calls a dbg with --dbg to be able to cancel them.
+
+examples:
+  smctl sr-create ext --path /srv/sr1
+  smctl vdi-create <sr> --name d0 --size 10G
+  smctl vdi-list <sr>
+  smctl --json vdi-stat <sr> <vdi>
+"""
+
+
+class UsageError(Exception):
+    pass
+
+
+def parse_size(text: str) -> int:
+    """``10G`` -> 10737418240 (binary units K M G T P; ``10GiB``, ``10GB`` too)."""
+    m = _SIZE_RE.fullmatch(text.strip())
+    if not m:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a size (e.g. 512M, 10G, 1T, 1048576)"
+        )
+    value = float(m.group(1)) * _UNITS[m.group(2).upper()]
+    if value != int(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of bytes")
+    return int(value)
+
+
+def human_size(n: object) -> str:
+    """10737418240 -> 10G; 1572864 -> 1.5M; small values stay in bytes."""
+    if not isinstance(n, int) or isinstance(n, bool):
+        return str(n)
+    for unit in ("P", "T", "G", "M", "K"):
+        if n >= _UNITS[unit]:
+            return f"{n / _UNITS[unit]:.1f}".removesuffix(".0") + unit
+    return str(n)
+
+
+def _kv(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE")
+    return key, value
+
+
+def _bool(text: str) -> bool:
+    t = text.lower()
+    if t in ("true", "yes", "on", "1"):
+        return True
+    if t in ("false", "no", "off", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r}: expected true or false")
+
+
+# -- the commands ---------------------------------------------------------------
+
+# name -> (method, help, argument adders); arguments are added by small helpers
+Spec = tuple[str, str, list[str]]
+
+COMMANDS: dict[str, Spec] = {
+    "query": (
+        "Query.query",
+        "describe the plugins (or one SR type's plugin)",
+        ["type?"],
+    ),
+    "diagnostics": (
+        "Query.diagnostics",
+        "diagnostics of the dispatcher and plugins",
+        ["type?"],
+    ),
+    "sr-ls": ("SR.ls", "list the attached SRs", ["type?"]),
+    "sr-create": (
+        "SR.create",
+        "create an SR (and attach it, unless --no-attach)",
+        ["type", "dc", "sr-opt", "size-opt"],
+    ),
+    "sr-attach": ("SR.attach", "attach an SR", ["sr", "dc", "type-opt"]),
+    "sr-detach": ("SR.detach", "detach an SR", ["sr", "type-opt"]),
+    "sr-destroy": ("SR.destroy", "destroy an SR", ["sr", "type-opt"]),
+    "sr-reset": ("SR.reset", "reset an SR's state on this host", ["sr", "type-opt"]),
+    "sr-scan": ("SR.scan", "list an SR's VDIs (table)", ["sr", "type-opt"]),
+    "vdi-list": (
+        "SR.scan",
+        "list an SR's VDIs (table); the same as sr-scan",
+        ["sr", "type-opt"],
+    ),
+    "vdi-create": ("VDI.create", "create a VDI", ["sr", "vdi-new", "type-opt"]),
+    "vdi-stat": ("VDI.stat", "show one VDI", ["sr", "vdi", "type-opt"]),
+    "vdi-destroy": ("VDI.destroy", "destroy a VDI", ["sr", "vdi", "type-opt"]),
+    "vdi-snapshot": (
+        "VDI.snapshot",
+        "snapshot a VDI",
+        ["sr", "vdi", "name-opt", "type-opt"],
+    ),
+    "vdi-clone": ("VDI.clone", "clone a VDI", ["sr", "vdi", "name-opt", "type-opt"]),
+    "vdi-attach": (
+        "VDI.attach",
+        "attach a VDI for datapath --dp",
+        ["sr", "vdi", "dp", "ro-opt", "type-opt"],
+    ),
+    "vdi-activate": (
+        "VDI.activate",
+        "activate a VDI for datapath --dp",
+        ["sr", "vdi", "dp", "type-opt"],
+    ),
+    "vdi-deactivate": (
+        "VDI.deactivate",
+        "deactivate a VDI for datapath --dp",
+        ["sr", "vdi", "dp", "type-opt"],
+    ),
+    "vdi-detach": (
+        "VDI.detach",
+        "detach a VDI for datapath --dp",
+        ["sr", "vdi", "dp", "type-opt"],
+    ),
+    "vdi-set-persistent": (
+        "VDI.set_persistent",
+        "set a VDI (non-)persistent",
+        ["sr", "vdi", "persistent", "type-opt"],
+    ),
+    "vdi-epoch-begin": (
+        "VDI.epoch_begin",
+        "a VDI is about to be used by a fresh VM",
+        ["sr", "vdi", "type-opt"],
+    ),
+    "vdi-epoch-end": (
+        "VDI.epoch_end",
+        "a VDI's VM is shutting down",
+        ["sr", "vdi", "type-opt"],
+    ),
+    "vdi-get-url": (
+        "VDI.get_url",
+        "a URL for the VDI's data",
+        ["sr", "vdi", "type-opt"],
+    ),
+    "vdi-copy": (
+        "VDI.copy",
+        "copy a VDI to another SR",
+        ["sr", "vdi", "copy", "type-opt"],
+    ),
+    "vdi-compose": (
+        "VDI.compose",
+        "layer VDI2's updates onto VDI1",
+        ["sr", "vdi1", "vdi2", "type-opt"],
+    ),
+    "vdi-similar-content": (
+        "VDI.similar_content",
+        "VDIs with similar content (table)",
+        ["sr", "vdi", "type-opt"],
+    ),
+    "vdi-set-content-id": (
+        "VDI.set_content_id",
+        "set a VDI's content_id",
+        ["sr", "vdi", "content-id", "type-opt"],
+    ),
+    "vdi-get-by-name": (
+        "VDI.get_by_name",
+        "find a VDI by name",
+        ["sr", "name", "type-opt"],
+    ),
+    "gc": ("SR.gc", "collect garbage in an SR now (ext)", ["sr", "type-opt"]),
+    "status": (
+        "Dispatcher.status",
+        "the dispatcher's plugins, SRs and running calls",
+        [],
+    ),
+    "cancel": (
+        "Dispatcher.cancel",
+        "cancel the running call whose dbg is TASK",
+        ["task"],
+    ),
+}
+
+
+def _add_args(p: argparse.ArgumentParser, kinds: list[str]) -> None:
+    adders: dict[str, Callable[[], Any]] = {
+        "type?": lambda: p.add_argument(
+            "type", nargs="?", help="SR type (default: every plugin)"
+        ),
+        "type": lambda: p.add_argument("type", help="SR type, e.g. ext"),
+        "type-opt": lambda: p.add_argument(
+            "--type", dest="type", help="SR type (default: what the dispatcher learnt)"
+        ),
+        "sr": lambda: p.add_argument("sr", help="the SR (uuid)"),
+        "sr-opt": lambda: (
+            p.add_argument(
+                "--sr", dest="sr", help="the new SR's uuid (default: a new one)"
+            ),
+            p.add_argument(
+                "--no-attach", action="store_true", help="only create, do not attach"
+            ),
+        ),
+        "size-opt": lambda: p.add_argument(
+            "--size", type=parse_size, default=0, help="physical size (e.g. 10G)"
+        ),
+        "dc": lambda: (
+            p.add_argument("--path", help="device_config path (a directory or device)"),
+            p.add_argument(
+                "-o",
+                "--device-config",
+                dest="dc",
+                type=_kv,
+                action="append",
+                default=[],
+                metavar="KEY=VALUE",
+                help="a device_config entry (repeatable)",
+            ),
+        ),
+        "vdi": lambda: p.add_argument("vdi", help="the VDI"),
+        "vdi1": lambda: p.add_argument("vdi1", help="the VDI to layer onto"),
+        "vdi2": lambda: p.add_argument(
+            "vdi2", help="the VDI whose updates are layered (modified)"
+        ),
+        "vdi-new": lambda: (
+            p.add_argument("--name", required=True, help="name_label"),
+            p.add_argument(
+                "--size", required=True, type=parse_size, help="virtual size (e.g. 10G)"
+            ),
+            p.add_argument("--description", default="", help="name_description"),
+            p.add_argument(
+                "--vdi-type", dest="ty", default="user", help="ty (default user)"
+            ),
+            p.add_argument("--read-only", action="store_true"),
+            p.add_argument("--non-persistent", action="store_true"),
+            p.add_argument(
+                "--sm-config",
+                type=_kv,
+                action="append",
+                default=[],
+                metavar="KEY=VALUE",
+            ),
+        ),
+        "name-opt": lambda: p.add_argument("--name", help="name_label of the new VDI"),
+        "name": lambda: p.add_argument("name", help="the name_label to look for"),
+        "dp": lambda: p.add_argument(
+            "--dp", default="smctl", help="datapath (default smctl)"
+        ),
+        "ro-opt": lambda: p.add_argument(
+            "--read-only", action="store_true", help="attach read-only"
+        ),
+        "persistent": lambda: p.add_argument(
+            "persistent", type=_bool, help="true or false"
+        ),
+        "copy": lambda: (
+            p.add_argument(
+                "--url", required=True, help="the remote storage manager's URL"
+            ),
+            p.add_argument(
+                "--dest", required=True, help="the destination SR in that URL"
+            ),
+        ),
+        "content-id": lambda: p.add_argument("content_id", help="the new content_id"),
+        "task": lambda: p.add_argument("task", help="the dbg of the call to cancel"),
+    }
+    for kind in kinds:
+        adders[kind]()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="smctl",
+        description="Talk to the storage manager: through the dispatcher (default: its Unix "
+        "socket), or straight to a plugin (--direct).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    where = p.add_mutually_exclusive_group()
+    where.add_argument(
+        "--socket",
+        type=Path,
+        help=f"the dispatcher's socket (default {client.default_socket()})",
+    )
+    where.add_argument(
+        "--url", help="the dispatcher's URL, e.g. http://127.0.0.1:8080/"
+    )
+    where.add_argument(
+        "--direct",
+        action="store_true",
+        help="run the plugin here, without the dispatcher",
+    )
+    p.add_argument(
+        "--plugins-dir",
+        type=Path,
+        help="with --direct: where <TYPE>SR executables live",
+    )
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument(
+        "--dbg",
+        default=None,
+        help="the call's debug id (default smctl-<pid>); cancel it by this",
+    )
+    p.add_argument(
+        "--timeout", type=float, default=None, help="give up after this many seconds"
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (method, helptext, kinds) in COMMANDS.items():
+        sp = sub.add_parser(name, help=helptext, description=f"{helptext} ({method})")
+        _add_args(sp, kinds)
+    return p
+
+
+def _device_config(ns: argparse.Namespace) -> dict[str, str]:
+    dc = dict(getattr(ns, "dc", []) or [])
+    if getattr(ns, "path", None):
+        dc["path"] = ns.path
+    return dc
+
+
+def build_call(ns: argparse.Namespace, dbg: str) -> tuple[str, dict[str, Any]]:
+    """The method and the argument struct of a parsed command."""
+    method = COMMANDS[ns.command][0]
+    args: dict[str, Any] = {"dbg": dbg}
+    for key in (
+        "sr",
+        "vdi",
+        "vdi1",
+        "vdi2",
+        "name",
+        "content_id",
+        "task",
+        "persistent",
+    ):
+        value = getattr(ns, key, None)
+        if value is not None:
+            args[key] = value
+    if ns.command == "sr-create":
+        args["sr"] = ns.sr or str(uuid.uuid4())
+        args["device_config"] = _device_config(ns)
+        args["physical_size"] = ns.size
+    elif ns.command == "sr-attach":
+        args["device_config"] = _device_config(ns)
+    elif ns.command == "vdi-create":
+        args["vdi_info"] = {
+            "name_label": ns.name,
+            "name_description": ns.description,
+            "ty": ns.ty,
+            "virtual_size": ns.size,
+            "read_only": ns.read_only,
+            "persistent": not ns.non_persistent,
+            "sm_config": dict(ns.sm_config),
+        }
+    elif ns.command in ("vdi-snapshot", "vdi-clone"):
+        args["vdi_info"] = {"vdi": args.pop("vdi")}
+        args.pop("name", None)
+        if ns.name:
+            args["vdi_info"]["name_label"] = ns.name
+    elif ns.command in ("vdi-attach", "vdi-activate", "vdi-deactivate", "vdi-detach"):
+        args["dp"] = ns.dp
+        if ns.command == "vdi-attach":
+            args["read_write"] = not ns.read_only
+    elif ns.command == "vdi-copy":
+        args["url"] = ns.url
+        args["dest"] = ns.dest
+    return method, args
+
+
+# -- talking --------------------------------------------------------------------
+
+
+class Target:
+    """Where calls go: the dispatcher (socket/URL) or the plugins here (--direct)."""
+
+    def __init__(self, ns: argparse.Namespace) -> None:
+        self.direct = ns.direct
+        self._local: Any = None
+        if self.direct:
+            from smcommon.paths import Paths
+
+            from dispatcher.core import Config, Dispatcher
+            from dispatcher.routes import RouteTable
+            from dispatcher.server import default_plugins_dir, routes_path
+
+            plugins = (ns.plugins_dir or default_plugins_dir()).resolve()
+            config = Config(
+                plugins_dir=plugins, timeout=ns.timeout or 300.0, env=dict(os.environ)
+            )
+            self._local = Dispatcher(config, RouteTable(routes_path(Paths.from_env())))
+        else:
+            self._client = client.Client(ns.url or ns.socket, timeout=ns.timeout)
+
+    def call(
+        self, method: str, args: dict[str, Any], sr_type: str | None
+    ) -> wire.Response:
+        route = f"/{sr_type}" if sr_type else "/"
+        body = wire.dumps_call(method, args)
+        if self._local is not None:
+            if sr_type and self._local.plugin_path(sr_type) is None:
+                known = ", ".join(self._local.plugin_types()) or "none"
+                raise client.ConnectError(
+                    f"no plugin for SR type {sr_type!r} in {self._local.config.plugins_dir} (known: {known})"
+                )
+            out, _fields = self._local.handle(sr_type, body)
+            return wire.parse_response(out)
+        return wire.parse_response(self._client.post(route, body))
+
+
+# -- showing --------------------------------------------------------------------
+
+_VDI_COLUMNS: list[tuple[str, str, Callable[[Any], str]]] = [
+    ("VDI", "vdi", str),
+    ("NAME", "name_label", str),
+    ("SIZE", "virtual_size", human_size),
+    ("USED", "physical_utilisation", human_size),
+    ("RO", "read_only", lambda v: "yes" if v else "no"),
+    ("SNAPSHOT", "is_a_snapshot", lambda v: "yes" if v else "no"),
+    ("PERSISTENT", "persistent", lambda v: "yes" if v else "no"),
+]
+
+
+def table(rows: list[list[str]], headers: list[str]) -> str:
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+        for i, h in enumerate(headers)
+    ]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def vdi_table(vdis: list[Any]) -> str:
+    rows = []
+    for v in vdis:
+        d = v if isinstance(v, dict) else {"vdi": str(v)}
+        rows.append([fmt(d.get(key, "")) for _h, key, fmt in _VDI_COLUMNS])
+    return table(rows, [h for h, _k, _f in _VDI_COLUMNS])
+
+
+def key_values(d: dict[str, Any]) -> str:
+    width = max((len(k) for k in d), default=0)
+    lines = []
+    for k, v in d.items():
+        if k in (
+            "virtual_size",
+            "physical_utilisation",
+            "physical_size",
+        ) and isinstance(v, int):
+            v = f"{v} ({human_size(v)})"
+        elif isinstance(v, (dict, list)):
+            v = json.dumps(v, sort_keys=True)
+        lines.append(f"{k.ljust(width)}  {v}")
+    return "\n".join(lines)
+
+
+def show(command: str, value: Any) -> str:
+    if command in ("sr-scan", "vdi-list", "vdi-similar-content") and isinstance(
+        value, list
+    ):
+        return vdi_table(value)
+    if command == "status" and isinstance(value, dict):
+        head = key_values(
+            {k: v for k, v in value.items() if k not in ("running", "srs")}
+        )
+        srs = table(
+            [[s["sr"], s["type"]] for s in value.get("srs", [])], ["SR", "TYPE"]
+        )
+        running = table(
+            [
+                [r["dbg"], r["method"], r["sr"], r["plugin"], f"{r['seconds']}s"]
+                for r in value.get("running", [])
+            ],
+            ["DBG", "METHOD", "SR", "PLUGIN", "RUNNING"],
+        )
+        return f"{head}\n\n{srs}\n\n{running}"
+    if command == "query" and isinstance(value, list):
+        rows = [
+            [
+                str(q.get("driver", "")),
+                str(q.get("version", "")),
+                str(q.get("name", q.get("error", ""))),
+            ]
+            for q in value
+            if isinstance(q, dict)
+        ]
+        return table(rows, ["TYPE", "VERSION", "NAME"])
+    if value is None or value == "":
+        return ""
+    if isinstance(value, dict):
+        return key_values(value)
+    if isinstance(value, list):
+        return "\n".join(
+            json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else str(v)
+            for v in value
+        )
+    return str(value)
+
+
+def explain(err: list[str]) -> tuple[str, list[str]]:
+    """One clear line for an ErrorDescription, and the detail lines."""
+    if not err:
+        return "the call failed without a description", []
+    name, args = err[0], err[1:]
+    a = args + ["?", "?"]
+    sentences = {
+        "Sr_not_attached": f"SR {a[0]} is not attached",
+        "Sr_attached": f"SR {a[0]} is attached (detach it first)",
+        "Vdi_does_not_exist": f"VDI {a[0]} does not exist",
+        "Illegal_transition": f"illegal datapath transition from {a[0]} to {a[1]}",
+        "Unimplemented": f"{a[0]} is not implemented by this SR type",
+        "Does_not_exist": f"{a[0]} {a[1]} does not exist",
+        "Cancelled": f"the call {a[0]} was cancelled",
+        "Redirect": f"resend the call to {a[0]}",
+    }
+    if name == "Backend_error":
+        code = args[0] if args else "?"
+        first = args[1] if len(args) > 1 else ""
+        return f"{code}: {first}".rstrip(": "), args[2:]
+    return f"{name}: {sentences.get(name, ' '.join(args))}", []
+
+
+# -- main -----------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    dbg = ns.dbg or f"smctl-{os.getpid()}"
+    method, args = build_call(ns, dbg)
+    sr_type = getattr(ns, "type", None)
+    if sr_type is not None and not re.fullmatch(r"[a-z][a-z0-9_]{0,31}", sr_type):
+        parser.error(f"{sr_type!r} is not an SR type (lower-case letters, digits, _)")
+    try:
+        target = Target(ns)
+        if method in ("VDI.snapshot", "VDI.clone"):
+            base = target.call(
+                "VDI.stat",
+                {"dbg": dbg, "sr": args["sr"], "vdi": args["vdi_info"]["vdi"]},
+                sr_type,
+            )
+            if base.status == "Success" and isinstance(base.value.get("Value"), dict):
+                args["vdi_info"] = dict(base.value["Value"], **args["vdi_info"])
+        resp = target.call(method, args, sr_type)
+        if resp.status == "Success" and ns.command == "sr-create" and not ns.no_attach:
+            attach = {
+                "dbg": dbg,
+                "sr": args["sr"],
+                "device_config": args["device_config"],
+            }
+            then = target.call("SR.attach", attach, sr_type)
+            if then.status != "Success":
+                print(
+                    f"smctl: created SR {args['sr']}, but attaching it failed:",
+                    file=sys.stderr,
+                )
+                resp = then
+    except client.ConnectError as e:
+        print(f"smctl: error: {e}", file=sys.stderr)
+        if not ns.direct:
+            print(
+                "  is sm-dispatcher running? (or use --socket, --url, --direct)",
+                file=sys.stderr,
+            )
+        return EXIT_CONNECT
+    except wire.WireError as e:
+        print(
+            f"smctl: error: bad answer from {'the plugin' if ns.direct else 'the dispatcher'}: {e}",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    return report(ns, method, args, resp)
+
+
+def report(
+    ns: argparse.Namespace, method: str, args: dict[str, Any], resp: wire.Response
+) -> int:
+    if resp.fault is not None:
+        code, text = resp.fault
+        if ns.json:
+            print(json.dumps({"faultCode": code, "faultString": text}))
+        print(f"smctl: error: {method}: XML-RPC fault {code}: {text}", file=sys.stderr)
+        return EXIT_FAILURE
+    if resp.status != "Success":
+        err = resp.error
+        if ns.json:
+            print(json.dumps({"Status": "Failure", "ErrorDescription": err}))
+        line, detail = explain(err)
+        print(f"smctl: error: {method}: {line}", file=sys.stderr)
+        for d in detail:
+            for text in d.splitlines():
+                print(f"  {text}", file=sys.stderr)
+        return EXIT_FAILURE
+    value = resp.value.get("Value")
+    if ns.command == "sr-create":
+        value = args["sr"]
+    if ns.json:
+        print(json.dumps(value, indent=1, sort_keys=True, default=str))
+    else:
+        text = show(ns.command, value)
+        if text:
+            print(text)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
