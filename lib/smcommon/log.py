@@ -44,23 +44,34 @@ def setup(
     context = CallContext(prog)
     # a full disk must neither print tracebacks nor fail the call
     logging.raiseExceptions = False
+    shutdown()
     root = logging.getLogger()
-    for h in list(root.handlers):
-        root.removeHandler(h)
-        h.close()
     root.setLevel(logging.DEBUG)
     handler = _file_handler(log_file) if log_file is not None else None
     if handler is None:
         handler = _syslog_handler()
     if handler is not None:
-        handler.addFilter(context)
-        root.addHandler(handler)
+        _install(handler, context)
     if verbose:
         stream = logging.StreamHandler(sys.stderr)
         stream.setFormatter(logging.Formatter(FORMAT))
-        stream.addFilter(context)
-        root.addHandler(stream)
+        _install(stream, context)
     return context
+
+
+def shutdown() -> None:
+    """Remove and close the handlers ``setup`` installed (and only those)."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "smcommon_call", False):
+            root.removeHandler(h)
+            h.close()
+
+
+def _install(handler: logging.Handler, context: CallContext) -> None:
+    handler.smcommon_call = True  # type: ignore[attr-defined]
+    handler.addFilter(context)
+    logging.getLogger().addHandler(handler)
 
 
 def _file_handler(log_file: str | os.PathLike[str]) -> logging.Handler | None:

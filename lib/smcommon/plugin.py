@@ -366,14 +366,21 @@ def main(driver_factory: DriverFactory, argv: list[str] | None = None) -> NoRetu
     except OSError:
         out = sys.stdout.buffer
     sys.stdout = sys.stderr
-    code = run(
-        driver_factory,
-        args,
-        stdin=sys.stdin.buffer,
-        stdout=out,
-        stderr=sys.stderr,
-        prog=prog,
-    )
+    try:
+        code = run(
+            driver_factory,
+            args,
+            stdin=sys.stdin.buffer,
+            stdout=out,
+            stderr=sys.stderr,
+            prog=prog,
+        )
+    except BaseException as e:  # noqa: BLE001 -- a bug in the runtime itself: still answer
+        import traceback
+
+        traceback.print_exc()
+        _write(out, rpc.failure(to_wire(e)))
+        code = EXIT_OK
     try:
         out.flush()
     except OSError:
@@ -417,14 +424,28 @@ def run(
 
     context = _setup_logging(prog, verbose)
     call = Call(driver_factory, prog, context)
-    if not args or args[0].lstrip().startswith("<"):
-        outcome = _wire(call, args, stdin, started)
-        _write(stdout, outcome.response())
-        return EXIT_OK
-    return _by_hand(call, args, flags, stdout, stderr, started)
+    try:
+        if not args or args[0].lstrip().startswith("<"):
+            _write(stdout, _wire(call, args, stdin, started))
+            return EXIT_OK
+        return _by_hand(call, args, flags, stdout, stderr, started)
+    finally:
+        if context is not None:
+            from smcommon import log
+
+            log.shutdown()
 
 
-def _wire(call: Call, args: list[str], stdin: BinaryIO, started: float) -> Outcome:
+def _wire(call: Call, args: list[str], stdin: BinaryIO, started: float) -> bytes:
+    outcome = _wire_call(call, args, stdin, started)
+    try:
+        return outcome.response()
+    except BaseException as e:  # dispatch checked the value: this is a bug
+        call.log.exception("internal error writing the response")
+        return rpc.failure(to_wire(e))
+
+
+def _wire_call(call: Call, args: list[str], stdin: BinaryIO, started: float) -> Outcome:
     try:
         if len(args) > 1:
             raise InvalidRequest(
