@@ -22,6 +22,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -74,12 +75,29 @@ print("DONE", vhd.coalesce(sys.argv[1]), flush=True)
 
 
 def _spawn(code: str, *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
+    # stderr to a file: with two pipes, communicate() would read the raw fds and
+    # lose what readline() already buffered from stdout
+    err = tempfile.TemporaryFile()  # noqa: SIM115 - closed in _finish
+    proc = subprocess.Popen(
         [sys.executable, "-c", code, *args],
         stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stderr=err,
         text=True,
     )
+    proc.errfile = err  # type: ignore[attr-defined]
+    return proc
+
+
+def _finish(proc: subprocess.Popen[str], timeout: float = 60) -> tuple[str, str]:
+    """Everything the process printed (including what readline buffered), and stderr."""
+    assert proc.stdout is not None
+    out = proc.stdout.read()
+    proc.wait(timeout=timeout)
+    errfile = proc.errfile  # type: ignore[attr-defined]
+    errfile.seek(0)
+    err = errfile.read().decode(errors="replace")
+    errfile.close()
+    return out, err
 
 
 def _wait_ready(proc: subprocess.Popen[str]) -> None:
@@ -87,13 +105,13 @@ def _wait_ready(proc: subprocess.Popen[str]) -> None:
     line = proc.stdout.readline()
     if line.strip() != "READY":
         proc.kill()
-        _, err = proc.communicate()
+        _, err = _finish(proc)
         raise AssertionError(f"subprocess did not start: {line!r} {err[-2000:]}")
 
 
 def _kill(proc: subprocess.Popen[str]) -> tuple[str, str]:
     os.kill(proc.pid, signal.SIGKILL)
-    out, err = proc.communicate(timeout=30)
+    out, err = _finish(proc)
     assert proc.returncode == -signal.SIGKILL, (
         f"writer died by itself (rc {proc.returncode}): {err[-2000:]}"
     )
@@ -207,7 +225,7 @@ def test_coalesce_killed_at_random_points_then_rerun(
 ) -> None:
     pristine = tmp_path / "pristine"
     pristine.mkdir()
-    parent, child, _, merged = _make_coalesce_pair(pristine)
+    _, _, _, merged = _make_coalesce_pair(pristine)
     size = len(merged)
     # measure a full (slowed) run, so that kills land during the copy
     slow = "0.004"
@@ -216,7 +234,7 @@ def test_coalesce_killed_at_random_points_then_rerun(
     proc = _spawn(COALESCER, str(timing / "child.vhd"), slow)
     _wait_ready(proc)
     t0 = time.monotonic()
-    out, err = proc.communicate(timeout=120)
+    out, err = _finish(proc, timeout=120)
     full = time.monotonic() - t0
     assert proc.returncode == 0 and "DONE" in out, err[-2000:]
     assert vhd.read(str(timing / "parent.vhd"), 0, size) == merged
@@ -230,7 +248,7 @@ def test_coalesce_killed_at_random_points_then_rerun(
         time.sleep(full * (run + rng.random()) / 10)
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
-        proc.communicate(timeout=30)
+        _finish(proc)
         assert vhd.check(p) == [], (
             f"run {run}: parent after killed coalesce: {vhd.check(p)}"
         )
@@ -244,4 +262,3 @@ def test_coalesce_killed_at_random_points_then_rerun(
         )
         assert vhd.check(p) == []
         shutil.rmtree(work)
-    del parent, child
