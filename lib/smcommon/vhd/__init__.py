@@ -9,6 +9,7 @@ convert), ``cli`` (the ``vhd`` command).
 
 from __future__ import annotations
 
+from smcommon.vhd.check import check, repair
 from smcommon.vhd.create import create, snapshot
 from smcommon.vhd.errors import (
     AlreadyExists,
@@ -29,7 +30,6 @@ from smcommon.vhd.errors import (
 )
 from smcommon.vhd.format import BLOCK_SIZE, MAX_VIRTUAL_SIZE
 from smcommon.vhd.image import Image, Info
-from smcommon.vhd.check import check, repair
 from smcommon.vhd.ops import (
     allocation_map,
     chain,
@@ -63,11 +63,20 @@ __all__ = [
     "Unsupported",
     "VhdError",
     "VhdIOError",
+    "allocation_map",
     "chain",
+    "check",
+    "coalesce",
+    "convert",
     "create",
+    "export_raw",
+    "import_raw",
     "info",
     "read",
+    "repair",
+    "resize",
     "set_hidden",
+    "set_parent",
     "snapshot",
     "write",
 ]

@@ -63,7 +63,7 @@ def check(path: str | os.PathLike[str], *, search_dirs: list[str] | None = None)
 
 def _check(fd: int, size: int, path: str, search_dirs: list[str] | None) -> list[str]:
     if size < fmt.FOOTER_SIZE:
-        return [f"file of {size} bytes is too small for a VHD footer"]
+        raise Corrupt(f"{path}: file of {size} bytes is too small to be a VHD image")
     problems: list[str] = []
     tail, head = _footers(fd, size, path)
     footer = tail if isinstance(tail, fmt.Footer) else None
@@ -98,8 +98,8 @@ def _check(fd: int, size: int, path: str, search_dirs: list[str] | None) -> list
     if header.table_offset < hoff + fmt.HEADER_SIZE and header.table_offset + bat_len > hoff:
         problems.append(f"BAT at {header.table_offset} overlaps the dynamic header")
     if header.table_offset < fmt.FOOTER_SIZE or header.table_offset + 4 * header.max_table_entries > end:
-        return [*problems, f"BAT ({header.max_table_entries} entries at {header.table_offset}) "
-                           "lies outside the file"]
+        return [*problems, (f"BAT ({header.max_table_entries} entries at {header.table_offset}) "
+                           "lies outside the file")]
     if header.max_table_entries * header.block_size < footer.current_size:
         problems.append(f"BAT of {header.max_table_entries} blocks of {header.block_size} "
                         f"cannot map the disk size {footer.current_size}")
@@ -154,14 +154,14 @@ def _check_parent(path: str, header: fmt.Header, search_dirs: list[str] | None) 
         with Image.open(ppath, search_dirs=search_dirs, _seen={(st.st_dev, st.st_ino)},
                         _depth=2) as parent:
             if parent.footer.uuid != header.parent_uuid:
-                return [f"parent {ppath} has UUID {format_uuid(parent.footer.uuid)}, expected "
-                        f"{format_uuid(header.parent_uuid)}"]
+                return [(f"parent {ppath} has UUID {format_uuid(parent.footer.uuid)}, expected "
+                        f"{format_uuid(header.parent_uuid)}")]
             if not parent.is_fixed and parent.block_size != header.block_size:
-                return [f"parent {ppath} has block size {parent.block_size}, the child "
-                        f"{header.block_size}"]
+                return [(f"parent {ppath} has block size {parent.block_size}, the child "
+                        f"{header.block_size}")]
             if parent.footer.timestamp != header.parent_timestamp:
-                return [f"parent timestamp {header.parent_timestamp} differs from the "
-                        f"parent's footer timestamp {parent.footer.timestamp} ({ppath})"]
+                return [(f"parent timestamp {header.parent_timestamp} differs from the "
+                        f"parent's footer timestamp {parent.footer.timestamp} ({ppath})")]
     except VhdError as exc:
         return [f"parent: {exc}"]
     finally:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import stat
 from dataclasses import asdict, dataclass
+from typing import Self
 
 from smcommon.vhd import format as fmt
 from smcommon.vhd.errors import (
@@ -275,7 +276,7 @@ class Image:
             os.close(self.fd)
             self.fd = -1
 
-    def __enter__(self) -> Image:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
