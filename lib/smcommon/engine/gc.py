@@ -17,9 +17,11 @@ One run:
 4. hide unreferenced volumes that have children (a snapshot killed before
    its last step), and un-hide VDI leaves;
 5. coalesce every hidden, unreferenced parent P that has a single child C:
-   C's sectors are copied into P (``vhd.coalesce``), then P takes C's place
-   (C's children are re-linked to P, a VDI whose leaf was C now names P, P
-   gets C's hidden flag) and C is deleted.  An epoch base is never
+   C's sectors are copied into P (``vhd.coalesce``), then P takes C's place.
+   If C is a VDI's leaf, P is renamed over C (the VDI keeps its leaf name,
+   so its attach_info path stays valid) and un-hidden; otherwise C's
+   children are re-linked to P (``vhd.set_parent``), an epoch base C is
+   re-pointed to P, and C is deleted.  An epoch base is never
    coalesced into (it must keep the content a non-persistent VDI returns to).
 
 Nothing destructive happens when a VDI record or a volume header cannot be
@@ -30,8 +32,8 @@ The VDIs whose chains a coalesce changes are locked (VDI locks) around it.
 Journal: before the copy, ``{"step": "copy", parent, child, grandchildren,
 hidden}``; after it, ``"step": "switch"``.  A restart at "copy" copies again
 (C is still what the VDI reads, so the copy is idempotent); a restart at
-"switch" redoes the re-link/re-point/hide/delete steps, all idempotent, and
-never copies again (P may already be written through a VDI).  VDI.attach
+"switch" redoes the rename or re-link/re-point/delete steps, all idempotent,
+and never copies again (P may already be written through a VDI).  VDI.attach
 refuses a VDI whose volume a pending journal names (GC_IN_PROGRESS), so no
 writer appears between a crash and the resumption.
 """
@@ -136,6 +138,14 @@ class Collector:
 
     def _switch(self, j: dict[str, Any]) -> None:
         parent, child = str(j["parent"]), str(j["child"])
+        if j.get("leaf"):
+            # C is a VDI's leaf: the merged image P takes C's name.
+            if self.store.exists(parent):
+                self.store.replace(parent, child)
+            if self.store.exists(child):
+                self.store.set_hidden(child, False)
+            unlink_durable(self.journal_path)
+            return
         for g in j.get("grandchildren", []):
             if self.store.exists(g):
                 self.store.set_parent(g, parent)
@@ -299,7 +309,7 @@ class Collector:
                             f"{note}: chain in use by {', '.join(sorted(now_active))}"
                         )
                         continue
-                    self._coalesce(p, c, tree, children, rep)
+                    self._coalesce(p, c, c in leaves, tree, children, rep)
             except LockTimeout:
                 rep.skipped.append(f"{note}: a VDI of the chain is busy")
                 continue
@@ -307,10 +317,17 @@ class Collector:
         return False
 
     def _coalesce(
-        self, p: str, c: str, tree: dict[str, Node], children: dict, rep: Report
+        self,
+        p: str,
+        c: str,
+        leaf: bool,
+        tree: dict[str, Node],
+        children: dict,
+        rep: Report,
     ) -> None:
         j = {
             "op": "coalesce",
+            "leaf": leaf and not children.get(c),
             "step": "copy",
             "parent": p,
             "child": c,

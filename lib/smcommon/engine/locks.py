@@ -1,23 +1,17 @@
-"""The engine's locks: one per SR (tree changes), one per VDI (datapaths).
+"""The engine's use of ``smcommon.lock``: one lock per SR, one per VDI.
 
-Lock files live under ``Paths.lock_dir``; the locks are fcntl locks, so the
-kernel drops them when a process dies, and every wait is bounded: a lock not
-taken in time raises ``LockTimeout`` (it reaches the wire as
-``Backend_error(LOCK_TIMEOUT, ...)``).  Order: the SR lock, then VDI locks.
+The SR lock covers changes to an SR's tree and VDI records; a VDI lock covers
+that VDI's datapath changes.  Order: the SR lock first, then VDI locks.
+Waits are bounded (``$SM_LOCK_TIMEOUT`` seconds, default 30): a lock not
+taken in time raises ``LockTimeout`` (``Backend_error LOCK_TIMEOUT``).
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import fcntl
 import os
-import time
-from collections.abc import Iterator
-from pathlib import Path
 
-from smcommon.errors import LockTimeout
-from smcommon.paths import Paths, safe_name
+from smcommon import lock
+from smcommon.paths import Paths
 
 ENV_TIMEOUT = "SM_LOCK_TIMEOUT"
 DEFAULT_TIMEOUT = 30.0
@@ -30,44 +24,13 @@ def default_timeout() -> float:
         return DEFAULT_TIMEOUT
 
 
-def sr_lock_path(paths: Paths, sr: str) -> Path:
-    return paths.lock_dir / f"sr-{safe_name('sr', sr)}.lock"
+def sr_lock(paths: Paths, sr: str, timeout: float | None = None) -> lock.Lock:
+    t = default_timeout() if timeout is None else timeout
+    return lock.sr_lock(paths, sr, timeout=t)
 
 
-def vdi_lock_path(paths: Paths, sr: str, vdi: str) -> Path:
-    return paths.lock_dir / f"vdi-{safe_name('sr', sr)}-{safe_name('vdi', vdi)}.lock"
-
-
-@contextlib.contextmanager
-def flock(path: Path, timeout: float | None = None) -> Iterator[None]:
-    """Hold an exclusive fcntl lock on ``path`` (created if missing)."""
-    _lock = _smcommon_lock()
-    wait = default_timeout() if timeout is None else timeout
-    if _lock is not None:
-        with _lock(path, wait):
-            yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        deadline = time.monotonic() + wait
-        delay = 0.002
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as e:
-                if e.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise
-            if time.monotonic() >= deadline:
-                raise LockTimeout(path.name, wait)
-            time.sleep(delay)
-            delay = min(delay * 2, 0.05)
-        yield
-    finally:
-        os.close(fd)
-
-
-def _smcommon_lock() -> object | None:
-    """smcommon.lock's context manager, when the runtime provides one."""
-    return None
+def vdi_lock(
+    paths: Paths, sr: str, vdi: str, timeout: float | None = None
+) -> lock.Lock:
+    t = default_timeout() if timeout is None else timeout
+    return lock.vdi_lock(paths, sr, vdi, timeout=t)

@@ -5,33 +5,38 @@ VDI records: VDI.create/destroy/stat/scan, snapshot and clone, persistence and
 epochs, compose, similar_content, get_url, and the import side of VDI.copy.
 Datapath changes (attach/activate/...) are in ``smcommon.engine.vdipath``.
 
-Trees.  A VDI's record names its *leaf* volume.  Snapshot and clone make the
-leaf L a hidden read-only parent and give the VDI a new empty child A of L;
-the snapshot (or clone) is another new empty child S of L.  Nothing is copied,
-so the cost does not depend on the disk's size or data.
+Trees.  A VDI's record names its *leaf* volume, named after the VDI when it
+is created, and a VDI keeps that leaf name for life: attach_info.params stays
+valid across snapshots, epochs and collections.  Snapshot and clone freeze
+the leaf's content as a new hidden read-only base B (``store.push_down``: a
+second name for the image, then an empty child of it renamed over the leaf),
+so the VDI goes on as an empty child of B; the snapshot (or clone) is another
+new empty child of B.  Nothing is copied: the cost does not depend on the
+disk's size or data.
 
 Crash safety, by the order of the steps (all under the SR lock, with the
 VDI lock too so no datapath change interleaves):
 
-1. create the children A and S (a crash leaves unreferenced volumes: the
-   collector deletes them);
-2. point the VDI's record at A (one atomic rename: before it the VDI reads L
-   with all its data, after it A, whose parent is L);
-3. write the new VDI's record (a crash before leaves S unreferenced);
-4. hide L (a crash before leaves an unreferenced, unhidden interior volume:
+1. push_down: before its final rename the leaf is untouched (B is an extra
+   name nobody references: the collector drops the name); after it the
+   leaf is an empty child of B, which holds all the data;
+2. create the snapshot's leaf S, a child of B (a crash leaves S
+   unreferenced: the collector deletes it);
+3. write the new VDI's record;
+4. hide B (a crash before leaves an unreferenced, unhidden interior volume:
    the collector hides it).
 
 So a kill -9 at any point leaves every VDI on a readable leaf holding all
 its acknowledged data; ``smcommon.engine.gc`` finishes or undoes the rest.
 
-Non-persistent VDIs.  set_persistent(false) freezes the current content: the
-leaf becomes the hidden ``epoch_base`` and the VDI moves to an empty child.
-epoch_begin gives the VDI a fresh empty child of the base (the writes of the
-last epoch are dropped); set_persistent(true) keeps the current content and
+Non-persistent VDIs.  set_persistent(false) freezes the current content as
+the hidden ``epoch_base`` (push_down: the leaf becomes its empty child).
+epoch_begin replaces the leaf by a fresh empty child of the base (the writes
+of the last epoch are dropped); set_persistent(true) keeps the current content and
 forgets the base.  Collectors never coalesce into an epoch base.
 
 Compose(vdi1, vdi2): vdi1's current content is frozen as a hidden volume B
-(vdi1 continues on a new empty child of B), then vdi2's leaf is re-parented
+(push_down: vdi1 continues on an empty child of B), then vdi2's leaf is re-parented
 onto B.  vdi2 then reads its own leaf's sectors (its updates) over vdi1's
 content; vdi1 is unchanged.  vdi2's old ancestors lose a child and are
 collected if nobody needs them.
@@ -114,7 +119,7 @@ class SrEngine:
     @contextlib.contextmanager
     def tree_lock(self, resume_gc: bool = True) -> Iterator[None]:
         """The SR lock; a GC step left by a killed process is finished first."""
-        with locks.flock(locks.sr_lock_path(self.paths, self.sr)):
+        with locks.sr_lock(self.paths, self.sr):
             if resume_gc and self.meta.gc_file.exists():
                 from smcommon.engine.gc import Collector
 
@@ -122,7 +127,7 @@ class SrEngine:
             yield
 
     def vdi_lock(self, vdi: str, timeout: float | None = None) -> Any:
-        return locks.flock(locks.vdi_lock_path(self.paths, self.sr, vdi), timeout)
+        return locks.vdi_lock(self.paths, self.sr, vdi, timeout)
 
     # --- reading -------------------------------------------------------------
 
@@ -188,7 +193,7 @@ class SrEngine:
             created=now_stamp(),
         )
         with self.tree_lock():
-            volume, info = self.store.create(size)
+            volume, info = self.store.create(size, rec.vdi)
             rec.volume = volume
             rec.virtual_size = int(info.virtual_size)
             self.meta.put(rec)
@@ -253,13 +258,11 @@ class SrEngine:
         with self.tree_lock():
             src = self.get(src_key)
             with self.vdi_lock(src.vdi):
-                leaf = src.volume
-                own = self.store.snapshot(leaf)
-                other = self.store.snapshot(leaf)
-                src.volume = own
-                self.meta.put(src)
+                base = self.store.push_down(src.volume)
+                key = str(uuid.uuid4())
+                other = self.store.snapshot(base, key)
                 new = VdiRecord(
-                    vdi=str(uuid.uuid4()),
+                    vdi=key,
                     volume=other,
                     name_label=_text(vdi_info, "name_label") or src.name_label,
                     name_description=_text(vdi_info, "name_description")
@@ -283,14 +286,14 @@ class SrEngine:
                     created=now_stamp(),
                 )
                 self.meta.put(new)
-                self.store.set_hidden(leaf, True)
+                self.store.set_hidden(base, True)
         log.info(
             "%s of VDI %s: %s (volume %s over %s)",
             "snapshot" if snapshot else "clone",
             src.vdi,
             new.vdi,
             other,
-            leaf,
+            base,
         )
         return self.vdi_info(new)
 
@@ -298,8 +301,7 @@ class SrEngine:
 
     def _freeze(self, rec: VdiRecord) -> str:
         """Make the VDI's current content a hidden base; the VDI moves to a child."""
-        base = rec.volume
-        rec.volume = self.store.snapshot(base)
+        base = self.store.push_down(rec.volume)
         rec.epoch_base = base
         rec.persistent = False
         self.meta.put(rec)
@@ -363,9 +365,7 @@ class SrEngine:
             r2 = self.get(vdi2)
             with self.vdi_lock(r1.vdi), self.vdi_lock(r2.vdi):
                 self._require_unused(r2.vdi, "compose onto")
-                base = r1.volume
-                r1.volume = self.store.snapshot(base)
-                self.meta.put(r1)
+                base = self.store.push_down(r1.volume)
                 self.store.set_hidden(base, True)
                 self.store.set_parent(r2.volume, base)
                 r2.content_id = str(uuid.uuid4())

@@ -45,8 +45,10 @@ class VolumeStore(Protocol):
     def path(self, volume: str) -> str: ...
     def exists(self, volume: str) -> bool: ...
     def list(self) -> list[str]: ...
-    def create(self, size: int) -> tuple[str, Any]: ...
-    def snapshot(self, parent: str) -> str: ...
+    def create(self, size: int, name: str | None = None) -> tuple[str, Any]: ...
+    def snapshot(self, parent: str, name: str | None = None) -> str: ...
+    def push_down(self, volume: str) -> str: ...
+    def replace(self, src: str, dst: str) -> None: ...
     def renew(self, volume: str, parent: str) -> None: ...
     def remove(self, volume: str) -> bool: ...
     def info(self, volume: str) -> Any: ...
@@ -127,16 +129,37 @@ class FileStore:
 
     # --- images ------------------------------------------------------------
 
-    def create(self, size: int) -> tuple[str, Any]:
-        name = self.new_name()
+    def create(self, size: int, name: str | None = None) -> tuple[str, Any]:
+        name = name or self.new_name()
         info = vhd_call("create", self.vhd.create, self.path(name), size)
         return name, info
 
-    def snapshot(self, parent: str) -> str:
+    def snapshot(self, parent: str, name: str | None = None) -> str:
         """A new empty child of ``parent``.  Cost independent of the data."""
-        name = self.new_name()
+        name = name or self.new_name()
         vhd_call("snapshot", self.vhd.snapshot, self.path(parent), self.path(name))
         return name
+
+    def push_down(self, volume: str) -> str:
+        """Freeze ``volume``'s content as a new base; ``volume`` becomes its child.
+
+        The volume keeps its name (so an attach_info path stays valid): its
+        image gets a second name (a hard link, the base), an empty child of
+        the base is written under a temp name, then renamed over the volume.
+        A crash before the rename leaves the volume as it was plus an extra
+        name nobody references (the collector removes the name, not the
+        data); after it, the volume reads the base through its parent.
+        """
+        base = self.new_name()
+        os.link(self.path(volume), self.path(base))
+        _fsync_dir(self.sr_dir)
+        self.renew(volume, base)
+        return base
+
+    def replace(self, src: str, dst: str) -> None:
+        """Rename volume ``src`` over volume ``dst`` (atomic)."""
+        os.replace(self.path(src), self.path(dst))
+        _fsync_dir(self.sr_dir)
 
     def renew(self, volume: str, parent: str) -> None:
         """Replace ``volume`` by a new empty child of ``parent`` (one rename)."""

@@ -1,0 +1,116 @@
+"""Query.diagnostics: a readable report of this host's SRs.
+
+For each attached SR: where it lives, its VDIs as trees of volumes (hidden
+parents included), the active datapaths, and the garbage collector's state
+(a pending journal, the last run's report).  Reading only: it takes no lock
+and changes nothing, so it answers even while another call holds a lock.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from smcommon.errors import Error
+
+if TYPE_CHECKING:
+    from smcommon.engine.driver import Driver
+    from smcommon.engine.sr import SrEngine
+
+
+def report(driver: Driver) -> str:
+    out = [f"{driver.type.name} SR driver; host root {driver.paths.root}"]
+    entries = driver.registry.entries()
+    out.append(f"SRs attached on this host: {len(entries)}")
+    for entry in entries:
+        out.append("")
+        out.append(
+            f"SR {entry.sr} ({entry.type}) at {entry.sr_dir}"
+            + (" [mounted]" if entry.mounted else "")
+            + f", attached {entry.attached}"
+        )
+        try:
+            from smcommon.engine.sr import SrEngine
+
+            eng = SrEngine(driver.paths, entry.sr, Path(entry.sr_dir), vhd=driver.vhd)
+            out += ["  " + line for line in sr_report(eng)]
+        except Error as e:
+            out.append(f"  unreadable: {e}")
+    return "\n".join(out) + "\n"
+
+
+def sr_report(eng: SrEngine) -> list[str]:
+    from smcommon.engine.gc import Collector
+
+    out: list[str] = []
+    recs, bad = eng.meta.all()
+    total, free = eng.store.space()
+    out.append(f"space: {free} bytes free of {total}")
+    out.append(
+        f"VDIs: {len(recs)}" + (f" ({len(bad)} unreadable records)" if bad else "")
+    )
+    out += [f"  unreadable: {b}" for b in bad]
+    by_volume: dict[str, list[str]] = {}
+    for r in recs:
+        tag = f"VDI {r.vdi} {r.name_label!r}" + (
+            "" if r.persistent else " non-persistent"
+        )
+        by_volume.setdefault(r.volume, []).append(tag)
+        if r.epoch_base:
+            by_volume.setdefault(r.epoch_base, []).append(f"epoch base of {r.vdi}")
+    try:
+        tree = eng.store.tree()
+    except Error as e:
+        out.append(f"tree: unreadable ({e})")
+        tree = {}
+    children: dict[str | None, list[str]] = {}
+    for v, n in tree.items():
+        children.setdefault(n.parent if n.parent in tree else None, []).append(v)
+    out.append(
+        f"volumes: {len(tree)} ({sum(1 for n in tree.values() if n.hidden)} hidden)"
+    )
+
+    def walk(v: str, depth: int) -> None:
+        n = tree[v]
+        flags = "hidden" if n.hidden else "visible"
+        users = "; ".join(by_volume.get(v, [])) or "unreferenced"
+        out.append(
+            f"{'  ' * (depth + 1)}{v} [{flags}, {n.physical_size} bytes]: {users}"
+        )
+        for c in sorted(children.get(v, [])):
+            walk(c, depth + 1)
+
+    for root in sorted(children.get(None, [])):
+        walk(root, 0)
+    active = eng.dps.active_vdis()
+    out.append(f"active datapaths: {len(active)} VDIs")
+    for vdi in active:
+        states = ", ".join(
+            f"{dp}={s.value}" for dp, s in sorted(eng.dps.states(vdi).items())
+        )
+        out.append(f"  {vdi}: {states}")
+    col = Collector(eng)
+    try:
+        j = col.journal()
+    except Error as e:
+        j = {"unreadable": str(e)}
+    out.append(
+        "gc journal: "
+        + (f"pending {_short(j)}" if j else "none (no collection in progress)")
+    )
+    last = col.last()
+    if last:
+        out.append(
+            f"gc last run: {last.get('finished')} in {last.get('seconds')}s: "
+            f"deleted {len(last.get('deleted', []))}, coalesced {len(last.get('coalesced', []))}, "
+            f"hidden {len(last.get('hidden', []))}"
+        )
+        out += [f"  gc skipped: {s}" for s in last.get("skipped", [])]
+        out += [f"  gc error: {s}" for s in last.get("errors", [])]
+    else:
+        out.append("gc last run: never")
+    return out
+
+
+def _short(doc: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(doc.items()))

@@ -1,0 +1,330 @@
+"""The generic SR driver: every SMAPI method mapped onto the engine.
+
+``Driver(paths, sr_type)`` is what ``smcommon.plugin.main`` calls
+(``"VDI.create"`` -> ``driver.vdi_create(dbg=..., sr=..., vdi_info=...)``).
+What differs between SR types (how storage is prepared, mounted, wiped, and
+what Query.query says) is the ``SrType`` object; everything else (records,
+trees, datapaths, GC, host registry) is here and in the engine modules.
+
+Extra methods (``extra_methods``): ``SR.gc`` runs the collector now and
+answers its report.
+
+VDI.copy copies into an SR attached on *this* host: ``url`` empty,
+``local``, a ``file://`` URL, or an http(s)/xmlrpc URL naming this host
+(localhost, a loopback address, or this host's name).  A URL naming another
+host is refused with ``Backend_error REMOTE_COPY_UNSUPPORTED``: this plugin
+has no client for another host's dispatcher.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import socket
+import time
+import urllib.parse
+from pathlib import Path
+from typing import Any, Protocol
+
+from smcommon.engine import locks, vdipath
+from smcommon.engine.host import Attached, HostRegistry, public_config
+from smcommon.engine.meta import Metadata
+from smcommon.engine.sr import SrEngine
+from smcommon.errors import BackendError, InvalidRequest, SrAttached
+from smcommon.paths import Paths, safe_name
+
+log = logging.getLogger(__name__)
+
+
+class SrType(Protocol):
+    """What is specific to one SR type (see plugins/ext/ext_driver.py)."""
+
+    name: str
+
+    def query(self) -> dict[str, Any]: ...
+
+    def open(
+        self, sr: str, device_config: dict[str, str], create: bool
+    ) -> tuple[Path, bool]:
+        """Prepare the storage; the SR directory and whether it was mounted."""
+        ...
+
+    def close(self, sr: str, sr_dir: Path, mounted: bool) -> None: ...
+
+    def wipe(self, sr: str, device_config: dict[str, str]) -> None: ...
+
+
+def _stamp() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+class Driver:
+    """SMAPI methods over the engine, for one SR type."""
+
+    def __init__(self, paths: Paths, sr_type: SrType, vhd: Any = None) -> None:
+        self.paths = paths
+        self.type = sr_type
+        self.vhd = vhd
+        self.registry = HostRegistry(paths)
+
+    @property
+    def extra_methods(self) -> list[Any]:
+        from smcommon import api
+
+        return [
+            api.Method(
+                "SR.gc",
+                [api.Arg("sr", api.KEY, "The Storage Repository to collect")],
+                api.STRING,
+                "Run the garbage collector of the SR now; returns its report",
+                "report",
+            )
+        ]
+
+    def engine(self, sr: str) -> SrEngine:
+        entry = self.registry.require(safe_name("sr", sr))
+        sr_dir = Path(entry.sr_dir)
+        if not sr_dir.is_dir():
+            raise BackendError(
+                "SR_DIR_MISSING", [f"SR {sr} directory {sr_dir} is gone"]
+            )
+        return SrEngine(self.paths, sr, sr_dir, vhd=self.vhd)
+
+    # --- Query ---------------------------------------------------------------
+
+    def query_query(self, dbg: str) -> dict[str, Any]:
+        return self.type.query()
+
+    def query_diagnostics(self, dbg: str) -> str:
+        from smcommon.engine.diagnostics import report
+
+        return report(self)
+
+    # --- SR ------------------------------------------------------------------
+
+    def sr_ls(self, dbg: str) -> list[str]:
+        return self.registry.list()
+
+    def sr_create(
+        self, dbg: str, sr: str, device_config: dict[str, str], physical_size: int
+    ) -> None:
+        sr = safe_name("sr", sr)
+        if self.registry.get(sr) is not None:
+            raise SrAttached(sr)
+        with locks.sr_lock(self.paths, sr):
+            sr_dir, mounted = self.type.open(sr, device_config, True)
+            try:
+                meta = Metadata(sr_dir)
+                existing = meta.read_sr()
+                if existing is not None:
+                    raise BackendError(
+                        "SR_EXISTS",
+                        [
+                            f"{sr_dir} already holds SR {existing.get('sr')}: destroy it first"
+                        ],
+                    )
+                meta.write_sr(
+                    {
+                        "sr": sr,
+                        "type": self.type.name,
+                        "created": _stamp(),
+                        "physical_size": int(physical_size),
+                        "format": 1,
+                    }
+                )
+            finally:
+                if mounted:
+                    self.type.close(sr, sr_dir, mounted)
+        log.info("created SR %s (%s) in %s", sr, self.type.name, sr_dir)
+
+    def sr_attach(self, dbg: str, sr: str, device_config: dict[str, str]) -> None:
+        sr = safe_name("sr", sr)
+        with locks.sr_lock(self.paths, sr):
+            entry = self.registry.get(sr)
+            if entry is not None and Path(entry.sr_dir).is_dir():
+                self._check_identity(sr, Path(entry.sr_dir))
+                return
+            sr_dir, mounted = self.type.open(sr, device_config, False)
+            try:
+                self._check_identity(sr, sr_dir)
+            except BaseException:
+                if mounted:
+                    with contextlib.suppress(Exception):
+                        self.type.close(sr, sr_dir, mounted)
+                raise
+            self.registry.put(
+                Attached(
+                    sr=sr,
+                    type=self.type.name,
+                    sr_dir=str(sr_dir),
+                    device_config=public_config(device_config),
+                    mounted=mounted,
+                    attached=_stamp(),
+                )
+            )
+            eng = SrEngine(self.paths, sr, sr_dir, vhd=self.vhd)
+            if eng.meta.gc_file.exists():
+                with eng.tree_lock():
+                    pass  # finishes the interrupted collector step
+        log.info("attached SR %s at %s", sr, sr_dir)
+
+    def _check_identity(self, sr: str, sr_dir: Path) -> None:
+        doc = Metadata(sr_dir).read_sr()
+        if doc is None:
+            raise BackendError(
+                "SR_NOT_FOUND", [f"no SR in {sr_dir} (never created, or destroyed)"]
+            )
+        if doc.get("sr") != sr:
+            raise BackendError(
+                "SR_UUID_MISMATCH", [f"{sr_dir} holds SR {doc.get('sr')}, not {sr}"]
+            )
+
+    def sr_detach(self, dbg: str, sr: str) -> None:
+        eng = self.engine(sr)
+        entry = self.registry.require(eng.sr)
+        with eng.tree_lock(resume_gc=False):
+            released = vdipath.release_all(eng)
+            if released:
+                log.info("SR.detach of %s released datapaths %s", sr, released)
+            self.type.close(eng.sr, eng.sr_dir, entry.mounted)
+            self.registry.remove(eng.sr)
+            shutil.rmtree(eng.dps.state_dir, ignore_errors=True)
+
+    def sr_destroy(self, dbg: str, sr: str) -> None:
+        eng = self.engine(sr)
+        entry = self.registry.require(eng.sr)
+        with eng.tree_lock(resume_gc=False):
+            vdipath.release_all(eng)
+            # The identity goes first: from then on the SR can be neither
+            # attached nor probed, even if the rest is interrupted.
+            with contextlib.suppress(FileNotFoundError):
+                eng.meta.sr_file.unlink()
+            for volume in eng.store.list():
+                eng.store.remove(volume)
+            eng.store.cleanup_partial()
+            shutil.rmtree(eng.meta.sm_dir, ignore_errors=True)
+            shutil.rmtree(eng.dps.state_dir, ignore_errors=True)
+            self.type.close(eng.sr, eng.sr_dir, entry.mounted)
+            self.type.wipe(eng.sr, entry.device_config)
+            self.registry.remove(eng.sr)
+        log.info("destroyed SR %s", sr)
+
+    def sr_reset(self, dbg: str, sr: str) -> None:
+        sr = safe_name("sr", sr)
+        with locks.sr_lock(self.paths, sr):
+            entry = self.registry.get(sr)
+            shutil.rmtree(self.paths.run_dir / "dp" / sr, ignore_errors=True)
+            if entry is not None:
+                if entry.mounted:
+                    with contextlib.suppress(Exception):
+                        self.type.close(sr, Path(entry.sr_dir), True)
+                self.registry.remove(sr)
+        log.info("reset SR %s: this host's state of it is forgotten", sr)
+
+    def sr_scan(self, dbg: str, sr: str) -> list[dict[str, Any]]:
+        return self.engine(sr).scan()
+
+    def sr_gc(self, dbg: str, sr: str) -> str:
+        from smcommon.engine.gc import Collector
+
+        eng = self.engine(sr)
+        with eng.tree_lock():
+            rep = Collector(eng).run()
+        return rep.summary() + "".join(f"\nskipped: {s}" for s in rep.skipped)
+
+    # --- VDI -----------------------------------------------------------------
+
+    def vdi_create(self, dbg: str, sr: str, vdi_info: dict[str, Any]) -> dict[str, Any]:
+        return self.engine(sr).create(vdi_info)
+
+    def vdi_snapshot(
+        self, dbg: str, sr: str, vdi_info: dict[str, Any]
+    ) -> dict[str, Any]:
+        return self.engine(sr).snapshot(vdi_info)
+
+    def vdi_clone(self, dbg: str, sr: str, vdi_info: dict[str, Any]) -> dict[str, Any]:
+        return self.engine(sr).clone(vdi_info)
+
+    def vdi_destroy(self, dbg: str, sr: str, vdi: str) -> None:
+        self.engine(sr).destroy(vdi)
+
+    def vdi_stat(self, dbg: str, sr: str, vdi: str) -> dict[str, Any]:
+        return self.engine(sr).stat(vdi)
+
+    def vdi_set_persistent(self, dbg: str, sr: str, vdi: str, persistent: bool) -> None:
+        self.engine(sr).set_persistent(vdi, persistent)
+
+    def vdi_epoch_begin(self, dbg: str, sr: str, vdi: str) -> None:
+        self.engine(sr).epoch_begin(vdi)
+
+    def vdi_epoch_end(self, dbg: str, sr: str, vdi: str) -> None:
+        self.engine(sr).epoch_end(vdi)
+
+    def vdi_attach(
+        self, dbg: str, dp: str, sr: str, vdi: str, read_write: bool
+    ) -> dict[str, Any]:
+        return vdipath.attach(self.engine(sr), dp, vdi, read_write)
+
+    def vdi_activate(self, dbg: str, dp: str, sr: str, vdi: str) -> None:
+        vdipath.activate(self.engine(sr), dp, vdi)
+
+    def vdi_deactivate(self, dbg: str, dp: str, sr: str, vdi: str) -> None:
+        vdipath.deactivate(self.engine(sr), dp, vdi)
+
+    def vdi_detach(self, dbg: str, dp: str, sr: str, vdi: str) -> None:
+        vdipath.detach(self.engine(sr), dp, vdi)
+
+    def vdi_get_url(self, dbg: str, sr: str, vdi: str) -> str:
+        return self.engine(sr).get_url(vdi)
+
+    def vdi_get_by_name(self, dbg: str, sr: str, name: str) -> dict[str, Any]:
+        return self.engine(sr).get_by_name(name)
+
+    def vdi_set_content_id(self, dbg: str, sr: str, vdi: str, content_id: str) -> None:
+        self.engine(sr).set_content_id(vdi, content_id)
+
+    def vdi_compose(self, dbg: str, sr: str, vdi1: str, vdi2: str) -> None:
+        self.engine(sr).compose(vdi1, vdi2)
+
+    def vdi_similar_content(self, dbg: str, sr: str, vdi: str) -> list[dict[str, Any]]:
+        return self.engine(sr).similar_content(vdi)
+
+    def vdi_copy(self, dbg: str, sr: str, vdi: str, url: str, dest: str) -> str:
+        check_local_url(url)
+        src = self.engine(sr)
+        rec = src.get(vdi)
+        dst = self.engine(dest)
+        with src.vdi_lock(rec.vdi):
+            rec = src.get(vdi)
+            new = dst.import_image(src.store.path(rec.volume), rec)
+        log.info(
+            "copied VDI %s of SR %s to VDI %s of SR %s", rec.vdi, sr, new["vdi"], dest
+        )
+        return str(new["vdi"])
+
+
+def check_local_url(url: str) -> None:
+    """Refuse a copy URL that names another host (see the module doc)."""
+    if not isinstance(url, str):
+        raise InvalidRequest("url must be a string")
+    if url.strip() in ("", "local"):
+        return
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme == "file":
+        return
+    host = (parsed.hostname or "").lower()
+    if parsed.scheme in ("http", "https", "xmlrpc") and host in _local_names():
+        return
+    raise BackendError(
+        "REMOTE_COPY_UNSUPPORTED",
+        [f"cannot copy to {url!r}: only SRs attached on this host can be reached"],
+    )
+
+
+def _local_names() -> set[str]:
+    names = {"", "localhost", "127.0.0.1", "::1", "localhost.localdomain"}
+    with contextlib.suppress(OSError):
+        names.add(socket.gethostname().lower())
+        names.add(socket.getfqdn().lower())
+    return names

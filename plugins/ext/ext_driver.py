@@ -1,0 +1,234 @@
+"""What is specific to the ext SR type: storage preparation and Query.query.
+
+device_config (one of):
+  device   a block device: SR.create runs mkfs.ext4 on it; SR.attach mounts it
+           at ``Paths.sr_mount(sr)``; SR.detach unmounts; SR.destroy wipes
+           the filesystem signature (wipefs) so it is not found again.
+  path     an existing directory used as it is (the unprivileged, embedded
+           form): the SR's volumes and metadata live in it.
+
+This module is imported by every call of EXTSR, so it imports nothing heavy:
+``factory`` returns a small object that answers Query.query itself and hands
+every other method to the engine's ``Driver``, imported only then.
+Outside commands go through ``smcommon.runner.run`` (argv lists, timeouts).
+"""
+
+from __future__ import annotations
+
+import os
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from pathlib import Path
+    from typing import Any
+
+    from smcommon.paths import Paths
+
+DRIVER = "ext"
+_NEEDS = "device_config needs exactly one of 'device' (a block device) or 'path' (a directory)"
+VERSION = "0.1.0"
+MKFS_TIMEOUT = 600.0
+MOUNT_TIMEOUT = 120.0
+
+CONFIGURATION = {
+    "device": "a block device to format as ext4 and mount (needs root); "
+    "SR.create formats it, destroying what it holds",
+    "path": "an existing directory to hold the SR as it is (no root needed)",
+}
+FEATURES = [
+    "SR_ATTACH",
+    "SR_DETACH",
+    "SR_CREATE",
+    "SR_DESTROY",
+    "SR_RESET",
+    "SR_SCAN",
+    "VDI_CREATE",
+    "VDI_DELETE",
+    "VDI_ATTACH",
+    "VDI_DETACH",
+    "VDI_ACTIVATE",
+    "VDI_DEACTIVATE",
+    "VDI_SNAPSHOT",
+    "VDI_CLONE",
+    "VDI_RESET_ON_BOOT/2",
+    "VDI_COMPOSE",
+    "VDI_COPY",
+    "VDI_GET_URL",
+    "SR_GC",
+    "THIN_PROVISIONING",
+]
+
+
+def query_result() -> dict[str, object]:
+    return {
+        "driver": DRIVER,
+        "name": "ext",
+        "description": "VHD images on a local ext4 filesystem (a block device) or a directory",
+        "vendor": "smcommon",
+        "copyright": "LGPL-2.1-only",
+        "version": VERSION,
+        "required_api_version": "2.0",
+        "features": list(FEATURES),
+        "configuration": dict(CONFIGURATION),
+    }
+
+
+class ExtType:
+    """The engine's SrType for ext: prepare, release and wipe the storage."""
+
+    name = DRIVER
+
+    def __init__(self, paths: Paths, runner: Any = None) -> None:
+        self.paths = paths
+        self._runner = runner
+
+    def run(self, argv: list[str], **kw: Any) -> Any:
+        if self._runner is None:
+            from smcommon.runner import run
+
+            self._runner = run
+        return self._runner(argv, **kw)
+
+    def query(self) -> dict[str, object]:
+        return query_result()
+
+    @staticmethod
+    def _which(device_config: dict[str, str]) -> tuple[str, str]:
+        from smcommon.errors import BackendError
+
+        keys = [k for k in ("device", "path") if device_config.get(k)]
+        if len(keys) != 1:
+            raise BackendError(
+                "DEVICE_CONFIG_INVALID",
+                [_NEEDS + f"; got {sorted(device_config)}"],
+            )
+        value = device_config[keys[0]]
+        if not os.path.isabs(value) or "\x00" in value:
+            raise BackendError(
+                "DEVICE_CONFIG_INVALID",
+                [f"{keys[0]} must be an absolute path: {value!r}"],
+            )
+        return keys[0], value
+
+    def open(
+        self, sr: str, device_config: dict[str, str], create: bool
+    ) -> tuple[Path, bool]:
+        from pathlib import Path
+
+        from smcommon.errors import BackendError
+
+        kind, value = self._which(device_config)
+        if kind == "path":
+            if not os.path.isdir(value):
+                raise BackendError(
+                    "PATH_NOT_FOUND", [f"{value} is not an existing directory"]
+                )
+            return Path(os.path.realpath(value)), False
+        self._check_block_device(value)
+        mnt = self.paths.sr_mount(sr)
+        current = _mounted_at(str(mnt))
+        if current is not None:
+            if create:
+                raise BackendError(
+                    "SR_MOUNTED", [f"{mnt} is already mounted: detach SR {sr} first"]
+                )
+            if os.path.realpath(current) != os.path.realpath(value):
+                raise BackendError(
+                    "SR_MOUNTED", [f"{mnt} holds {current}, not {value}"]
+                )
+            return mnt, True
+        users = _mount_points_of(value)
+        if users:
+            raise BackendError(
+                "DEVICE_IN_USE", [f"{value} is mounted at {', '.join(users)}"]
+            )
+        if create:
+            self.run(
+                ["mkfs.ext4", "-q", "-F", "-E", "nodiscard", value],
+                timeout=MKFS_TIMEOUT,
+            )
+        mnt.mkdir(parents=True, exist_ok=True)
+        self.run(["mount", "-t", "ext4", value, str(mnt)], timeout=MOUNT_TIMEOUT)
+        return mnt, True
+
+    @staticmethod
+    def _check_block_device(value: str) -> None:
+        import stat
+
+        from smcommon.errors import BackendError
+
+        try:
+            st = os.stat(value)
+        except OSError as e:
+            raise BackendError("DEVICE_NOT_FOUND", [f"{value}: {e.strerror}"]) from None
+        if not stat.S_ISBLK(st.st_mode):
+            raise BackendError("NOT_A_BLOCK_DEVICE", [f"{value} is not a block device"])
+
+    def close(self, sr: str, sr_dir: Path, mounted: bool) -> None:
+        if not mounted or _mounted_at(str(sr_dir)) is None:
+            return
+        os.sync()
+        self.run(["umount", str(sr_dir)], timeout=MOUNT_TIMEOUT)
+        try:
+            os.rmdir(sr_dir)
+        except OSError:
+            pass
+
+    def wipe(self, sr: str, device_config: dict[str, str]) -> None:
+        """Make a destroyed SR unprobeable: erase the filesystem signature."""
+        device = device_config.get("device")
+        if device:
+            self.run(["wipefs", "-a", "-q", device], timeout=MOUNT_TIMEOUT)
+
+
+def _mounts() -> list[tuple[str, str]]:
+    out = []
+    try:
+        with open("/proc/self/mounts", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 2:
+                    dev = parts[0].replace("\\040", " ")
+                    out.append((dev, parts[1].replace("\\040", " ")))
+    except OSError:
+        pass
+    return out
+
+
+def _mounted_at(mountpoint: str) -> str | None:
+    for dev, mnt in _mounts():
+        if mnt == mountpoint:
+            return dev
+    return None
+
+
+def _mount_points_of(device: str) -> list[str]:
+    real = os.path.realpath(device)
+    return [mnt for dev, mnt in _mounts() if os.path.realpath(dev) == real]
+
+
+class ExtPlugin:
+    """What plugin.main calls: Query.query here, the rest in the engine."""
+
+    def __init__(self, paths: Paths) -> None:
+        self.paths = paths
+        self._driver: Any = None
+
+    def query_query(self, dbg: str) -> dict[str, object]:
+        return query_result()
+
+    def driver(self) -> Any:
+        if self._driver is None:
+            from smcommon.engine.driver import Driver
+
+            self._driver = Driver(self.paths, ExtType(self.paths))
+        return self._driver
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self.driver(), name)
+
+
+def factory(paths: Paths) -> ExtPlugin:
+    return ExtPlugin(paths)
