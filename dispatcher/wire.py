@@ -20,7 +20,7 @@ from __future__ import annotations
 import xmlrpc.client
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 from xml.parsers import expat
 
 # XML-RPC fault codes (the xmlrpc-epi "specification for fault code
@@ -194,7 +194,7 @@ def parse_response(body: bytes) -> Response:
 class _Marshaller(xmlrpc.client.Marshaller):
     """The standard marshaller, but int64 values go out as ``<i8>``."""
 
-    dispatch: ClassVar[dict[Any, Any]] = dict(xmlrpc.client.Marshaller.dispatch)
+    dispatch = dict(xmlrpc.client.Marshaller.dispatch)  # noqa: RUF012 -- a copy, never shared
 
     def dump_long(self, value: int, write: Callable[[str], Any]) -> None:
         tag = "int" if INT32_MIN <= value <= INT32_MAX else "i8"

@@ -1,0 +1,116 @@
+"""Fixtures of the dispatcher's integration tests.
+
+plugins_dir   a tmp plugins directory with FAKESR and OTHERSR (fake_plugin.py)
+fake_logs     the directory where fake plugins record their pids and spans
+start_daemon  start ``python -m dispatcher`` (Unix socket + TCP) with options;
+              each daemon is stopped with SIGTERM at the end of the test, and
+              the test fails if it did not exit 0 or left any process behind
+daemon        one daemon with the defaults of these tests
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from dispatcher_testlib import (
+    REPO,
+    Daemon,
+    alive,
+    fake_pids,
+    install_fake,
+    processes_with_root,
+)
+
+
+@pytest.fixture
+def fake_logs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    d = tmp_path / "fake-logs"
+    d.mkdir()
+    monkeypatch.setenv("FAKE_LOG_DIR", str(d))
+    return d
+
+
+@pytest.fixture
+def plugins_dir(tmp_path: Path, fake_logs: Path) -> Path:
+    d = tmp_path / "plugins"
+    d.mkdir()
+    install_fake(d, "FAKESR")
+    (d / "other").mkdir()
+    install_fake(d / "other", "OTHERSR")
+    (d / "README").write_text("not a plugin\n")
+    return d
+
+
+@pytest.fixture
+def start_daemon(
+    sm_root: Path, plugins_dir: Path, fake_logs: Path
+) -> Iterator[Callable[..., Daemon]]:
+    started: list[Daemon] = []
+
+    def start(
+        *extra: str, plugins: Path | None = None, check_banner: bool = True
+    ) -> Daemon:
+        argv = [
+            sys.executable, "-m", "dispatcher",
+            "--plugins-dir", str(plugins or plugins_dir),
+            "--tcp", "127.0.0.1:0",
+            "--timeout", "3", "--cancel-grace", "0.5", "--stop-timeout", "5",
+            *extra,
+        ]  # fmt: skip
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        proc = subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=REPO,
+        )
+        lines = []
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("  python:"):
+                break
+        banner = "".join(lines)
+        d = Daemon(proc, banner, sm_root)
+        started.append(d)
+        if check_banner:
+            assert "sm-dispatcher ready" in banner, (
+                f"no banner; stderr: {proc.stderr.read() if proc.stderr else ''}"
+            )
+        return d
+
+    yield start
+    problems = []
+    for d in started:
+        if d.proc.poll() is None:
+            rc, err = d.stop()
+            if rc != 0:
+                problems.append(f"daemon exited {rc}: {err[-2000:]}")
+    # nothing may outlive the daemons: no plugin, no grandchild
+    time.sleep(0.05)
+    left = [pid for pid in fake_pids(fake_logs) if alive(pid)]
+    left_procs = processes_with_root(sm_root)
+    for p in left_procs:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    assert not problems, problems
+    assert not left, f"fake plugin processes left running: {left}"
+    assert not left_procs, f"processes left running: {[p.pid for p in left_procs]}"
+
+
+@pytest.fixture
+def daemon(start_daemon: Callable[..., Daemon]) -> Daemon:
+    return start_daemon("--workers", "4", "--queue-timeout", "20")

@@ -1,0 +1,127 @@
+"""Helpers of the dispatcher's integration tests (fixtures: conftest.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import xmlrpc.client
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+
+from dispatcher import client
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent.parent
+FAKE = HERE / "fake_plugin.py"
+
+
+def install_fake(plugins: Path, name: str) -> Path:
+    exe = plugins / name
+    exe.write_text(f"#!{sys.executable} -S\n" + FAKE.read_text())
+    exe.chmod(0o755)
+    return exe
+
+
+def fake_pids(fake_logs: Path) -> list[int]:
+    try:
+        return [int(x) for x in (fake_logs / "pids").read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def processes_with_root(root: Path) -> list[psutil.Process]:
+    """Every live process whose environment has SM_ROOT=root (except us)."""
+    found = []
+    for p in psutil.process_iter(["pid"]):
+        if p.pid == os.getpid():
+            continue
+        with contextlib.suppress(psutil.Error):
+            if (
+                p.environ().get("SM_ROOT") == str(root)
+                and p.status() != psutil.STATUS_ZOMBIE
+            ):
+                found.append(p)
+    return found
+
+
+class Daemon:
+    def __init__(self, proc: subprocess.Popen[str], banner: str, root: Path) -> None:
+        self.proc = proc
+        self.banner = banner
+        self.root = root
+        m = re.search(r"unix socket: (\S+)", banner)
+        self.socket = Path(m.group(1)) if m else None
+        m = re.search(r"tcp: (http://\S+)", banner)
+        self.url = m.group(1) if m else None
+        m = re.search(r"default SR: (\S+)", banner)
+        self.default_sr = m.group(1) if m else None
+
+    def unix(self, path: str = "/", timeout: float = 60) -> xmlrpc.client.ServerProxy:
+        assert self.socket is not None
+        return client.connect(self.socket, path=path, timeout=timeout)
+
+    def tcp(self, path: str = "/") -> xmlrpc.client.ServerProxy:
+        assert self.url is not None
+        return xmlrpc.client.ServerProxy(self.url.rstrip("/") + path, allow_none=True)
+
+    def client(self) -> client.Client:
+        return client.Client(self.socket)
+
+    def children(self) -> list[psutil.Process]:
+        try:
+            return [
+                c
+                for c in psutil.Process(self.proc.pid).children(recursive=True)
+                if c.status() != psutil.STATUS_ZOMBIE
+            ]
+        except psutil.NoSuchProcess:
+            return []
+
+    def zombies(self) -> list[psutil.Process]:
+        try:
+            return [
+                c
+                for c in psutil.Process(self.proc.pid).children(recursive=True)
+                if c.status() == psutil.STATUS_ZOMBIE
+            ]
+        except psutil.NoSuchProcess:
+            return []
+
+    def stop(self, timeout: float = 60) -> tuple[int, str]:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            _out, err = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _out, err = self.proc.communicate()
+            raise AssertionError(
+                f"the daemon did not stop on SIGTERM within {timeout}s"
+            ) from None
+        return self.proc.returncode, err
+
+
+def wait_until(
+    pred: Callable[[], object], timeout: float = 20, what: str = "condition"
+) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
