@@ -229,7 +229,7 @@ class Method:
             if name not in params:
                 raise InvalidRequest(f"{self.name}: missing argument {name!r}")
             kwargs[name] = arg.type.convert(
-                params[name], f"{self.name}: argument {name!r}"
+                params[name], f"{self.name}: argument {name}"
             )
         return kwargs
 

@@ -14,6 +14,10 @@ import logging
 import os
 import sys
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import TextIO
+
 FORMAT = (
     "%(asctime)s %(prog)s[%(process)d] %(levelname)s [%(dbg)s] %(name)s: %(message)s"
 )
@@ -35,11 +39,15 @@ class CallContext(logging.Filter):
 
 
 def setup(
-    log_file: str | os.PathLike[str] | None, prog: str, *, verbose: bool = False
+    log_file: str | os.PathLike[str] | None,
+    prog: str,
+    *,
+    verbose: bool = False,
+    stream: TextIO | None = None,
 ) -> CallContext:
     """Send every log record to ``log_file`` (else syslog), and stderr if verbose.
 
-    Returns the filter whose ``dbg`` attribute the caller sets once it knows it.
+    ``stream`` replaces stderr.  Returns the filter whose ``dbg`` attribute the caller sets once it knows it.
     """
     context = CallContext(prog)
     # a full disk must neither print tracebacks nor fail the call
@@ -53,9 +61,9 @@ def setup(
     if handler is not None:
         _install(handler, context)
     if verbose:
-        stream = logging.StreamHandler(sys.stderr)
-        stream.setFormatter(logging.Formatter(FORMAT))
-        _install(stream, context)
+        to_stderr = logging.StreamHandler(stream or sys.stderr)
+        to_stderr.setFormatter(logging.Formatter(FORMAT))
+        _install(to_stderr, context)
     return context
 
 

@@ -422,7 +422,7 @@ def run(
         stderr.write(f"{prog}: unknown option {args[0]}\n{usage(prog)}")
         return EXIT_USAGE
 
-    context = _setup_logging(prog, verbose)
+    context = _setup_logging(prog, verbose, stderr)
     call = Call(driver_factory, prog, context)
     try:
         if not args or args[0].lstrip().startswith("<"):
@@ -532,12 +532,14 @@ def _help(
     return EXIT_OK
 
 
-def _setup_logging(prog: str, verbose: bool) -> CallContext | None:
+def _setup_logging(prog: str, verbose: bool, stderr: TextIO) -> CallContext | None:
     try:
         from smcommon import log
         from smcommon.paths import Paths
 
-        return log.setup(Paths.from_env().log_file, prog, verbose=verbose)
+        return log.setup(
+            Paths.from_env().log_file, prog, verbose=verbose, stream=stderr
+        )
     except Exception:  # noqa: BLE001 -- logging never fails a call
         return None
 
