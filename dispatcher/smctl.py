@@ -349,23 +349,27 @@ def _device_config(ns: argparse.Namespace) -> dict[str, str]:
     return dc
 
 
+# argument kinds that are plain inputs of the method, and their input name
+_POSITIONAL_KEYS = {
+    "sr": "sr",
+    "vdi": "vdi",
+    "vdi1": "vdi1",
+    "vdi2": "vdi2",
+    "name": "name",
+    "content-id": "content_id",
+    "task": "task",
+    "persistent": "persistent",
+}
+
+
 def build_call(ns: argparse.Namespace, dbg: str) -> tuple[str, dict[str, Any]]:
     """The method and the argument struct of a parsed command."""
-    method = COMMANDS[ns.command][0]
+    method, _help, kinds = COMMANDS[ns.command]
     args: dict[str, Any] = {"dbg": dbg}
-    for key in (
-        "sr",
-        "vdi",
-        "vdi1",
-        "vdi2",
-        "name",
-        "content_id",
-        "task",
-        "persistent",
-    ):
-        value = getattr(ns, key, None)
-        if value is not None:
-            args[key] = value
+    for kind in kinds:
+        key = _POSITIONAL_KEYS.get(kind)
+        if key is not None:
+            args[key] = getattr(ns, key)
     if ns.command == "sr-create":
         args["sr"] = ns.sr or str(uuid.uuid4())
         args["device_config"] = _device_config(ns)
@@ -384,7 +388,6 @@ def build_call(ns: argparse.Namespace, dbg: str) -> tuple[str, dict[str, Any]]:
         }
     elif ns.command in ("vdi-snapshot", "vdi-clone"):
         args["vdi_info"] = {"vdi": args.pop("vdi")}
-        args.pop("name", None)
         if ns.name:
             args["vdi_info"]["name_label"] = ns.name
     elif ns.command in ("vdi-attach", "vdi-activate", "vdi-deactivate", "vdi-detach"):
