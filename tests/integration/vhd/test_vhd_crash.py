@@ -141,6 +141,7 @@ def _verify(path: str, model: bytearray, inflight: tuple[int, bytes] | None) -> 
 def _crash_runs(path: str, model: bytearray, runs: int, seed: int) -> int:
     rng = random.Random(seed)
     acked_total = 0
+    mid_write = 0
     for run in range(runs):
         proc = _spawn(WRITER, path, str(seed * 1000 + run), str(len(model)))
         _wait_ready(proc)
@@ -162,9 +163,13 @@ def _crash_runs(path: str, model: bytearray, runs: int, seed: int) -> int:
         problems = vhd.check(path)
         assert problems == [], f"run {run}: check after SIGKILL: {problems}"
         _verify(path, model, inflight)
+        mid_write += inflight is not None
         if inflight is not None:  # settle the model to what is there now
             off, data = inflight
             model[off : off + len(data)] = vhd.read(path, off, len(data))
+    assert mid_write >= runs // 2, (
+        f"only {mid_write} of {runs} kills landed during a write"
+    )
     return acked_total
 
 
@@ -225,7 +230,7 @@ def test_coalesce_killed_at_random_points_then_rerun(
 ) -> None:
     pristine = tmp_path / "pristine"
     pristine.mkdir()
-    _, _, _, merged = _make_coalesce_pair(pristine)
+    _, _, before, merged = _make_coalesce_pair(pristine)
     size = len(merged)
     # measure a full (slowed) run, so that kills land during the copy
     slow = "0.004"
@@ -239,6 +244,7 @@ def test_coalesce_killed_at_random_points_then_rerun(
     assert proc.returncode == 0 and "DONE" in out, err[-2000:]
     assert vhd.read(str(timing / "parent.vhd"), 0, size) == merged
     rng = random.Random(8)
+    partial = 0
     for run in range(10):
         work = tmp_path / f"run{run}"
         shutil.copytree(pristine, work)
@@ -256,9 +262,13 @@ def test_coalesce_killed_at_random_points_then_rerun(
             f"run {run}: child after killed coalesce: {vhd.check(c)}"
         )
         assert vhd.read(c, 0, size) == merged, f"run {run}: the child's content changed"
+        partial += vhd.read(p, 0, size) not in (before, merged)
         vhd.coalesce(c)
         assert vhd.read(p, 0, size) == merged, (
             f"run {run}: parent after re-run coalesce"
         )
         assert vhd.check(p) == []
         shutil.rmtree(work)
+    assert partial >= 3, (
+        f"only {partial} of 10 kills landed mid-coalesce: the test proved little"
+    )
