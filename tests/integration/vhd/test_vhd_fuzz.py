@@ -37,7 +37,7 @@ pytestmark = pytest.mark.integration
 MIB = vp.MIB
 WORKER = Path(__file__).resolve().parent / "vhdproof_fuzz.py"
 SEED = 20261125
-CASES_PER_BASE = 45
+CASES_PER_BASE = 75
 
 U32 = [0, 1, 2, 3, 511, 512, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFE, 0xFFFFFFFF]
 U64 = [0, 1, 511, 512, 2**31, 2**32, 2**63, 2**64 - 1]
@@ -502,3 +502,32 @@ def test_parent_outside_the_directory_is_refused_unopened(
         )
     finally:
         watch.close()
+
+
+@pytest.mark.parametrize("where", ["footer", "header"])
+def test_unknown_major_version_is_refused(sr_dir: Path, where: str) -> None:
+    """The spec changes the major version only for an incompatible format."""
+    img = sr_dir / "v.vhd"
+    vhd.create(str(img), 4 * MIB)
+    if where == "footer":
+        vp.set_footer_field(img, "version", "I", 0x00020000)
+    else:
+        vp.set_header_field(img, "header_version", "I", 0x00020000)
+    try:
+        vhd.info(str(img))
+    except vhd.VhdError as exc:
+        assert "version" in str(exc).lower(), str(exc)
+        return
+    problems = vhd.check(str(img))
+    assert problems, f"a {where} of format version 2.0 opens and check() finds nothing"
+
+
+def test_size_not_a_sector_multiple_is_reported(sr_dir: Path) -> None:
+    img = sr_dir / "s.vhd"
+    vhd.create(str(img), 4 * MIB)
+    vp.set_footer_field(img, "current_size", "Q", 1000)
+    try:
+        vhd.info(str(img))
+    except vhd.VhdError:
+        return
+    assert vhd.check(str(img)), "a 1000-byte disk (not whole sectors) passes check()"

@@ -210,3 +210,31 @@ def test_import_export_round_trip_agrees_with_qemu(sr_dir: Path, fixed: bool) ->
     vhd.export_raw(str(img), str(out))
     assert out.read_bytes() == src
     assert vhd.check(str(img)) == []
+
+
+def test_qemu_io_writes_into_a_library_image(sr_dir: Path) -> None:
+    """qemu's writer appends new blocks where the footer was; the library must read
+    them, keep writing, and find the image sound."""
+    img = sr_dir / "mixed.vhd"
+    size = 16 * MIB
+    vhd.create(str(img), size)
+    vhd.write(str(img), 3 * MIB, b"L" * 70_000)
+    for off, length, byte in [
+        (0, 4096, 0xAB),
+        (9 * MIB - 512, 4096, 0xCD),
+        (3 * MIB + 1024, 512, 0xEF),
+    ]:
+        vp.qemu_io_write(img, off, length, byte)
+    ref = sr_dir / "q.raw"
+    vp.qemu_to_raw(img, ref)
+    expected = bytearray(ref.read_bytes())
+    assert vhd.read(str(img), 0, size) == expected
+    assert vhd.check(str(img)) == []
+    data = vp.pattern(3, 3 * MIB)
+    vhd.write(str(img), 12 * MIB + 5, data[: size - 12 * MIB - 5])
+    vp.apply(expected, 12 * MIB + 5, data[: size - 12 * MIB - 5])
+    raw = sr_dir / "m.raw"
+    raw.write_bytes(expected)
+    ok, why = vp.qemu_compare_raw(img, raw)
+    assert ok, why
+    assert vhd.check(str(img)) == []
