@@ -337,6 +337,10 @@ def bat_bytes(entries: int) -> int:
     return -(-entries * 4 // SECTOR) * SECTOR
 
 
+_CHUNK = 1024
+_FREE_CHUNK = array.array("I", [UNALLOCATED]) * _CHUNK
+
+
 class Bat:
     """The block allocation table: sector offsets of data blocks, 0xFFFFFFFF = none."""
 
@@ -375,9 +379,35 @@ class Bat:
     def __setitem__(self, index: int, value: int) -> None:
         self.entries[index] = value
 
+    def _used_chunks(self) -> list[int]:
+        """Start indices of the CHUNK-entry slices holding an allocated entry.
+
+        BATs have up to a million entries: whole slices compare in C (memcmp),
+        so an empty or mostly empty table costs microseconds, not a Python loop.
+        """
+        e = self.entries
+        return [i for i in range(0, len(e), _CHUNK) if e[i : i + _CHUNK] != _FREE_CHUNK[: len(e) - i]]
+
     def allocated(self) -> list[int]:
-        """Indices of the allocated blocks."""
-        return [i for i, v in enumerate(self.entries) if v != UNALLOCATED]
+        """Indices of the allocated blocks, in order."""
+        out: list[int] = []
+        for i in self._used_chunks():
+            part = self.entries[i : i + _CHUNK]
+            out.extend(i + j for j, v in enumerate(part) if v != UNALLOCATED)
+        return out
+
+    def allocated_count(self) -> int:
+        e = self.entries
+        return sum(min(_CHUNK, len(e) - i) - e[i : i + _CHUNK].count(UNALLOCATED)
+                   for i in self._used_chunks())
+
+    def offsets(self) -> list[int]:
+        """The distinct allocated sector offsets, sorted (duplicates collapse)."""
+        values: set[int] = set()
+        for i in self._used_chunks():
+            values.update(self.entries[i : i + _CHUNK])
+        values.discard(UNALLOCATED)
+        return sorted(values)
 
     @staticmethod
     def entry_bytes(value: int) -> bytes:

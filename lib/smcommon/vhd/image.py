@@ -210,7 +210,10 @@ class Image:
                    (self.header.table_offset, fmt.bat_bytes(self.header.max_table_entries))]
         end = self.end()
         prev = -1
-        for sector in sorted(v for v in self.bat.entries if v != fmt.UNALLOCATED):
+        offsets = self.bat.offsets()
+        if len(offsets) != self.bat.allocated_count():
+            raise Corrupt(f"{self.path}: two BAT entries point at the same block")
+        for sector in offsets:
             pos = sector * fmt.SECTOR
             if pos + span > end:
                 raise Corrupt(f"{self.path}: BAT entry {sector} (offset {pos}) points past "
@@ -322,7 +325,7 @@ class Image:
     def info(self) -> Info:
         hdr = self.header
         diff = self.footer.disk_type == fmt.DISK_DIFFERENCING
-        allocated = len(self.bat.allocated()) if self.bat else 0
+        allocated = self.bat.allocated_count() if self.bat else 0
         max_blocks = hdr.max_table_entries if hdr else fmt.blocks_for(self.virtual_size, fmt.BLOCK_SIZE)
         return Info(
             path=self.path,
