@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from typing import ClassVar
 
 from smcommon import api, errors, plugin
 
@@ -33,8 +34,10 @@ QUERY = {
 
 
 class ToyDriver:
-    extra_methods = [
-        api.Method("SR.gc", [api.Arg("sr", api.KEY, "the SR")], api.ANY, "collect garbage now")
+    extra_methods: ClassVar[list[api.Method]] = [
+        api.Method(
+            "SR.gc", [api.Arg("sr", api.KEY, "the SR")], api.ANY, "collect garbage now"
+        )
     ]
 
     def __init__(self, paths: object) -> None:
@@ -52,10 +55,14 @@ class ToyDriver:
     def sr_gc(self, dbg: str, sr: str) -> dict[str, object]:
         return {"sr": sr, "deleted": 3, "bytes": 5 * GiB}
 
-    def vdi_create(self, dbg: str, sr: str, vdi_info: dict[str, object]) -> dict[str, object]:
+    def vdi_create(
+        self, dbg: str, sr: str, vdi_info: dict[str, object]
+    ) -> dict[str, object]:
         size = int(vdi_info["virtual_size"])  # type: ignore[call-overload]
         rounded = -(-size // (2 << 20)) * (2 << 20)
-        return dict(vdi_info, vdi="v-" + str(vdi_info["name_label"]), virtual_size=rounded)
+        return dict(
+            vdi_info, vdi="v-" + str(vdi_info["name_label"]), virtual_size=rounded
+        )
 
     def vdi_stat(self, dbg: str, sr: str, vdi: str) -> dict[str, object]:
         if vdi == "missing":
@@ -64,13 +71,19 @@ class ToyDriver:
             raise KeyError("no such thing")
         if vdi == "badresult":
             return {"vdi": vdi, "virtual_size": "lots"}
-        return {"vdi": vdi, "name_label": "d0", "virtual_size": 10 * GiB, "sm_config": {"k": "v"}}
+        return {
+            "vdi": vdi,
+            "name_label": "d0",
+            "virtual_size": 10 * GiB,
+            "sm_config": {"k": "v"},
+        }
 
     def vdi_destroy(self, dbg: str, sr: str, vdi: str) -> None:
         if vdi == "noisy":
             print("stray output from the driver")
-            os.system("echo stray output from a child")  # noqa: S605,S607 -- the test needs a child
+            os.system("echo stray output from a child")
         elif vdi == "slow":
+            print("slow: sleeping", file=sys.stderr, flush=True)
             time.sleep(30)
         elif vdi == "bug":
             raise ZeroDivisionError("division by zero")
