@@ -272,3 +272,153 @@ def test_coalesce_killed_at_random_points_then_rerun(
     assert partial >= 3, (
         f"only {partial} of 10 kills landed mid-coalesce: the test proved little"
     )
+
+
+RESIZER = r"""
+import os, sys, time
+import smcommon.vhd as vhd
+slow = float(sys.argv[3])
+if slow:
+    for name in ("pwrite", "pwritev", "copy_file_range", "fsync"):
+        real = getattr(os, name, None)
+        if real is None:
+            continue
+        def wrapped(*a, _real=real, **k):
+            time.sleep(slow)
+            return _real(*a, **k)
+        setattr(os, name, wrapped)
+print("READY", flush=True)
+print("DONE", vhd.resize(sys.argv[1], int(sys.argv[2])).virtual_size, flush=True)
+"""
+
+
+def test_resize_with_bat_growth_killed_then_rerun(tmp_path: Path) -> None:
+    """A grow from 64 MiB to 1 GiB needs a bigger BAT, so the blocks right after
+    the BAT move: killed at any point, the image stays sound with its data."""
+    pristine = tmp_path / "pristine"
+    pristine.mkdir()
+    img = str(pristine / "r.vhd")
+    small, big = 64 * MIB, 1024 * MIB
+    vhd.create(img, small)
+    model = bytearray(small)
+    for b in range(small // vp.BLOCK):
+        data = vp.pattern(b, 5000 + b)
+        vhd.write(img, b * vp.BLOCK + 3 * b, data)
+        vp.apply(model, b * vp.BLOCK + 3 * b, data)
+    slow = "0.01"
+    timing = tmp_path / "timing"
+    shutil.copytree(pristine, timing)
+    proc = _spawn(RESIZER, str(timing / "r.vhd"), str(big), slow)
+    _wait_ready(proc)
+    t0 = time.monotonic()
+    out, err = _finish(proc, timeout=120)
+    full = time.monotonic() - t0
+    assert proc.returncode == 0 and "DONE" in out, err[-2000:]
+    rng = random.Random(12)
+    interrupted = 0
+    for run in range(8):
+        work = tmp_path / f"run{run}"
+        shutil.copytree(pristine, work)
+        path = str(work / "r.vhd")
+        proc = _spawn(RESIZER, path, str(big), slow)
+        _wait_ready(proc)
+        time.sleep(full * (run + rng.random()) / 8)
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            interrupted += 1
+        _finish(proc)
+        assert vhd.check(path) == [], (
+            f"run {run}: after killed resize: {vhd.check(path)}"
+        )
+        size = vhd.info(path).virtual_size
+        assert size in (small, big), f"run {run}: size {size}"
+        assert vhd.read(path, 0, small) == model, (
+            f"run {run}: data lost by a killed resize"
+        )
+        vhd.resize(path, big)
+        assert vhd.read(path, 0, small) == model
+        assert vhd.read(path, big - MIB, MIB) == bytes(MIB)
+        vhd.write(path, big - 5, b"12345")
+        assert vhd.check(path) == []
+        shutil.rmtree(work)
+    assert interrupted >= 4, f"only {interrupted} of 8 kills landed during the resize"
+
+
+META = r"""
+import sys
+import smcommon.vhd as vhd
+leaf, pa, pb, seed = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+size = vhd.info(leaf).virtual_size
+print("READY", flush=True)
+i = 0
+while True:
+    i += 1
+    k = (seed + i) % 3
+    if k == 0:
+        h = (i // 3) % 2 == 0
+        print(f"W hidden {int(h)}", flush=True); vhd.set_hidden(leaf, h); print(f"ACK hidden {int(h)}", flush=True)
+    elif k == 1:
+        p = pa if (i // 3) % 2 == 0 else pb
+        print(f"W parent {p}", flush=True); vhd.set_parent(leaf, p); print(f"ACK parent {p}", flush=True)
+    elif size < 64 * 2**20:
+        size += 2 * 2**20
+        print(f"W size {size}", flush=True); vhd.resize(leaf, size); print(f"ACK size {size}", flush=True)
+"""
+
+
+def test_metadata_changes_killed_at_random_points(sr_dir: Path) -> None:
+    """set_hidden, set_parent (between two identical parents) and resize in a loop,
+    SIGKILLed: the leaf stays sound and shows an acknowledged or the in-flight state."""
+    pa, pb, leaf = (
+        str(sr_dir / "pa.vhd"),
+        str(sr_dir / "pb.vhd"),
+        str(sr_dir / "leaf.vhd"),
+    )
+    vhd.create(pa, 8 * MIB)
+    vhd.write(pa, 1000, vp.pattern(1, 300_000))
+    shutil.copyfile(pa, pb)  # same bytes, same UUID: either is a valid parent
+    vhd.snapshot(pa, leaf)
+    vhd.write(leaf, 2 * MIB + 7, vp.pattern(2, 9000))
+    model = vhd.read(leaf, 0, 8 * MIB)
+    state = {"hidden": "0", "parent": pa, "size": str(8 * MIB)}
+    rng = random.Random(3)
+    mid = 0
+    for run in range(12):
+        proc = _spawn(META, leaf, pa, pb, str(run))
+        _wait_ready(proc)
+        time.sleep(rng.random() * 0.3)
+        out, _ = _kill(proc)
+        inflight: tuple[str, str] | None = None
+        for line in out.splitlines():
+            parts = line.split(" ", 2)
+            if len(parts) != 3:
+                continue
+            if parts[0] == "W":
+                inflight = (parts[1], parts[2])
+            elif parts[0] == "ACK":
+                state[parts[1]] = parts[2]
+                inflight = None
+        mid += inflight is not None
+        problems = vhd.check(leaf)
+        assert problems == [], f"run {run}: {problems} (in flight: {inflight})"
+        info = vhd.info(leaf)
+        seen = {
+            "hidden": str(int(info.hidden)),
+            "parent": str(Path(info.parent or "").resolve()),
+            "size": str(info.virtual_size),
+        }
+        for key, acked in state.items():
+            allowed = {str(Path(acked).resolve()) if key == "parent" else acked}
+            if inflight and inflight[0] == key:
+                allowed.add(
+                    str(Path(inflight[1]).resolve()) if key == "parent" else inflight[1]
+                )
+            assert seen[key] in allowed, (
+                f"run {run}: {key} is {seen[key]}, expected one of {allowed}"
+            )
+            state[key] = seen[key]
+        full = bytearray(model) + bytes(info.virtual_size - len(model))
+        assert vhd.read(leaf, 0, info.virtual_size) == full, (
+            f"run {run}: the leaf's data changed"
+        )
+    assert mid >= 6, f"only {mid} of 12 kills landed during an operation"
