@@ -37,7 +37,8 @@ forgets the base.  Collectors never coalesce into an epoch base.
 
 Compose(vdi1, vdi2): vdi1's current content is frozen as a hidden volume B
 (push_down: vdi1 continues on an empty child of B), then vdi2's leaf is re-parented
-onto B.  vdi2 then reads its own leaf's sectors (its updates) over vdi1's
+onto B (``store.rebase``: a leaf without a parent has its data copied into a
+new child of B instead).  vdi2 then reads its own leaf's sectors (its updates) over vdi1's
 content; vdi1 is unchanged.  vdi2's old ancestors lose a child and are
 collected if nobody needs them.
 """
@@ -367,7 +368,7 @@ class SrEngine:
                 self._require_unused(r2.vdi, "compose onto")
                 base = self.store.push_down(r1.volume)
                 self.store.set_hidden(base, True)
-                self.store.set_parent(r2.volume, base)
+                self.store.rebase(r2.volume, base)
                 r2.content_id = str(uuid.uuid4())
                 self.meta.put(r2)
             Collector(self).run()

@@ -27,6 +27,7 @@ from smcommon.paths import safe_name
 
 VHD_SUFFIX = ".vhd"
 NEW_SUFFIX = ".vhd.new"
+COPY_CHUNK = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class VolumeStore(Protocol):
     def push_down(self, volume: str) -> str: ...
     def replace(self, src: str, dst: str) -> None: ...
     def renew(self, volume: str, parent: str) -> None: ...
+    def rebase(self, volume: str, parent: str) -> None: ...
     def remove(self, volume: str) -> bool: ...
     def info(self, volume: str) -> Any: ...
     def tree(self) -> dict[str, Node]: ...
@@ -167,6 +169,46 @@ class FileStore:
         tmp = final[: -len(VHD_SUFFIX)] + NEW_SUFFIX
         try:
             vhd_call("snapshot", self.vhd.snapshot, self.path(parent), tmp)
+            _fsync_file(tmp)
+            os.replace(tmp, final)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        _fsync_dir(self.sr_dir)
+
+    def rebase(self, volume: str, parent: str) -> None:
+        """Put ``volume``'s own data over ``parent``'s content.
+
+        A differencing volume is re-linked (``vhd.set_parent``): its own
+        sectors stay, the rest now reads from ``parent``.  A volume without a
+        parent has all its data as its own: its allocated extents are copied
+        into a new child of ``parent`` written under a temp name, which is
+        then renamed over the volume (a crash leaves the volume as it was).
+        """
+        vhd = self.vhd
+        if self.info(volume).parent:
+            self.set_parent(volume, parent)
+            return
+        final = self.path(volume)
+        tmp = final[: -len(VHD_SUFFIX)] + NEW_SUFFIX
+        try:
+            vhd_call("snapshot", vhd.snapshot, self.path(parent), tmp)
+            for off, length, depth in vhd_call(
+                "allocation_map", vhd.allocation_map, final
+            ):
+                if depth != 1:
+                    continue
+                end = off + length
+                while off < end:
+                    n = min(COPY_CHUNK, end - off)
+                    vhd_call(
+                        "write",
+                        vhd.write,
+                        tmp,
+                        off,
+                        vhd_call("read", vhd.read, final, off, n),
+                    )
+                    off += n
             _fsync_file(tmp)
             os.replace(tmp, final)
         finally:

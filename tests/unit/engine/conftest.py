@@ -31,5 +31,3 @@ def sr_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def eng(paths: Paths, sr_dir: Path) -> SrEngine:
     return SrEngine(paths, SR, sr_dir)
-
-

@@ -16,7 +16,9 @@ def new(eng: SrEngine, name: str = "d", size: int = 8 * MiB, **kw: object) -> st
 
 
 def test_create_rounds_up_and_stat_scan_agree(eng: SrEngine) -> None:
-    info = eng.create({"name_label": "d0", "virtual_size": 3 * MiB + 1, "sm_config": {"a": "b"}})
+    info = eng.create(
+        {"name_label": "d0", "virtual_size": 3 * MiB + 1, "sm_config": {"a": "b"}}
+    )
     assert info["virtual_size"] == 4 * MiB
     assert info["sm_config"] == {"a": "b", "vdi_type": "vhd"}
     assert info["content_id"]
@@ -70,7 +72,11 @@ def test_snapshot_tree_and_data(eng: SrEngine) -> None:
 def test_clone_is_not_a_snapshot(eng: SrEngine) -> None:
     v = new(eng)
     c = eng.clone({"vdi": v})
-    assert c["is_a_snapshot"] is False and c["snapshot_of"] == "" and c["snapshot_time"] == ""
+    assert (
+        c["is_a_snapshot"] is False
+        and c["snapshot_of"] == ""
+        and c["snapshot_time"] == ""
+    )
 
 
 def test_snapshot_cost_does_not_depend_on_data(eng: SrEngine) -> None:
@@ -78,7 +84,9 @@ def test_snapshot_cost_does_not_depend_on_data(eng: SrEngine) -> None:
     write(eng, v, {i * BLOCK: pat(f"b{i}", K4) for i in range(16)})
 
     def inodes() -> dict[int, int]:
-        return {p.stat().st_ino: p.stat().st_blocks * 512 for p in eng.sr_dir.glob("*.vhd")}
+        return {
+            p.stat().st_ino: p.stat().st_blocks * 512 for p in eng.sr_dir.glob("*.vhd")
+        }
 
     before = inodes()
     eng.snapshot({"vdi": v})
@@ -200,7 +208,9 @@ def test_get_url_reads_the_whole_chain(eng: SrEngine) -> None:
     assert vhd.read(path, 0, K4) == pat("u0") and vhd.read(path, BLOCK, K4) == pat("u1")
 
 
-def test_scan_of_many_vdis_reads_records_only(eng: SrEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_scan_of_many_vdis_reads_records_only(
+    eng: SrEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
     for i in range(20):
         new(eng, f"d{i}")
 

@@ -1,0 +1,268 @@
+"""The collector: deletes what nobody needs, coalesces single children, skips
+active chains, refuses to delete when it cannot see the whole tree, and
+resumes a journaled coalesce; tree operations interrupted at every step
+leave every VDI readable with all its data."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import pytest
+from engine_helpers import BLOCK, K4, MiB, hidden_volumes, pat, read, write
+from smcommon.engine import vdipath
+from smcommon.engine.gc import Collector
+from smcommon.engine.sr import SrEngine
+from smcommon.errors import BackendError
+
+ZERO = b"\0" * K4
+
+
+class Crash(BaseException):
+    """Stands for a kill: not an Error, so nothing handles it."""
+
+
+def new(eng: SrEngine, name: str = "d") -> str:
+    return str(eng.create({"name_label": name, "virtual_size": 8 * MiB})["vdi"])
+
+
+def gc(eng: SrEngine) -> object:
+    with eng.tree_lock():
+        return Collector(eng).run()
+
+
+def fresh(eng: SrEngine) -> SrEngine:
+    """The next process's view of the same SR."""
+    return SrEngine(eng.paths, eng.sr, eng.sr_dir)
+
+
+def test_chain_collapses_and_data_stays(eng: SrEngine) -> None:
+    v = new(eng)
+    snaps = []
+    for i in range(4):
+        write(eng, v, {i * BLOCK: pat(f"v{i}")})
+        snaps.append(eng.snapshot({"vdi": v})["vdi"])
+    want = [pat(f"v{i}") for i in range(4)]
+    for s in snaps:
+        eng.destroy(s)
+    assert hidden_volumes(eng) == []
+    assert eng.store.list() == [v]
+    assert read(eng, v, [i * BLOCK for i in range(4)]) == want
+
+
+def test_gc_leaves_a_shared_parent_and_collapses_it_later(eng: SrEngine) -> None:
+    a = new(eng)
+    write(eng, a, {0: pat("a0")})
+    s1 = eng.snapshot({"vdi": a})["vdi"]
+    write(eng, a, {BLOCK: pat("a1")})
+    c = eng.clone({"vdi": s1})["vdi"]
+    write(eng, c, {2 * BLOCK: pat("c2")})
+    eng.destroy(s1)
+    rep = gc(eng)
+    assert not rep.errors  # type: ignore[attr-defined]
+    assert read(eng, a, [0, BLOCK, 2 * BLOCK]) == [pat("a0"), pat("a1"), ZERO]
+    assert read(eng, c, [0, BLOCK, 2 * BLOCK]) == [pat("a0"), ZERO, pat("c2")]
+    eng.destroy(c)
+    assert hidden_volumes(eng) == []
+    assert read(eng, a, [0, BLOCK]) == [pat("a0"), pat("a1")]
+
+
+def test_active_chain_is_skipped_then_collected(eng: SrEngine) -> None:
+    v = new(eng)
+    write(eng, v, {0: pat("p0")})
+    s = eng.snapshot({"vdi": v})["vdi"]
+    vdipath.attach(eng, "vm", v, True)
+    vdipath.activate(eng, "vm", v)
+    chain_before = eng.store.chain(eng.get(v).volume)
+    eng.destroy(s)
+    assert eng.store.chain(eng.get(v).volume) == chain_before
+    last = Collector(eng).last()
+    assert last is not None and any("in use" in x for x in last["skipped"])
+    vdipath.deactivate(eng, "vm", v)
+    vdipath.detach(eng, "vm", v)
+    gc(eng)
+    assert len(eng.store.chain(v)) == 1
+    assert read(eng, v, [0]) == [pat("p0")]
+
+
+def test_nothing_deleted_when_a_record_is_unreadable(eng: SrEngine) -> None:
+    v = new(eng)
+    s = eng.snapshot({"vdi": v})["vdi"]
+    (eng.meta.vdi_dir / f"{s}.json").write_text("{not json")
+    before = sorted(eng.store.list())
+    rep = gc(eng)
+    assert sorted(eng.store.list()) == before
+    assert any("unreadable" in x for x in rep.skipped)  # type: ignore[attr-defined]
+
+
+def test_orphans_are_removed(eng: SrEngine) -> None:
+    v = new(eng)
+    eng.store.create(4 * MiB)  # an orphan: no record names it
+    (eng.sr_dir / "x.vhd.new").write_bytes(b"partial")
+    (eng.meta.vdi_dir / ".y.json.1.tmp").write_bytes(b"partial")
+    gc(eng)
+    assert eng.store.list() == [v]
+    assert not (eng.sr_dir / "x.vhd.new").exists()
+    assert not (eng.meta.vdi_dir / ".y.json.1.tmp").exists()
+
+
+@pytest.mark.parametrize("step", ["copy", "switch"])
+def test_interrupted_coalesce_resumes(
+    eng: SrEngine, step: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    v = new(eng)
+    write(eng, v, {0: pat("base")})
+    s = eng.snapshot({"vdi": v})["vdi"]
+    write(eng, v, {BLOCK: pat("leaf")})
+    target = "coalesce" if step == "copy" else "replace"
+    real = getattr(type(eng.store), target)
+
+    def crash_after(self: object, *a: object) -> object:
+        real(self, *a)
+        raise Crash(target)
+
+    monkeypatch.setattr(type(eng.store), target, crash_after)
+    with pytest.raises(Crash):
+        eng.destroy(s)
+    monkeypatch.setattr(type(eng.store), target, real)
+    journal = json.loads(eng.meta.gc_file.read_text())
+    assert journal["child"] == v
+    # a pending journal on the VDI's chain holds attaches off
+    nxt = fresh(eng)
+    with pytest.raises(BackendError, match="GC_IN_PROGRESS"):
+        vdipath.attach(nxt, "vm", v, True)
+    # the next tree operation finishes it first
+    nxt.create({"name_label": "other", "virtual_size": MiB})
+    assert not eng.meta.gc_file.exists()
+    assert read(nxt, v, [0, BLOCK]) == [pat("base"), pat("leaf")]
+    assert nxt.store.chain(v) == [v]
+    assert hidden_volumes(nxt) == []
+
+
+def _steps_of(
+    eng: SrEngine, op: Callable[[], object], monkeypatch: pytest.MonkeyPatch
+) -> int:
+    """How many store/metadata steps ``op`` takes (it is run once, for real)."""
+    count = 0
+    for obj, names in _WATCHED(eng):
+        for name in names:
+            real = getattr(obj, name)
+
+            def counting(*a: object, _real: Callable[..., object] = real) -> object:
+                nonlocal count
+                count += 1
+                return _real(*a)
+
+            monkeypatch.setattr(obj, name, counting)
+    op()
+    monkeypatch.undo()
+    return count
+
+
+def _WATCHED(eng: SrEngine) -> list[tuple[object, list[str]]]:
+    return [
+        (
+            eng.store,
+            [
+                "push_down",
+                "snapshot",
+                "renew",
+                "set_hidden",
+                "set_parent",
+                "remove",
+                "replace",
+                "coalesce",
+            ],
+        ),
+        (eng.meta, ["put", "remove"]),
+    ]
+
+
+def _crash_at(eng: SrEngine, n: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    count = 0
+    for obj, names in _WATCHED(eng):
+        for name in names:
+            real = getattr(obj, name)
+
+            def crashing(*a: object, _real: Callable[..., object] = real) -> object:
+                nonlocal count
+                count += 1
+                if count == n:
+                    raise Crash(f"step {n}")
+                return _real(*a)
+
+            monkeypatch.setattr(obj, name, crashing)
+
+
+OPS = [
+    "snapshot",
+    "clone",
+    "set_persistent",
+    "epoch_begin",
+    "compose",
+    "destroy_snapshot",
+]
+
+
+@pytest.mark.parametrize("opname", OPS)
+def test_a_kill_at_any_step_loses_no_data(
+    eng: SrEngine, opname: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def setup(e: SrEngine) -> tuple[str, str, Callable[[], object]]:
+        v = new(e, "v")
+        write(e, v, {0: pat("v0")})
+        other = new(e, "o")
+        write(e, other, {BLOCK: pat("o1")})
+        if opname == "epoch_begin":
+            e.set_persistent(v, False)
+        if opname == "destroy_snapshot":
+            s = e.snapshot({"vdi": v})["vdi"]
+            write(e, v, {BLOCK: pat("v1")})
+        op = {
+            "snapshot": lambda: e.snapshot({"vdi": v}),
+            "clone": lambda: e.clone({"vdi": v}),
+            "set_persistent": lambda: e.set_persistent(v, False),
+            "epoch_begin": lambda: e.epoch_begin(v),
+            "compose": lambda: e.compose(other, v),
+            "destroy_snapshot": lambda: e.destroy(s),
+        }[opname]
+        return v, other, op
+
+    v, other, op = setup(eng)
+    want_v = read(eng, v, [0, BLOCK])
+    steps = _steps_of(eng, op, monkeypatch)
+    assert steps >= 1
+    for n in range(1, steps + 1):
+        for p in list(eng.sr_dir.iterdir()):
+            if p.is_file():
+                p.unlink()
+        for p in eng.meta.vdi_dir.iterdir():
+            p.unlink()
+        e = fresh(eng)
+        v, other, op = setup(e)
+        _crash_at(e, n, monkeypatch)
+        with pytest.raises(Crash):
+            op()
+        monkeypatch.undo()
+        after = fresh(eng)
+        got = read(after, v, [0, BLOCK])
+        if opname == "epoch_begin":
+            assert got in (want_v, [pat("v0"), ZERO]), n
+        elif opname == "compose":
+            assert got in (want_v, [pat("v0"), ZERO], [pat("v0"), pat("o1")]), (n, got)
+        else:
+            assert got == want_v, (n, got)
+        assert read(after, other, [BLOCK]) == [pat("o1")], n
+        gc(after)
+        assert read(after, v, [0, BLOCK]) == got, n
+        for rec in after.meta.records():
+            assert (
+                after.store.check(rec.volume) if hasattr(after.store, "check") else True
+            )
+        unref = (
+            set(after.store.list())
+            - {r.volume for r in after.meta.records()}
+            - {r.epoch_base for r in after.meta.records()}
+        )
+        tree = after.store.tree()
+        assert all(any(n2.parent == u for n2 in tree.values()) for u in unref), n
