@@ -1,0 +1,199 @@
+"""smctl as people and scripts use it: against the daemon (socket, URL), and
+--direct; output, errors and exit codes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from dispatcher_testlib import REPO, Daemon
+
+pytestmark = pytest.mark.integration
+
+EXTSR = REPO / "plugins" / "ext" / "EXTSR"
+
+
+def smctl(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "dispatcher.smctl", *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
+
+
+def test_entry_point_is_installed() -> None:
+    assert shutil.which("smctl"), "smctl is not on PATH (pip install -e .)"
+    assert shutil.which("sm-dispatcher"), (
+        "sm-dispatcher is not on PATH (pip install -e .)"
+    )
+    r = subprocess.run(
+        ["smctl", "--help"], check=False, capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0
+    assert "cancel TASK" in r.stdout and "exit codes" in r.stdout
+
+
+def test_cannot_connect_is_exit_3(tmp_path: Path, sm_root: Path) -> None:
+    r = smctl("--socket", str(tmp_path / "nope.sock"), "sr-ls")
+    assert r.returncode == 3
+    assert r.stderr.startswith("smctl: error: cannot reach the dispatcher")
+    r = smctl("--url", "http://127.0.0.1:9/", "sr-ls")
+    assert r.returncode == 3
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["vdi-create", "sr1"],
+        ["vdi-create", "sr1", "--name", "d", "--size", "10Q"],
+        ["nosuch"],
+        [],
+    ],
+)
+def test_usage_errors_are_exit_2(args: list[str]) -> None:
+    r = smctl(*args)
+    assert r.returncode == 2
+    assert "usage:" in r.stderr
+
+
+def test_results_errors_and_json(daemon: Daemon) -> None:
+    s = ["--socket", str(daemon.socket)]
+    r = smctl(*s, "vdi-stat", "sr1", "ok", "--type", "fake")
+    assert r.returncode == 0
+    assert "virtual_size" in r.stdout and "(10M)" in r.stdout
+    r = smctl(*s, "--json", "vdi-stat", "sr1", "ok", "--type", "fake")
+    assert r.returncode == 0
+    assert json.loads(r.stdout)["virtual_size"] == 10 << 20
+    r = smctl(*s, "vdi-stat", "sr1", "missing", "--type", "fake")
+    assert r.returncode == 1
+    assert (
+        r.stderr
+        == "smctl: error: VDI.stat: Vdi_does_not_exist: VDI missing does not exist\n"
+    )
+    r = smctl(*s, "--json", "vdi-stat", "sr1", "missing", "--type", "fake")
+    assert json.loads(r.stdout) == {
+        "Status": "Failure",
+        "ErrorDescription": ["Vdi_does_not_exist", "missing"],
+    }
+    r = smctl(*s, "vdi-stat", "sr1", "fail", "--type", "fake")
+    assert r.returncode == 1
+    first, *detail = r.stderr.splitlines()
+    assert first.startswith("smctl: error: VDI.stat: PLUGIN_FAILED: ")
+    assert "  fake: the backend is on fire" in detail
+    r = smctl("--url", str(daemon.url), "sr-ls")
+    assert r.returncode == 0
+    assert sorted(r.stdout.split()) == ["fake-sr1", "other-sr1", "shared-sr"]
+    r = smctl(*s, "query")
+    assert r.stdout.splitlines()[0].split() == ["TYPE", "VERSION", "NAME"]
+    assert r.returncode == 0
+    r = smctl(*s, "vdi-stat", "sr-unknown", "ok")
+    assert r.returncode == 1
+    assert "UNKNOWN_SR" in r.stderr.splitlines()[0]
+
+
+def test_cancel_from_smctl(daemon: Daemon) -> None:
+    s = ["--socket", str(daemon.socket)]
+    victim = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dispatcher.smctl",
+            *s,
+            "--dbg",
+            "cli-task",
+            "vdi-stat",
+            "sr1",
+            "sleep",
+            "--type",
+            "fake",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        st = smctl(*s, "--json", "status")
+        if any(
+            c["dbg"] == "cli-task" and c["pids"]
+            for c in json.loads(st.stdout)["running"]
+        ):
+            break
+        time.sleep(0.05)
+    r = smctl(*s, "cancel", "cli-task")
+    assert r.returncode == 0, r.stderr
+    _out, err = victim.communicate(timeout=30)
+    assert victim.returncode == 1
+    assert "Cancelled: the call cli-task was cancelled" in err
+    r = smctl(*s, "cancel", "cli-task")
+    assert r.returncode == 1
+    assert "Does_not_exist" in r.stderr
+
+
+def test_direct_runs_the_plugin_without_a_daemon(
+    plugins_dir: Path, sm_root: Path
+) -> None:
+    p = ["--direct", "--plugins-dir", str(plugins_dir)]
+    r = smctl(*p, "--json", "vdi-stat", "sr1", "ok", "--type", "fake")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["vdi"] == "ok"
+    r = smctl(*p, "vdi-stat", "sr1", "ok", "--type", "nosuch")
+    assert r.returncode == 3
+    assert "no plugin for SR type 'nosuch'" in r.stderr
+    r = smctl(*p, "sr-ls")
+    assert sorted(r.stdout.split()) == ["fake-sr1", "other-sr1", "shared-sr"]
+
+
+@pytest.mark.parametrize("mode", ["daemon", "direct"])
+def test_a_session_with_the_ext_plugin(
+    mode: str, start_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    if not EXTSR.exists():
+        pytest.skip(f"{EXTSR} does not exist yet")
+    if mode == "daemon":
+        d = start_daemon(plugins=REPO / "plugins")
+        where = ["--socket", str(d.socket)]
+    else:
+        where = ["--direct"]
+    srdir = tmp_path / "sr1"
+    srdir.mkdir()
+    r = smctl(*where, "sr-create", "ext", "--path", str(srdir))
+    assert r.returncode == 0, r.stderr
+    sr = r.stdout.strip()
+    assert len(sr) == 36
+    r = smctl(*where, "vdi-create", sr, "--name", "d0", "--size", "10G")
+    assert r.returncode == 0, r.stderr
+    r = smctl(*where, "vdi-list", sr)
+    assert r.returncode == 0, r.stderr
+    header, row = r.stdout.splitlines()
+    assert header.split() == [
+        "VDI",
+        "NAME",
+        "SIZE",
+        "USED",
+        "RO",
+        "SNAPSHOT",
+        "PERSISTENT",
+    ]
+    vdi, name, size, *_ = row.split()
+    assert (name, size) == ("d0", "10G")
+    r = smctl(*where, "vdi-snapshot", sr, vdi, "--name", "s0")
+    assert r.returncode == 0, r.stderr
+    r = smctl(*where, "--json", "vdi-get-by-name", sr, "s0")
+    assert json.loads(r.stdout)["is_a_snapshot"] is True
+    assert smctl(*where, "vdi-destroy", sr, vdi).returncode == 0
+    r = smctl(*where, "vdi-stat", sr, vdi)
+    assert r.returncode == 1 and "Vdi_does_not_exist" in r.stderr
+    assert smctl(*where, "sr-detach", sr).returncode == 0
+    r = smctl(*where, "vdi-list", sr)
+    assert r.returncode == 1 and "Sr_not_attached" in r.stderr
