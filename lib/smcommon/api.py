@@ -115,7 +115,7 @@ class Type:
             unknown = [k for k in value if k not in self.fields]
             if unknown:
                 raise InvalidRequest(
-                    f"{where}: unknown {self.name} field {unknown[0]!r} "
+                    f"{where}: unknown {self.name} field {_short(unknown[0])} "
                     f"(known: {', '.join(self.fields)})"
                 )
             out: dict[str, object] = {}
@@ -222,7 +222,8 @@ class Method:
         for k in params:
             if k not in self.inputs:
                 raise InvalidRequest(
-                    f"{self.name}: unexpected argument {k!r} (expected: {', '.join(self.inputs)})"
+                    f"{self.name}: unexpected argument {_short(k)} "
+                    f"(expected: {', '.join(self.inputs)})"
                 )
         kwargs: dict[str, object] = {}
         for name, arg in self.inputs.items():
@@ -578,4 +579,4 @@ def lookup(name: str, extra: Iterable[Method] = ()) -> Method:
     for m in extra:
         if m.name == name:
             return m
-    raise UnknownMethod(name)
+    raise UnknownMethod(name if len(name) <= 100 else name[:97] + "...")

@@ -33,6 +33,7 @@ what every call needs; the driver factory should import its engine lazily too.
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 import time
@@ -128,7 +129,7 @@ class Call:
         first = params[0] if len(params) == 1 and isinstance(params[0], dict) else {}
         dbg, sr = first.get("dbg"), first.get("sr")
         if self.context is not None and isinstance(dbg, str):
-            self.context.dbg = dbg
+            self.context.dbg = self._clean(dbg)
         method: api.Method | None = None
         try:
             if name is None:
@@ -167,12 +168,24 @@ class Call:
         self._log_call(name, sr, started, "ok")
         return outcome
 
+    @staticmethod
+    def _clean(text: str) -> str:
+        """``text`` safe for one log line: no control characters, bounded."""
+        if not text.isprintable():
+            text = text.encode("unicode_escape").decode("ascii")
+        return text if len(text) <= 200 else text[:197] + "..."
+
     def _log_call(
         self, name: str | None, sr: object, started: float, outcome: str
     ) -> None:
         took = time.monotonic() - started
-        where = f" sr={sr}" if isinstance(sr, str) and sr else ""
-        self.log.info("%s%s: %s in %.3fs", name or "?", where, outcome, took)
+        where = f" sr={self._clean(sr)}" if isinstance(sr, str) and sr else ""
+        text = (
+            self._clean(outcome)
+            if len(outcome) > 200 or not outcome.isprintable()
+            else outcome
+        )
+        self.log.info("%s%s: %s in %.3fs", self._clean(name or "?"), where, text, took)
 
 
 # --- reading the request ----------------------------------------------------------
@@ -356,21 +369,20 @@ def main(driver_factory: DriverFactory, argv: list[str] | None = None) -> NoRetu
     args = sys.argv[1:] if argv is None else list(argv)
     prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "plugin"
     # The response goes to a private copy of stdout; fd 1 points at stderr while
-    # the driver runs, so nothing else can write into the response.
-    sys.stdout.flush()
-    out: BinaryIO
-    try:
-        out_fd = os.dup(1)
-        os.dup2(2, 1)
-        out = os.fdopen(out_fd, "wb")
-    except OSError:
-        out = sys.stdout.buffer
+    # the driver runs, so nothing else can write into the response.  The copy is
+    # not inherited by children, so none of them can hold the caller's pipe open.
+    if sys.stderr is None:  # started with fd 2 closed
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 -- for the life of the process
+    if sys.stdout is not None:
+        sys.stdout.flush()
+    out = _response_stream()
     sys.stdout = sys.stderr
+    stdin = sys.stdin.buffer if sys.stdin is not None else io.BytesIO()
     try:
         code = run(
             driver_factory,
             args,
-            stdin=sys.stdin.buffer,
+            stdin=stdin,
             stdout=out,
             stderr=sys.stderr,
             prog=prog,
@@ -386,6 +398,21 @@ def main(driver_factory: DriverFactory, argv: list[str] | None = None) -> NoRetu
     except OSError:
         pass
     raise SystemExit(code)
+
+
+def _response_stream() -> BinaryIO:
+    """A private copy of fd 1 for the response; fd 1 then points at stderr."""
+    try:
+        out_fd = os.dup(1)
+    except OSError:  # started with fd 1 closed: nobody reads the response
+        return open(os.devnull, "wb")
+    try:
+        os.dup2(2, 1)
+    except OSError:  # fd 2 closed: stray output goes nowhere
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 1)
+        os.close(null)
+    return os.fdopen(out_fd, "wb")
 
 
 def run(

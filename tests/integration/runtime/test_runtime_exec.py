@@ -332,3 +332,28 @@ def test_verbose_logs_to_stderr_and_every_call_to_the_log_file(env):
     assert "[loud] smcommon.plugin: SR.ls: ok in" in r.err
     log = (Path(env["SM_ROOT"]) / "var/log/sm/sm.log").read_text()
     assert "[loud] smcommon.plugin: SR.ls: ok in" in log
+
+
+@pytest.mark.parametrize("closed", [0, 1, 2])
+def test_closed_standard_descriptors(env, closed):
+    """Started with stdin, stdout or stderr closed: still exits 0, no traceback."""
+    req = request("SR.ls", dbg="t")
+    feed = subprocess.PIPE if closed != 0 else None
+    proc = subprocess.Popen(
+        [sys.executable, str(TOYSR)],
+        stdin=feed,
+        stdout=subprocess.PIPE if closed != 1 else None,
+        stderr=subprocess.PIPE if closed != 2 else None,
+        env=env,
+        pass_fds=(),
+        preexec_fn=lambda: os.close(closed),  # noqa: PLW1509 -- a single-threaded child
+    )
+    out, err = proc.communicate(req if closed != 0 else None, timeout=60)
+    assert proc.returncode == 0
+    assert b"Traceback" not in (err or b"")
+    if out is not None:
+        (body,), _ = xmlrpc.client.loads(out.decode())
+        expected = (
+            "Failure" if closed == 0 else "Success"
+        )  # closed stdin = empty request
+        assert body["Status"] == expected

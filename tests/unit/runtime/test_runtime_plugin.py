@@ -506,3 +506,17 @@ def test_read_request_size_bound_on_a_pipe(tmp_path):
 def test_read_request_from_a_stream_without_fd():
     with pytest.raises(errors.InvalidRequest, match="larger than"):
         plugin.read_request(io.BytesIO(b"x" * (plugin.rpc.MAX_REQUEST + 1)))
+
+
+def test_log_lines_cannot_be_forged_by_request_fields(root):
+    wire("VDI.stat", {"dbg": "a\nFAKE b", "sr": "s\nFAKE", "vdi": "v"})
+    lines = (root / "var/log/sm/sm.log").read_text().splitlines()
+    assert not any(x.startswith("FAKE") for x in lines), lines
+    assert any("[a\\nFAKE b]" in x and "sr=s\\nFAKE" in x for x in lines), lines
+
+
+def test_long_names_are_cut_in_errors():
+    desc = failure(wire("X" * 5000, {"dbg": "d"}))
+    assert desc[:2] == ["Backend_error", "UNKNOWN_METHOD"] and len(desc[2]) < 200
+    desc = failure(wire("SR.ls", {"dbg": "d", "k" * 5000: 1}))
+    assert "unexpected argument" in desc[2] and len(desc[2]) < 300
