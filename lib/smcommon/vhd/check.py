@@ -70,6 +70,8 @@ def _check(fd: int, size: int, path: str, search_dirs: list[str] | None) -> list
     if footer is None:
         problems.append(str(tail))
     if footer is not None and footer.disk_type == fmt.DISK_FIXED:
+        if footer.current_size % fmt.SECTOR:
+            problems.append(f"disk size {footer.current_size} is not a multiple of 512")
         if footer.current_size != size - fmt.FOOTER_SIZE:
             problems.append(f"fixed disk of {footer.current_size} bytes in a file of "
                             f"{size} bytes (expected {footer.current_size + fmt.FOOTER_SIZE})")
@@ -83,6 +85,12 @@ def _check(fd: int, size: int, path: str, search_dirs: list[str] | None) -> list
     elif head.to_bytes() != footer.to_bytes():
         problems.append("the footer copy at offset 0 differs from the tail footer")
     assert footer is not None
+    if footer.features & ~0x3:
+        problems.append(f"footer features {footer.features:#010x} has unknown bits")
+    if not footer.features & fmt.FEATURES_RESERVED:
+        problems.append("footer features: the reserved bit 0x2 is not set")
+    if footer.current_size % fmt.SECTOR:
+        problems.append(f"disk size {footer.current_size} is not a multiple of 512")
     end = size - fmt.FOOTER_SIZE
     hoff = footer.data_offset
     if hoff < fmt.FOOTER_SIZE or hoff + fmt.HEADER_SIZE > end:

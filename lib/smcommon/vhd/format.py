@@ -133,6 +133,9 @@ class Footer:
         want = checksum(data[:FOOTER_CHECKSUM_AT] + b"\0\0\0\0" + data[FOOTER_CHECKSUM_AT + 4 :])
         if footer.checksum != want:
             raise Corrupt(f"{where}: bad checksum {footer.checksum:#010x} (computed {want:#010x})")
+        if footer.version >> 16 != 1:
+            raise Corrupt(f"{where}: format version {footer.version >> 16}."
+                          f"{footer.version & 0xFFFF}, only 1.x is known")
         if footer.disk_type not in DISK_TYPE_NAMES:
             raise Corrupt(f"{where}: unknown disk type {footer.disk_type}")
         return footer
@@ -254,10 +257,15 @@ class Header:
         want = checksum(data[:HEADER_CHECKSUM_AT] + b"\0\0\0\0" + data[HEADER_CHECKSUM_AT + 4 :])
         if header.checksum != want:
             raise Corrupt(f"{where}: bad checksum {header.checksum:#010x} (computed {want:#010x})")
+        if header.version != HEADER_VERSION:
+            raise Corrupt(f"{where}: header version {header.version >> 16}."
+                          f"{header.version & 0xFFFF}, only 1.0 is known")
         return header
 
     def validate(self, where: str = "dynamic header") -> None:
         """Raise Corrupt if a size in the header is out of bounds."""
+        if self.data_offset != NO_OFFSET:
+            raise Corrupt(f"{where}: data offset {self.data_offset:#x} (must be 0xFFFFFFFFFFFFFFFF)")
         bs = self.block_size
         if bs < MIN_BLOCK_SIZE or bs > MAX_BLOCK_SIZE or bs & (bs - 1):
             raise Corrupt(f"{where}: block size {bs} is not a power of two in "

@@ -172,6 +172,8 @@ class Image:
             self.footer = head
             self.tail_damaged = True
         footer = self.footer
+        if footer.current_size % fmt.SECTOR:
+            raise Corrupt(f"{path}: disk size {footer.current_size} is not a multiple of 512")
         if footer.disk_type == fmt.DISK_FIXED:
             if footer.current_size > self.end():
                 raise Corrupt(f"{path}: fixed disk of {footer.current_size} bytes in a "
@@ -395,6 +397,8 @@ class Image:
             img = img.parent
 
     def read(self, offset: int, length: int) -> bytes:
+        check_int("offset", offset)
+        check_int("length", length)
         if offset < 0 or length < 0:
             raise InvalidArgument(f"{self.path}: negative offset or length")
         if offset + length > self.virtual_size:
@@ -442,6 +446,11 @@ class Image:
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write ``data`` at ``offset`` of the virtual disk; durable when it returns."""
         self._check_writable()
+        check_int("offset", offset)
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise InvalidArgument(f"data must be bytes, not {type(data).__name__}")
+        if isinstance(data, memoryview):
+            data = data.cast("B") if data.c_contiguous else data.tobytes()
         length = len(data)
         if offset < 0:
             raise InvalidArgument(f"{self.path}: negative offset")
@@ -544,6 +553,11 @@ class Image:
         self._pwrite(header.to_bytes(), self.footer.data_offset, "the dynamic header")
         self.sync()
         self.header = header
+
+
+def check_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgument(f"{name} must be an integer, not {value!r}")
 
 
 _FULL: dict[int, bytes] = {}

@@ -15,6 +15,7 @@ from smcommon.vhd.create import check_parent_allowed, check_size, parent_locator
 from smcommon.vhd.errors import (
     Corrupt,
     DataBeyondEnd,
+    InvalidArgument,
     ParentLoop,
     Unsupported,
     from_os_error,
@@ -47,6 +48,8 @@ def write(path: str | os.PathLike[str], offset: int, data: bytes, *,
 
 def set_hidden(path: str | os.PathLike[str], hidden: bool) -> None:
     """Set blktap's hidden byte (footer offset 85) in both footer copies."""
+    if not isinstance(hidden, bool):
+        raise InvalidArgument(f"hidden must be True or False, not {hidden!r}")
     with Image.open(path, writable=True, parents=False) as img:
         img.set_footer(img.footer.sealed(hidden=1 if hidden else 0))
 
