@@ -159,3 +159,45 @@ def test_allocation_map_covers_the_disk_and_finds_the_data(sr_dir: Path) -> None
     ]
     for b in unwritten_blocks:
         assert depth_at(b * vp.BLOCK) == 0
+
+
+def test_unicode_and_spaced_names_link_for_libvhdi(sr_dir: Path) -> None:
+    """Parent names are UTF-16 in the header and W2ru/W2ku locators: non-ASCII
+    (including characters outside the BMP) and spaces must survive."""
+    pyvhdi = pytest.importorskip("pyvhdi", reason="libvhdi-python is not installed")
+    names = ["é ü 日本.vhd", "a b.vhd", "😀" * 20 + ".vhd", "z" * 150 + ".vhd"]
+    paths = [str(sr_dir / n) for n in names]
+    size = 4 * MIB
+    model = bytearray(size)
+    for i, p in enumerate(paths):
+        if i == 0:
+            vhd.create(p, size)
+        else:
+            vhd.snapshot(paths[i - 1], p)
+        data = vp.pattern(i, 8192)
+        vhd.write(p, i * 8192, data)
+        vp.apply(model, i * 8192, data)
+    lineage = list(reversed(paths))
+    assert [Path(x).resolve() for x in vhd.chain(paths[-1])] == [
+        Path(x).resolve() for x in lineage
+    ]
+    assert vhd.read(paths[-1], 0, size) == model
+    assert vp.libvhdi_read_chain(lineage, 0, size) == model
+    for child, parent in zip(paths[1:], paths, strict=False):
+        f = pyvhdi.file()
+        f.open(child)
+        try:
+            assert f.parent_filename == Path(parent).name
+        finally:
+            f.close()
+
+
+def test_longest_legal_file_name(sr_dir: Path) -> None:
+    """A 255-byte name is legal on ext4; create and snapshot must accept it."""
+    base = sr_dir / ("b" * 251 + ".vhd")
+    leaf = sr_dir / ("l" * 251 + ".vhd")
+    vhd.create(str(base), 2 * MIB)
+    vhd.snapshot(str(base), str(leaf))
+    vhd.write(str(leaf), 0, b"ok")
+    assert vhd.read(str(leaf), 0, 2) == b"ok"
+    assert Path(vhd.info(str(leaf)).parent or "").resolve() == base.resolve()
