@@ -48,7 +48,7 @@ def new_file(path: str) -> Iterator[int]:
     if os.path.lexists(path):
         raise AlreadyExists(f"{path}: already exists")
     directory, name = os.path.split(path)
-    tmp = os.path.join(directory, f".{name}.tmp-{uuidlib.uuid4().hex[:12]}")
+    tmp = os.path.join(directory, f".vhd-tmp-{uuidlib.uuid4().hex[:16]}")
     try:
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     except OSError as exc:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import struct
 
 import pytest
-
 from smcommon.vhd import format as fmt
 from smcommon.vhd.errors import Corrupt
 

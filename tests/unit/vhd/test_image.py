@@ -6,12 +6,11 @@ import os
 from pathlib import Path
 
 import pytest
-from vhd_unit_helpers import BLOCK, MIB, apply, pattern
-
 from smcommon import vhd
 from smcommon.vhd import format as fmt
 from smcommon.vhd.create import parent_locators
 from smcommon.vhd.image import Image
+from vhd_unit_helpers import BLOCK, MIB, apply, pattern
 
 
 def test_create_dynamic_rounds_up_and_says_so(tmp_path: Path) -> None:
