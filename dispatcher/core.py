@@ -174,7 +174,7 @@ class Dispatcher:
                 continue
             if TYPE_RE.fullmatch(cand) and self.plugin_path(cand) and cand not in found:
                 found.append(cand)
-        return found
+        return sorted(found)
 
     # -- the entry point -------------------------------------------------------
 

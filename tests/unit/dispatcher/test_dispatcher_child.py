@@ -1,0 +1,113 @@
+"""dispatcher.child: one process per call, bounded and always reaped."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+
+import psutil
+
+from dispatcher.child import Child
+
+
+def no_children() -> bool:
+    return psutil.Process().children(recursive=True) == []
+
+
+def test_feeds_stdin_and_collects_stdout() -> None:
+    data = b"x" * 300_000  # more than a pipe buffer
+    r = Child(["cat"], data, timeout=30).run()
+    assert (r.rc, r.out, r.timed_out, r.cancelled) == (0, data, False, False)
+    assert no_children()
+
+
+def test_exit_status_and_stderr_tail() -> None:
+    r = Child(
+        ["sh", "-c", "yes e | head -c 100000 >&2; echo last words >&2; exit 4"],
+        b"",
+        timeout=30,
+    ).run()
+    assert r.rc == 4
+    assert r.describe() == "exited with status 4"
+    assert r.err_text().endswith("last words")
+    assert len(r.err) <= 8192
+
+
+def test_death_by_signal() -> None:
+    r = Child(["sh", "-c", "kill -KILL $$"], b"", timeout=30).run()
+    assert r.rc == -signal.SIGKILL
+    assert r.describe() == "was killed by SIGKILL"
+
+
+def test_timeout_kills_the_group(tmp_path: Path) -> None:
+    pidfile = tmp_path / "pid"
+    r = Child(
+        ["sh", "-c", f"sleep 60 & echo $! > {pidfile}; wait"], b"", timeout=0.5
+    ).run()
+    assert r.timed_out and r.rc == -signal.SIGKILL
+    assert (
+        not psutil.pid_exists(int(pidfile.read_text()))
+        or psutil.Process(int(pidfile.read_text())).status() == psutil.STATUS_ZOMBIE
+    )
+    assert no_children()
+
+
+def test_leftovers_die_with_the_call(tmp_path: Path) -> None:
+    pidfile = tmp_path / "pid"
+    r = Child(
+        ["sh", "-c", f"sleep 60 >/dev/null 2>&1 & echo $! > {pidfile}; echo done"],
+        b"",
+        timeout=30,
+    ).run()
+    assert (r.rc, r.out) == (0, b"done\n")
+    pid = int(pidfile.read_text())
+    assert (
+        not psutil.pid_exists(pid)
+        or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    )
+
+
+def test_cancel_escalates_to_sigkill() -> None:
+    c = Child(["sh", "-c", "trap '' TERM; sleep 60"], b"", timeout=60, grace=0.2)
+    threading.Timer(0.2, c.cancel).start()
+    r = c.run()
+    assert r.cancelled
+    assert r.rc == -signal.SIGKILL
+    assert no_children()
+
+
+def test_cancel_before_start_runs_nothing() -> None:
+    c = Child(["sh", "-c", "exit 0"], b"", timeout=5)
+    c.cancel()
+    r = c.run()
+    assert r.cancelled and r.rc is None
+
+
+def test_output_is_bounded() -> None:
+    r = Child(["yes"], b"", timeout=30, max_out=100_000).run()
+    assert r.overflow
+    assert len(r.out) == 100_000
+    assert no_children()
+
+
+def test_spawn_failure_is_reported(tmp_path: Path) -> None:
+    exe = tmp_path / "noexec"
+    exe.write_text("#!/bin/sh\n")
+    r = Child([str(exe)], b"", timeout=5).run()
+    assert r.rc is None and "Permission denied" in r.describe()
+
+
+def test_child_that_ignores_stdin() -> None:
+    r = Child(["true"], b"y" * 1_000_000, timeout=30).run()
+    assert r.rc == 0
+
+
+def test_environment_is_passed() -> None:
+    r = Child(
+        ["sh", "-c", "echo $SM_ROOT"],
+        b"",
+        timeout=5,
+        env={"SM_ROOT": "/x", "PATH": "/usr/bin:/bin"},
+    ).run()
+    assert r.out == b"/x\n"
