@@ -385,6 +385,10 @@ class Dispatcher:
                     and isinstance(resp.value.get("Value"), dict)
                 ):
                     listing.append(resp.value["Value"])
+                elif resp is not None and resp.status == "Success":
+                    listing.append(
+                        {"driver": t, "error": "the answer is not a query_result"}
+                    )
                 else:
                     listing.append(
                         {"driver": t, "error": " ".join(_describe(out, resp))}
