@@ -47,7 +47,7 @@ def new_file(path: str) -> Iterator[int]:
     path = os.path.abspath(path)
     if os.path.lexists(path):
         raise AlreadyExists(f"{path}: already exists")
-    directory, name = os.path.split(path)
+    directory = os.path.dirname(path)
     tmp = os.path.join(directory, f".vhd-tmp-{uuidlib.uuid4().hex[:16]}")
     try:
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
