@@ -230,6 +230,8 @@ def bench_big(d: Path, runs: int) -> dict[str, list[float]]:
         "on_disk": [],
         "vhd_info": [],
         "qemu_info": [],
+        "floor": [],
+        "in_process": [],
     }
     big = d / "big.vhd"
     for _ in range(runs):
@@ -246,6 +248,11 @@ def bench_big(d: Path, runs: int) -> dict[str, list[float]]:
                 )
             )
         )
+        # the interpreter's floor: start-up and import of the command, no work
+        t["floor"].append(
+            timed(lambda: run([sys.executable, "-c", "import smcommon.vhd.cli"]))
+        )
+        t["in_process"].append(timed(lambda: vhd.info(str(big))))
     remove(big)
     return t
 
@@ -326,6 +333,11 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"2040 GiB dynamic: create {med(t['create']) * 1000:7.1f} ms, on disk {med(t['on_disk']) / MIB:.2f} MiB "
                 f"(st_blocks*512);   vhd info {vi * 1000:6.1f} ms   qemu-img info {qi * 1000:6.1f} ms   ratio {vi / qi:5.2f}"
+            )
+            fl, ip = med(t["floor"]), med(t["in_process"])
+            print(
+                f"        python start + import smcommon.vhd.cli (floor) {fl * 1000:6.1f} ms;"
+                f" vhd info minus floor {(vi - fl) * 1000:6.1f} ms; vhd.info() in process {ip * 1000:6.1f} ms"
             )
     finally:
         shutil.rmtree(d, ignore_errors=True)
