@@ -13,6 +13,7 @@ from smcommon.vhd.check import check, repair
 from smcommon.vhd.create import create, snapshot
 from smcommon.vhd.errors import (
     AlreadyExists,
+    Busy,
     ChainTooDeep,
     Corrupt,
     DataBeyondEnd,
@@ -47,6 +48,7 @@ __all__ = [
     "BLOCK_SIZE",
     "MAX_VIRTUAL_SIZE",
     "AlreadyExists",
+    "Busy",
     "ChainTooDeep",
     "Corrupt",
     "DataBeyondEnd",

@@ -14,7 +14,7 @@ import stat
 
 from smcommon.vhd import format as fmt
 from smcommon.vhd.errors import Corrupt, InvalidArgument, VhdError, from_os_error
-from smcommon.vhd.image import Image, format_uuid
+from smcommon.vhd.image import Image, format_uuid, lock_file
 
 MAX_REPORTED = 50
 
@@ -41,11 +41,14 @@ def _open_fd(path: str, writable: bool) -> tuple[int, int]:
         fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as exc:
         raise from_os_error(path, exc, "opening the image") from None
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise InvalidArgument(f"{path}: not a regular file")
+        lock_file(fd, path, exclusive=writable)
+        return fd, os.fstat(fd).st_size
+    except BaseException:
         os.close(fd)
-        raise InvalidArgument(f"{path}: not a regular file")
-    return fd, st.st_size
+        raise
 
 
 def check(path: str | os.PathLike[str], *, search_dirs: list[str] | None = None) -> list[str]:

@@ -14,6 +14,7 @@
           +-- ParentLoop        VHD_PARENT_LOOP: an image is its own ancestor
           +-- ChainTooDeep      VHD_CHAIN_TOO_DEEP: more than MAX_CHAIN_DEPTH images
           +-- DataBeyondEnd     VHD_DATA_BEYOND_END: a shrink would drop allocated data
+          +-- Busy              VHD_BUSY: another process holds the image's lock too long
           +-- ReadOnly          VHD_READ_ONLY: a write through an image opened read-only
           +-- VhdIOError        VHD_IO_ERROR: the operating system refused an I/O (errno)
 
@@ -76,6 +77,10 @@ class ChainTooDeep(VhdError):
 
 class DataBeyondEnd(VhdError):
     code = "VHD_DATA_BEYOND_END"
+
+
+class Busy(VhdError):
+    code = "VHD_BUSY"
 
 
 class ReadOnly(VhdError):

@@ -24,13 +24,16 @@ Layout of the images this module creates (dynamic and differencing)::
 
 from __future__ import annotations
 
+import fcntl
 import os
 import stat
+import time
 from dataclasses import asdict, dataclass
 from typing import Self
 
 from smcommon.vhd import format as fmt
 from smcommon.vhd.errors import (
+    Busy,
     ChainTooDeep,
     Corrupt,
     InvalidArgument,
@@ -123,7 +126,8 @@ class Image:
             if key in seen:
                 raise ParentLoop(f"{path}: parent loop (this image is its own ancestor)")
             seen.add(key)
-            img._size = st.st_size
+            lock_file(fd, path, exclusive=writable)
+            img._size = os.fstat(fd).st_size       # after the lock: a writer may have grown it
             img.depth = _depth
             img._load()
             if parents and img.footer.disk_type == fmt.DISK_DIFFERENCING:
@@ -553,6 +557,34 @@ class Image:
         self._pwrite(header.to_bytes(), self.footer.data_offset, "the dynamic header")
         self.sync()
         self.header = header
+
+
+LOCK_TIMEOUT = 60.0
+LOCK_POLL = 0.005
+
+
+def lock_file(fd: int, path: str, *, exclusive: bool, timeout: float | None = None) -> None:
+    """flock ``fd``: exclusive for a writer, shared for a reader; bounded wait, then Busy.
+
+    One writer at a time per image, and readers never see a half-done
+    allocation (the writer holds its lock from open to close).  Locks belong to
+    the open file: two Image objects on one file in one process exclude each
+    other too.
+    """
+    mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+    deadline = time.monotonic() + (LOCK_TIMEOUT if timeout is None else timeout)
+    while True:
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                kind = "writing" if exclusive else "reading"
+                raise Busy(f"{path}: in use by another process; could not lock it for "
+                           f"{kind} within {LOCK_TIMEOUT if timeout is None else timeout:g}s") from None
+            time.sleep(LOCK_POLL)
+        except OSError as exc:
+            raise from_os_error(path, exc, "locking") from None
 
 
 def check_int(name: str, value: object) -> None:

@@ -17,6 +17,7 @@ from smcommon.vhd.errors import (
     DataBeyondEnd,
     InvalidArgument,
     ParentLoop,
+    ParentMismatch,
     Unsupported,
     from_os_error,
 )
@@ -74,8 +75,10 @@ def set_parent(
         if img.footer.disk_type != fmt.DISK_DIFFERENCING:
             raise Unsupported(f"{child}: a {img.footer.type_name} image has no parent to set")
         header = img.header_or_fail()
-        with open_image(parent, search_dirs=search_dirs) as pimg:
-            st = os.fstat(img.fd)
+        st = os.fstat(img.fd)
+        # the child is locked exclusively: opening it again as an ancestor would wait
+        # on ourselves, so it is excluded up front (ParentLoop)
+        with Image.open(parent, search_dirs=search_dirs, _seen={(st.st_dev, st.st_ino)}) as pimg:
             for anc in pimg.chain():
                 pst = os.fstat(anc.fd)
                 if (pst.st_dev, pst.st_ino) == (st.st_dev, st.st_ino):
@@ -127,10 +130,16 @@ def coalesce(child: str | os.PathLike[str], *, search_dirs: list[str] | None = N
         if img.parent is None:
             raise Unsupported(f"{child}: a {img.footer.type_name} image has no parent")
         ppath = img.parent.path
-        if img.parent.virtual_size < img.virtual_size:
+        psize = img.parent.virtual_size
+        # release the shared lock our chain holds on the parent before locking it to write
+        img.parent.close()
+        img.parent = None
+        if psize < img.virtual_size:
             resize(ppath, img.virtual_size, search_dirs=search_dirs)
         copied = 0
         with open_image(ppath, writable=True, search_dirs=search_dirs) as parent:
+            if parent.footer.uuid != img.header_or_fail().parent_uuid:
+                raise ParentMismatch(f"{ppath}: changed while coalescing {child}")
             assert img.bat is not None
             bs = img.block_size
             for block in img.bat.allocated():
