@@ -5,7 +5,7 @@ and damaged: bytes and fields of the footer (both copies), dynamic header, BAT,
 parent locators and sector bitmaps, with and without a fixed-up checksum (so the
 damage gets past the checksum), and truncation at random points.  Every
 read-side operation (info, chain, check, allocation_map, read, export_raw) runs
-on each case in a worker process (``vhdproof_fuzz.py``) with an alarm per
+(and then a write and a repair) on each case in a worker process (``vhdproof_fuzz.py``) with an alarm per
 operation and a memory cap: each must succeed or raise a ``smcommon.errors.Error``
 with a one-line message -- never another exception, never a hang.
 
@@ -13,6 +13,7 @@ Then targeted cases with precise expectations: truncation, BAT entries past the
 end of the file, overlapping BAT entries, absurd max_table_entries and block
 sizes, bad checksums, a parent loop, and parent locators that lead outside the
 child's directory (the outside file must never be opened: inotify watches it).
+Damaged parents under intact children are fuzzed too.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ pytestmark = pytest.mark.integration
 MIB = vp.MIB
 WORKER = Path(__file__).resolve().parent / "vhdproof_fuzz.py"
 SEED = 20261125
-CASES_PER_BASE = 75
+CASES_PER_BASE = 60
 
 U32 = [0, 1, 2, 3, 511, 512, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFE, 0xFFFFFFFF]
 U64 = [0, 1, 511, 512, 2**31, 2**32, 2**63, 2**64 - 1]
@@ -275,6 +276,15 @@ def test_random_damage_never_crashes_or_hangs(tmp_path: Path) -> None:
             shutil.copyfile(base, path)
             what[name] = mutate(path, rng)
             cases.append({"name": name, "path": str(path)})
+    # an intact child over a damaged parent: each pair in its own directory
+    for i in range(CASES_PER_BASE):
+        name = f"f{i:03d}-under"
+        pair = tmp_path / name
+        pair.mkdir()
+        shutil.copyfile(bases["parent"], pair / "parent.vhd")
+        shutil.copyfile(bases["child"], pair / "child.vhd")
+        what[name] = "parent: " + mutate(pair / "parent.vhd", rng)
+        cases.append({"name": name, "path": str(pair / "child.vhd")})
     results = run_worker(tmp_path, cases)
     bad = _bad_outcomes(results, what)
     assert not bad, f"{len(bad)} bad outcomes:\n" + "\n".join(bad[:25])

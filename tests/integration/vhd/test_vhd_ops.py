@@ -259,3 +259,17 @@ def test_wrong_python_types_are_vhd_errors(sr_dir: Path) -> None:
             wrong.append(f"{what}: accepted")
     assert not wrong, "; ".join(wrong)
     assert vhd.read(img, 0, 4 * MIB) == bytes(4 * MIB)
+
+
+def test_repair_restores_a_damaged_head_copy(sr_dir: Path) -> None:
+    img = str(sr_dir / "h.vhd")
+    vhd.create(img, 4 * MIB)
+    vhd.write(img, 100, b"abc")
+    vp.patch(img, 0, b"garbage!")
+    assert vhd.check(img) != [], "a damaged footer copy at offset 0 goes unnoticed"
+    assert vhd.repair(img) != []
+    assert vhd.check(img) == []
+    assert vp.layout(img).footer["cookie"] == b"conectix"
+    with open(img, "rb") as f:
+        assert f.read(8) == b"conectix"
+    assert vhd.read(img, 100, 3) == b"abc"

@@ -70,6 +70,9 @@ def run_case(vhd: Any, errors: Any, path: str, scratch: str) -> list[dict[str, s
         ("read_head", read_head),
         ("read_tail", read_tail),
         ("export_raw", export),
+        # last, as they change the file: a write, then repair
+        ("write", lambda: vhd.write(path, 0, b"fuzz" * 128)),
+        ("repair", lambda: vhd.repair(path)),
     ]
     out = []
     for name, op in ops:
