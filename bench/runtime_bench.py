@@ -11,6 +11,7 @@ drift hits every subject alike), all with this same interpreter
 - ``python -c pass``                       the floor without -I (how a plugin starts)
 - a minimal plugin executable (a driver whose Query.query returns a static
   dict, handed to ``smcommon.plugin.main``) answering one Query.query on stdin
+- plugins/ext/EXTSR answering the same request, when it exists
 
 and prints the ratio plugin / peer (the issue's limit: 2.0).  Bytecode is
 cached in a private PYTHONPYCACHEPREFIX (as an installed package has its .pyc
@@ -54,6 +55,9 @@ if __name__ == "__main__":
 """
 
 
+EXTSR = Path(__file__).resolve().parents[1] / "plugins" / "ext" / "EXTSR"
+
+
 def timed(
     argv: list[str], env: dict[str, str], stdin: bytes = b""
 ) -> tuple[float, bytes]:
@@ -91,6 +95,8 @@ def main() -> None:
             "python -c pass": ([py, "-c", "pass"], env, b""),
             "plugin Query.query": ([py, str(script)], env, request),
         }
+        if EXTSR.exists():  # the real plugin on the same runtime, for reference
+            subjects["EXTSR Query.query"] = ([py, str(EXTSR)], env, request)
         _, out = timed(
             *subjects["plugin Query.query"]
         )  # warm-up: writes the .pyc files
