@@ -9,8 +9,11 @@ name and linked into place at the end (see ``create.new_file``).
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
+import uuid
+from collections.abc import Callable
 
 from smcommon.vhd import format as fmt
 from smcommon.vhd.create import check_size, new_file, write_dynamic_layout
@@ -95,11 +98,15 @@ def import_raw(src: str | os.PathLike[str], path: str | os.PathLike[str], *,
             raise TooLarge(f"{src}: {src_size} bytes is above the VHD maximum (2040 GiB)")
         size = check_size(src_size)
 
-        def reader(block: int, buf: bytearray) -> bool:
-            got = os.preadv(sfd, [buf], block * BS)
-            if got < BS:
-                buf[got:] = ZERO_BLOCK[got:]
-            return buf != ZERO_BLOCK
+        holes = _HoleFinder(sfd)
+
+        def reader(block: int) -> bytes | None:
+            if holes.is_hole(block * BS, BS):
+                return None
+            data = os.pread(sfd, BS, block * BS)
+            if len(data) < BS:
+                data += ZERO_BLOCK[len(data) :]
+            return None if data == ZERO_BLOCK else data
 
         _build(path, size, reader, fixed=fixed, nblocks=fmt.blocks_for(src_size, BS))
     except OSError as exc:
@@ -124,13 +131,13 @@ def convert(src_vhd: str | os.PathLike[str], dest_vhd: str | os.PathLike[str], *
                     allocated.update(range(b * src_bs // BS, ((b + 1) * src_bs - 1) // BS + 1))
         vsize = img.virtual_size
 
-        def reader(block: int, buf: bytearray) -> bool:
+        def reader(block: int) -> bytes | None:
             if not any_fixed and block not in allocated:
-                return False
-            buf[:] = ZERO_BLOCK
+                return None
+            buf = bytearray(BS)
             n = min(BS, vsize - block * BS)
             img.read_into(memoryview(buf)[: fmt.round_up(n, fmt.SECTOR)], block * BS)
-            return buf != ZERO_BLOCK
+            return None if buf == ZERO_BLOCK else bytes(buf)
 
         try:
             _build(dest_vhd, vsize, reader, fixed=False, nblocks=fmt.blocks_for(vsize, BS))
@@ -139,18 +146,44 @@ def convert(src_vhd: str | os.PathLike[str], dest_vhd: str | os.PathLike[str], *
     return info(dest_vhd)
 
 
-def _build(path: str, size: int, reader: object, *, fixed: bool, nblocks: int) -> None:
-    """Build a new image of ``size`` from ``reader(block, buf) -> has_data``."""
-    assert callable(reader)
-    buf = bytearray(BS)
+class _HoleFinder:
+    """Whole holes of a sparse source found with SEEK_DATA, so they are never read."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.next_data = 0
+        self.usable = True
+
+    def is_hole(self, offset: int, length: int) -> bool:
+        if not self.usable:
+            return False
+        if offset < self.next_data:
+            return offset + length <= self.next_data
+        try:
+            self.next_data = os.lseek(self.fd, offset, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:        # no data from here to the end
+                self.next_data = 1 << 62
+            else:                               # not supported here: read everything
+                self.usable = False
+                return False
+        return offset + length <= self.next_data
+
+
+def _build(path: str, size: int, reader: Callable[[int], bytes | None], *, fixed: bool,
+           nblocks: int) -> None:
+    """Build a new image of ``size`` from ``reader(block) -> data or None (all zeros)``.
+
+    Bulk path: no fsync per block; ``new_file`` fsyncs once and only then links
+    the image into place, so a kill leaves no image at all, never half of one.
+    """
     with new_file(path) as fd:
         if fixed:
             os.ftruncate(fd, size)
             for block in range(nblocks):
-                if reader(block, buf):
-                    os.pwrite(fd, buf[: min(BS, size - block * BS)], block * BS)
-            import uuid
-
+                data = reader(block)
+                if data is not None:
+                    os.pwrite(fd, data[: min(BS, size - block * BS)], block * BS)
             footer = fmt.Footer.new(size, fmt.DISK_FIXED, uuid.uuid4().bytes, fmt.NO_OFFSET)
             os.pwrite(fd, footer.to_bytes(), size)
             return
@@ -161,8 +194,9 @@ def _build(path: str, size: int, reader: object, *, fixed: bool, nblocks: int) -
         bat = fmt.Bat.empty(entries)
         span = len(FULL_BITMAP) + BS
         for block in range(nblocks):
-            if reader(block, buf):
-                os.pwritev(fd, [FULL_BITMAP, buf], pos)
+            data = reader(block)
+            if data is not None:
+                os.pwritev(fd, [FULL_BITMAP, data], pos)
                 bat[block] = pos // fmt.SECTOR
                 pos += span
         os.pwrite(fd, bat.to_bytes(), table_offset)
