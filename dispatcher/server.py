@@ -100,15 +100,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         disp = self.server.dispatcher
         started = time.monotonic()
-        path = self.path.split("?", 1)[0].rstrip("/")
-        if path in ("", "/RPC2"):
-            route = None
-        else:
-            route = path.lstrip("/")
-            if "/" in route or not TYPE_RE.fullmatch(route):
-                msg = f"no such endpoint {self.path!r}: POST / or /<type> (a lower-case SR type)\n"
-                self._reply(404, msg.encode(), "text/plain", close=True)
-                return
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             self._reply(
                 411,
@@ -140,6 +131,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if len(body) != length:
             self.close_connection = True
             return
+        path = self.path.split("?", 1)[0].rstrip("/")
+        route: str | None = None
+        if path not in ("", "/RPC2"):
+            route = path.lstrip("/")
+            if "/" in route or not TYPE_RE.fullmatch(route):
+                msg = f"no such endpoint {self.path!r}: POST / or /<type> (a lower-case SR type)\n"
+                self._reply(404, msg.encode(), "text/plain")
+                return
         self.server.enter()
         try:
             out, fields = disp.handle(route, body)

@@ -36,11 +36,19 @@ def fake_pids(fake_logs: Path) -> list[int]:
         return []
 
 
-def alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
+def alive(pid: int, grace: float = 5.0) -> bool:
+    """Whether ``pid`` still runs ``grace`` seconds from now at the latest
+    (a SIGKILL is delivered asynchronously: give it time to land)."""
+    deadline = time.monotonic() + grace
+    while True:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return False
+        except psutil.NoSuchProcess:
+            return False
+        if time.monotonic() >= deadline:
+            return True
+        time.sleep(0.01)
 
 
 def processes_with_root(root: Path) -> list[psutil.Process]:

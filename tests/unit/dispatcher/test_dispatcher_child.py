@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from pathlib import Path
 
 import psutil
@@ -13,6 +14,19 @@ from dispatcher.child import Child
 
 def no_children() -> bool:
     return psutil.Process().children(recursive=True) == []
+
+
+def dead(pid: int, within: float = 10.0) -> bool:
+    """True once ``pid`` is gone or a zombie (SIGKILL is delivered asynchronously)."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.01)
+    return False
 
 
 def test_feeds_stdin_and_collects_stdout() -> None:
@@ -46,10 +60,7 @@ def test_timeout_kills_the_group(tmp_path: Path) -> None:
         ["sh", "-c", f"sleep 60 & echo $! > {pidfile}; wait"], b"", timeout=0.5
     ).run()
     assert r.timed_out and r.rc == -signal.SIGKILL
-    assert (
-        not psutil.pid_exists(int(pidfile.read_text()))
-        or psutil.Process(int(pidfile.read_text())).status() == psutil.STATUS_ZOMBIE
-    )
+    assert dead(int(pidfile.read_text()))
     assert no_children()
 
 
@@ -62,10 +73,7 @@ def test_leftovers_die_with_the_call(tmp_path: Path) -> None:
     ).run()
     assert (r.rc, r.out) == (0, b"done\n")
     pid = int(pidfile.read_text())
-    assert (
-        not psutil.pid_exists(pid)
-        or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    )
+    assert dead(pid)
 
 
 def test_cancel_escalates_to_sigkill() -> None:
