@@ -28,7 +28,7 @@ from smcommon import vhd
 
 import vhdproof as vp
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 MIB = vp.MIB
 BASE_SIZE = 8 * MIB
