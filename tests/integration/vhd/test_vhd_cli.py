@@ -11,9 +11,8 @@ import random
 from pathlib import Path
 
 import pytest
-from smcommon import vhd
-
 import vhdproof as vp
+from smcommon import vhd
 
 pytestmark = pytest.mark.integration
 

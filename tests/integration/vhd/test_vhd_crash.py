@@ -27,9 +27,8 @@ import time
 from pathlib import Path
 
 import pytest
-from smcommon import vhd
-
 import vhdproof as vp
+from smcommon import vhd
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -204,8 +203,8 @@ def test_writer_killed_at_random_points_differencing(sr_dir: Path) -> None:
 
 
 def _make_coalesce_pair(d: Path) -> tuple[str, str, bytes, bytes]:
-    """A 64 MiB parent with data, and a child holding ~40 MiB in 24 blocks."""
-    size = 64 * MIB
+    """A 32 MiB parent with data, and a child holding ~20 MiB in 12 blocks."""
+    size = 32 * MIB
     parent, child = str(d / "parent.vhd"), str(d / "child.vhd")
     vhd.create(parent, size)
     rng = random.Random(4)
@@ -213,7 +212,7 @@ def _make_coalesce_pair(d: Path) -> tuple[str, str, bytes, bytes]:
         vhd.write(parent, i + rng.randrange(0, MIB), vp.pattern(i, MIB + 777))
     before = vhd.read(parent, 0, size)
     vhd.snapshot(parent, child)
-    for b in range(32):
+    for b in range(size // vp.BLOCK):
         if b % 4 == 3:
             continue
         off = b * vp.BLOCK + rng.randrange(0, 4096)

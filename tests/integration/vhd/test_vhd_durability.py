@@ -19,9 +19,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from smcommon import vhd
-
 import vhdproof as vp
+from smcommon import vhd
 
 pytestmark = [
     pytest.mark.integration,

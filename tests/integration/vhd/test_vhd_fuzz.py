@@ -29,9 +29,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from smcommon import errors, vhd
-
 import vhdproof as vp
+from smcommon import errors, vhd
 
 pytestmark = pytest.mark.integration
 

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import vhdproof as vp
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -25,8 +26,6 @@ from hypothesis.stateful import (
     rule,
 )
 from smcommon import vhd
-
-import vhdproof as vp
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
