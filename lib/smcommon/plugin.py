@@ -169,22 +169,18 @@ class Call:
         return outcome
 
     @staticmethod
-    def _clean(text: str) -> str:
+    def _clean(text: str, limit: int = 200) -> str:
         """``text`` safe for one log line: no control characters, bounded."""
         if not text.isprintable():
             text = text.encode("unicode_escape").decode("ascii")
-        return text if len(text) <= 200 else text[:197] + "..."
+        return text if len(text) <= limit else text[: limit - 3] + "..."
 
     def _log_call(
         self, name: str | None, sr: object, started: float, outcome: str
     ) -> None:
         took = time.monotonic() - started
         where = f" sr={self._clean(sr)}" if isinstance(sr, str) and sr else ""
-        text = (
-            self._clean(outcome)
-            if len(outcome) > 200 or not outcome.isprintable()
-            else outcome
-        )
+        text = self._clean(outcome, 2000)
         self.log.info("%s%s: %s in %.3fs", self._clean(name or "?"), where, text, took)
 
 
