@@ -98,7 +98,7 @@ def latency(
     env: dict[str, str],
     n: int,
 ) -> None:
-    c = client.Client(sock)
+    c = client.Client(sock, keep_alive=True)
     assert wire.parse_response(c.post(route, body)).status == "Success", (
         f"{name}: the call fails"
     )

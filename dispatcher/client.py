@@ -90,14 +90,24 @@ def connect(
 
 
 class Client:
-    """One dispatcher endpoint; ``call(method, args)`` returns the parsed reply."""
+    """One dispatcher endpoint; ``call(method, args)`` returns the parsed reply.
+
+    With ``keep_alive`` the HTTP connection is kept between calls (and never
+    silently retried: a call on a connection the server dropped fails with
+    ConnectError, since it may have run); otherwise each call connects anew.
+    """
 
     def __init__(
-        self, address: str | Path | None = None, timeout: float | None = None
+        self,
+        address: str | Path | None = None,
+        timeout: float | None = None,
+        keep_alive: bool = False,
     ) -> None:
         self.timeout = timeout
+        self.keep_alive = keep_alive
         self.url: str | None = None
         self.sock: str | None = None
+        self._conn: http.client.HTTPConnection | None = None
         if isinstance(address, str) and address.startswith("http://"):
             self.url = address.rstrip("/")
         else:
@@ -120,15 +130,23 @@ class Client:
         rest = self.url[len("http://") :]
         return "/" + rest.split("/", 1)[1] if "/" in rest else ""
 
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
     def post(self, path: str, body: bytes) -> bytes:
-        conn = self._connection()
-        try:
+        conn = self._conn
+        if conn is None:
+            conn = self._connection()
             try:
                 conn.connect()
             except OSError as e:
                 raise ConnectError(
                     f"cannot reach the dispatcher at {self.describe()}: {e}"
                 ) from None
+        keep = False
+        try:
             conn.request(
                 "POST", self._base_path() + path, body, {"Content-Type": "text/xml"}
             )
@@ -139,13 +157,18 @@ class Client:
                 raise wire.WireError(
                     f"HTTP {resp.status} {resp.reason}: {text}", wire.FAULT_INVALID
                 )
+            keep = self.keep_alive and not resp.will_close
             return data
         except (OSError, http.client.HTTPException) as e:
             raise ConnectError(
                 f"the dispatcher at {self.describe()} dropped the call: {e}"
             ) from None
         finally:
-            conn.close()
+            if keep:
+                self._conn = conn
+            else:
+                self._conn = None
+                conn.close()
 
     def call(self, method: str, args: dict[str, Any], path: str = "/") -> wire.Response:
         return wire.parse_response(self.post(path, wire.dumps_call(method, args)))

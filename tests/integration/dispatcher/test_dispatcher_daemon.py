@@ -488,3 +488,16 @@ def test_a_second_daemon_on_the_same_socket_refuses(
     assert "already listens" in err
     assert stat(d.unix("/fake"), "ok")["Status"] == "Success"
     time.sleep(0)
+
+
+def test_kill_9_loses_no_acknowledged_route(start_daemon: Callable[..., Daemon], fake_logs: Path) -> None:
+    d = start_daemon()
+    for i in range(5):
+        r = d.unix("/fake").SR.attach({"dbg": "k", "sr": f"sr-k{i}", "device_config": {}})
+        assert r["Status"] == "Success"
+    d.proc.kill()  # SIGKILL right after the last acknowledgement
+    d.proc.wait(30)
+    assert d.socket is not None and d.socket.exists()  # stale, left behind
+    d2 = start_daemon()  # finds the stale socket dead, replaces it
+    for i in range(5):
+        assert d2.unix("/").Echo.args({"dbg": "k", "sr": f"sr-k{i}"})["Value"]["type"] == "fake"
