@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from dispatcher import smctl
+from dispatcher import smctl, smctl_show
 
 
 @pytest.mark.parametrize(
@@ -35,7 +35,7 @@ def test_parse_size_refuses(text: str) -> None:
     [(10 << 30, "10G"), (3 << 19, "1.5M"), (0, "0"), (1023, "1023"), ("x", "x")],
 )
 def test_human_size(n: object, text: str) -> None:
-    assert smctl.human_size(n) == text
+    assert smctl_show.human_size(n) == text
 
 
 def call(*argv: str) -> tuple[str, dict[str, object]]:
@@ -114,20 +114,22 @@ def test_every_command_builds() -> None:
 
 
 def test_explain() -> None:
-    assert smctl.explain(["Sr_not_attached", "s1"]) == (
+    assert smctl_show.explain(["Sr_not_attached", "s1"]) == (
         "Sr_not_attached: SR s1 is not attached",
         [],
     )
-    assert smctl.explain(["Backend_error", "PLUGIN_FAILED", "it failed", "tail"]) == (
+    assert smctl_show.explain(
+        ["Backend_error", "PLUGIN_FAILED", "it failed", "tail"]
+    ) == (
         "PLUGIN_FAILED: it failed",
         ["tail"],
     )
-    assert smctl.explain(["Weird", "a", "b"]) == ("Weird: a b", [])
-    assert smctl.explain([])[0].startswith("the call failed")
+    assert smctl_show.explain(["Weird", "a", "b"]) == ("Weird: a b", [])
+    assert smctl_show.explain([])[0].startswith("the call failed")
 
 
 def test_vdi_table() -> None:
-    text = smctl.vdi_table(
+    text = smctl_show.vdi_table(
         [
             {
                 "vdi": "v1",
@@ -149,4 +151,4 @@ def test_vdi_table() -> None:
     ]
     assert row.split()[:3] == ["v1", "disk", "1G"]
     assert row.split()[3] == "yes"  # USED is empty, RO is yes
-    assert smctl.vdi_table([]).split() == header.split()
+    assert smctl_show.vdi_table([]).split() == header.split()

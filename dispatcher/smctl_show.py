@@ -1,0 +1,134 @@
+"""What smctl shows: tables, ``key: value`` lines, sizes, and error lines.
+
+Owns the presentation of SMAPI values for people (``show``), the one-line
+explanation of an ErrorDescription (``explain``), and ``human_size``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+
+
+def human_size(n: object) -> str:
+    """10737418240 -> 10G; 1572864 -> 1.5M; small values stay in bytes."""
+    if not isinstance(n, int) or isinstance(n, bool):
+        return str(n)
+    for unit in ("P", "T", "G", "M", "K"):
+        if n >= _UNITS[unit]:
+            return f"{n / _UNITS[unit]:.1f}".removesuffix(".0") + unit
+    return str(n)
+
+
+_VDI_COLUMNS: list[tuple[str, str, Callable[[Any], str]]] = [
+    ("VDI", "vdi", str),
+    ("NAME", "name_label", str),
+    ("SIZE", "virtual_size", human_size),
+    ("USED", "physical_utilisation", human_size),
+    ("RO", "read_only", lambda v: "yes" if v else "no"),
+    ("SNAPSHOT", "is_a_snapshot", lambda v: "yes" if v else "no"),
+    ("PERSISTENT", "persistent", lambda v: "yes" if v else "no"),
+]
+
+
+def table(rows: list[list[str]], headers: list[str]) -> str:
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+        for i, h in enumerate(headers)
+    ]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def vdi_table(vdis: list[Any]) -> str:
+    rows = []
+    for v in vdis:
+        d = v if isinstance(v, dict) else {"vdi": str(v)}
+        rows.append([fmt(d.get(key, "")) for _h, key, fmt in _VDI_COLUMNS])
+    return table(rows, [h for h, _k, _f in _VDI_COLUMNS])
+
+
+def key_values(d: dict[str, Any]) -> str:
+    width = max((len(k) for k in d), default=0)
+    lines = []
+    for k, v in d.items():
+        if k in (
+            "virtual_size",
+            "physical_utilisation",
+            "physical_size",
+        ) and isinstance(v, int):
+            v = f"{v} ({human_size(v)})"
+        elif isinstance(v, (dict, list)):
+            v = json.dumps(v, sort_keys=True)
+        lines.append(f"{k.ljust(width)}  {v}")
+    return "\n".join(lines)
+
+
+def show(command: str, value: Any) -> str:
+    if command in ("sr-scan", "vdi-list", "vdi-similar-content") and isinstance(
+        value, list
+    ):
+        return vdi_table(value)
+    if command == "status" and isinstance(value, dict):
+        head = key_values(
+            {k: v for k, v in value.items() if k not in ("running", "srs")}
+        )
+        srs = table(
+            [[s["sr"], s["type"]] for s in value.get("srs", [])], ["SR", "TYPE"]
+        )
+        running = table(
+            [
+                [r["dbg"], r["method"], r["sr"], r["plugin"], f"{r['seconds']}s"]
+                for r in value.get("running", [])
+            ],
+            ["DBG", "METHOD", "SR", "PLUGIN", "RUNNING"],
+        )
+        return f"{head}\n\n{srs}\n\n{running}"
+    if command == "query" and isinstance(value, list):
+        rows = [
+            [
+                str(q.get("driver", "")),
+                str(q.get("version", "")),
+                str(q.get("name", q.get("error", ""))),
+            ]
+            for q in value
+            if isinstance(q, dict)
+        ]
+        return table(rows, ["TYPE", "VERSION", "NAME"])
+    if value is None or value == "":
+        return ""
+    if isinstance(value, dict):
+        return key_values(value)
+    if isinstance(value, list):
+        return "\n".join(
+            json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else str(v)
+            for v in value
+        )
+    return str(value)
+
+
+def explain(err: list[str]) -> tuple[str, list[str]]:
+    """One clear line for an ErrorDescription, and the detail lines."""
+    if not err:
+        return "the call failed without a description", []
+    name, args = err[0], err[1:]
+    a = args + ["?", "?"]
+    sentences = {
+        "Sr_not_attached": f"SR {a[0]} is not attached",
+        "Sr_attached": f"SR {a[0]} is attached (detach it first)",
+        "Vdi_does_not_exist": f"VDI {a[0]} does not exist",
+        "Illegal_transition": f"illegal datapath transition from {a[0]} to {a[1]}",
+        "Unimplemented": f"{a[0]} is not implemented by this SR type",
+        "Does_not_exist": f"{a[0]} {a[1]} does not exist",
+        "Cancelled": f"the call {a[0]} was cancelled",
+        "Redirect": f"resend the call to {a[0]}",
+    }
+    if name == "Backend_error":
+        code = args[0] if args else "?"
+        first = args[1] if len(args) > 1 else ""
+        return f"{code}: {first}".rstrip(": "), args[2:]
+    return f"{name}: {sentences.get(name, ' '.join(args))}", []
