@@ -509,38 +509,60 @@ class Image:
             self._pwrite(fmt.int_to_bitmap(bits | add, self.bitmap_size), bpos, "a sector bitmap")
 
     def allocate_block(self, block: int, first: int, chunk: memoryview) -> None:
-        """Append a new block holding ``chunk`` at sector ``first``, crash-safely.
+        """Append a new block holding ``chunk`` at sector ``first``, crash-safely."""
+        self.allocate_blocks([(block, first, chunk, None)])
 
-        Order: footer at the new end (the file always has a valid tail footer),
-        then bitmap and data into the gap, fdatasync, then the BAT entry,
-        fdatasync.  Killed at any instant, the BAT points only at durable data;
-        an unfinished block is unreferenced space.
+    def allocate_blocks(
+        self, items: list[tuple[int, int, bytes | bytearray | memoryview, int | None]]
+    ) -> None:
+        """Append new blocks: (block, first sector, data, sector bits or None), crash-safely.
+
+        Order: the footer at the new end first (the file always has a valid tail
+        footer), then bitmaps and data into the gap, fdatasync, then the BAT
+        entries, fdatasync.  Killed at any instant, the BAT points only at
+        durable data; an unfinished block is unreferenced space.  ``bits`` None
+        means the sectors ``data`` covers; -1 means all.
         """
         header = self.header_or_fail()
         assert self.bat is not None
-        if block >= len(self.bat):
-            raise InvalidArgument(f"{self.path}: block {block} beyond the BAT")
-        nsec = len(chunk) // fmt.SECTOR
-        bpos = fmt.round_up(self.end(), fmt.SECTOR)
-        self._set_end(bpos + header.bitmap_size + header.block_size)
-        if self.footer.disk_type == fmt.DISK_DIFFERENCING:
-            bitmap = fmt.int_to_bitmap(fmt.sector_mask(first, nsec), header.bitmap_size)
-        else:
-            # the rest of the new block is a hole: zeros, as the disk was there
-            bitmap = _full_bitmap(header.bitmap_size)
-        data_pos = bpos + header.bitmap_size + first * fmt.SECTOR
-        if first == 0:
-            try:
-                os.pwritev(self.fd, [bitmap, chunk], bpos)
-            except OSError as exc:
-                raise from_os_error(self.path, exc, "writing a new block") from None
-        else:
-            self._pwrite(bitmap, bpos, "a sector bitmap")
-            self._pwrite(chunk, data_pos, "data")
+        for block, *_ in items:
+            if block >= len(self.bat) or self.bat[block] != fmt.UNALLOCATED:
+                raise InvalidArgument(f"{self.path}: block {block} beyond the BAT or allocated")
+        span = header.bitmap_size + header.block_size
+        base = fmt.round_up(self.end(), fmt.SECTOR)
+        self._set_end(base + len(items) * span)
+        diff = self.footer.disk_type == fmt.DISK_DIFFERENCING
+        for i, (_block, first, chunk, bits) in enumerate(items):
+            bpos = base + i * span
+            if bits is None:
+                bits = fmt.sector_mask(first, len(chunk) // fmt.SECTOR)
+            if diff and bits != -1:
+                bitmap = fmt.int_to_bitmap(bits, header.bitmap_size)
+            else:
+                # a dynamic disk's unwritten sectors are the hole's zeros: all present
+                bitmap = _full_bitmap(header.bitmap_size)
+            if first == 0:
+                self._pwritev(bitmap, chunk, bpos)
+            else:
+                self._pwrite(bitmap, bpos, "a sector bitmap")
+                self._pwrite(chunk, bpos + header.bitmap_size + first * fmt.SECTOR, "data")
         self.sync()
-        self._pwrite(fmt.Bat.entry_bytes(bpos // fmt.SECTOR), header.table_offset + 4 * block, "the BAT")
+        for i, (block, *_) in enumerate(items):
+            sector = (base + i * span) // fmt.SECTOR
+            self._pwrite(fmt.Bat.entry_bytes(sector), header.table_offset + 4 * block, "the BAT")
+            self.bat[block] = sector
         self.sync()
-        self.bat[block] = bpos // fmt.SECTOR
+
+    def _pwritev(self, head: bytes, data: bytes | bytearray | memoryview, pos: int) -> None:
+        try:
+            done = os.pwritev(self.fd, [head, data], pos)
+        except OSError as exc:
+            raise from_os_error(self.path, exc, "writing a new block") from None
+        if done < len(head):
+            self._pwrite(head[done:], pos + done, "a sector bitmap")
+            done = len(head)
+        if done < len(head) + len(data):
+            self._pwrite(memoryview(data)[done - len(head) :], pos + done, "data")
 
     def set_footer(self, footer: fmt.Footer) -> None:
         """Rewrite the tail footer, then the copy at offset 0; fsync'd."""

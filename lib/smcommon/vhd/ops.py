@@ -141,28 +141,60 @@ def coalesce(child: str | os.PathLike[str], *, search_dirs: list[str] | None = N
             if parent.footer.uuid != img.header_or_fail().parent_uuid:
                 raise ParentMismatch(f"{ppath}: changed while coalescing {child}")
             assert img.bat is not None
-            bs = img.block_size
-            for block in img.bat.allocated():
-                pos = img.block_pos(block)
-                assert pos is not None
-                bits = img.bitmap(block, pos)
-                data_at = pos + img.bitmap_size
-                if bits == -1:
-                    spans = [(0, bs // fmt.SECTOR)]
-                else:
-                    spans = fmt.runs(bits)
-                for first, count in spans:
-                    offset = block * bs + first * fmt.SECTOR
-                    length = min(count * fmt.SECTOR, img.virtual_size - offset)
-                    if length <= 0:
-                        continue
-                    data = img._pread(length, data_at + first * fmt.SECTOR, "data")
-                    if len(data) != length:
-                        raise Corrupt(f"{child}: short read in block {block}")
-                    parent.write_aligned(offset, memoryview(data), sync=False)
-                    copied += length
-                parent.sync()
+            copied = _copy_blocks(img, parent)
         return copied
+
+
+COALESCE_BATCH = 16
+
+
+def _copy_blocks(img: Image, parent: Image) -> int:
+    """Copy every allocated sector of ``img`` into ``parent``; return the bytes copied.
+
+    Blocks new to the parent are appended in batches (two fdatasyncs a batch);
+    sectors for blocks the parent has are written in place, then synced.
+    """
+    assert img.bat is not None
+    bs, bm_size, vsize = img.block_size, img.bitmap_size, img.virtual_size
+    copied = 0
+    batch: list[tuple[int, int, bytes | bytearray | memoryview, int | None]] = []
+    dirty = False
+    for block in img.bat.allocated():
+        pos = img.block_pos(block)
+        assert pos is not None
+        raw = img._pread(bm_size + bs, pos, "a block")
+        if len(raw) != bm_size + bs:
+            raise Corrupt(f"{img.path}: short read in block {block}")
+        bits = img.bitmap(block, pos)
+        limit = fmt.blocks_for(vsize - block * bs, fmt.SECTOR)   # sectors inside the disk
+        if limit < bs // fmt.SECTOR:
+            bits &= fmt.sector_mask(0, limit)
+        spans = fmt.runs(bits if bits != -1 else fmt.sector_mask(0, bs // fmt.SECTOR))
+        data = memoryview(raw)[bm_size:]
+        copied += sum(c for _, c in spans) * fmt.SECTOR
+        if not spans:
+            continue
+        if parent.is_fixed or parent.block_pos(block) is not None:
+            for first, count in spans:
+                chunk = data[first * fmt.SECTOR : (first + count) * fmt.SECTOR]
+                parent.write_aligned(block * bs + first * fmt.SECTOR, chunk, sync=False)
+            dirty = True
+            continue
+        if bits != -1:      # only the child's sectors; zeros elsewhere, never stale bytes
+            full = bytearray(bs)
+            for first, count in spans:
+                a, b = first * fmt.SECTOR, (first + count) * fmt.SECTOR
+                full[a:b] = data[a:b]
+            data = memoryview(full)
+        batch.append((block, 0, data, bits))
+        if len(batch) >= COALESCE_BATCH:
+            parent.allocate_blocks(batch)
+            batch = []
+    if batch:
+        parent.allocate_blocks(batch)
+    if dirty:
+        parent.sync()
+    return copied
 
 
 def resize(path: str | os.PathLike[str], new_size: int, *,
