@@ -142,14 +142,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.server.enter()
         try:
             out, fields = disp.handle(route, body)
+            call_log.info(
+                "dbg=%s method=%s sr=%s plugin=%s duration=%.3fs outcome=%s",
+                _clean(fields["dbg"]), _clean(fields["method"]), _clean(fields["sr"]),
+                fields["plugin"], time.monotonic() - started, fields["outcome"],
+            )  # fmt: skip
+            self._reply(200, out, close=disp.stopping)
         finally:
             self.server.leave()
-        call_log.info(
-            "dbg=%s method=%s sr=%s plugin=%s duration=%.3fs outcome=%s",
-            fields["dbg"], fields["method"], fields["sr"], fields["plugin"],
-            time.monotonic() - started, fields["outcome"],
-        )  # fmt: skip
-        self._reply(200, out, close=disp.stopping)
 
     def _drain(self, length: int) -> None:
         """Read and drop an oversized body (bounded), so the client sees our answer."""
@@ -163,6 +163,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 budget -= len(chunk)
         except OSError:
             pass
+
+
+def _clean(text: str, limit: int = 200) -> str:
+    """A request's string made safe for one log line (no newlines, bounded)."""
+    text = text if len(text) <= limit else text[:limit] + "..."
+    return text.encode("unicode_escape").decode("ascii").replace(" ", "\\x20")
 
 
 class _ServerMixin:
@@ -188,6 +194,10 @@ class _ServerMixin:
     def leave(self) -> None:
         with self._conn_lock:
             self._in_flight -= 1
+
+    def in_flight(self) -> int:
+        with self._conn_lock:
+            return self._in_flight
 
     def process_request(self, request: Any, client_address: Any) -> None:
         with self._conn_lock:
@@ -496,8 +506,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             pid_file.unlink()
         except FileNotFoundError:
             pass
-    # let handler threads write the last responses
-    time.sleep(0.05)
+    # let handler threads write the last responses (bounded)
+    deadline = time.monotonic() + 2
+    while any(srv.in_flight() for srv in servers) and time.monotonic() < deadline:  # type: ignore[attr-defined]
+        time.sleep(0.01)
     log.info("stopped")
     return 0
 
