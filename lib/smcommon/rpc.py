@@ -244,6 +244,9 @@ _ESCAPE = _escape_table()
 
 def escape(text: str) -> str:
     """``text`` as XML character data (lone surrogates are fixed at encoding)."""
+    # printable text holds no control character, surrogate or U+FFFE/U+FFFF
+    if text.isprintable() and "&" not in text and "<" not in text and ">" not in text:
+        return text
     return text.translate(_ESCAPE)
 
 
@@ -254,6 +257,10 @@ def _marshal(out: list[str], value: object, type: Type | None) -> None:
         out.append("<value><nil/></value>")
     elif kind == "int64":
         out.append(f"<value><i8>{int(value)}</i8></value>")  # type: ignore[call-overload]
+    elif kind == "string" or kind == "key":
+        out.append(f"<value>{escape(str(value))}</value>")
+    elif kind == "bool":
+        out.append("<value><boolean>1</boolean></value>" if value else _FALSE)
     elif kind == "list":
         assert type is not None
         out.append("<value><array><data>")
@@ -262,13 +269,7 @@ def _marshal(out: list[str], value: object, type: Type | None) -> None:
         out.append("</data></array></value>")
     elif kind == "struct":
         assert type is not None
-        out.append("<value><struct>")
-        for k, v in value.items():  # type: ignore[attr-defined]
-            f = type.fields.get(k)
-            out.append(f"<member><name>{escape(k)}</name>")
-            _marshal(out, v, f.type if f is not None else None)
-            out.append("</member>")
-        out.append("</struct></value>")
+        _marshal_struct(out, value, type)  # type: ignore[arg-type]
     elif kind == "map":
         out.append("<value><struct>")
         for k, v in value.items():  # type: ignore[attr-defined]
@@ -278,6 +279,37 @@ def _marshal(out: list[str], value: object, type: Type | None) -> None:
         out.append("</struct></value>")
     else:
         _marshal_any(out, value)
+
+
+_FALSE = "<value><boolean>0</boolean></value>"
+
+
+def _marshal_struct(out: list[str], value: dict[str, object], type: Type) -> None:
+    """A struct by its field types, scalars inline (SR.scan marshals thousands)."""
+    append = out.append
+    fields = type.fields
+    append("<value><struct>")
+    for k, v in value.items():
+        f = fields.get(k)
+        kind = f.type.kind if f is not None and v is not None else "other"
+        name = escape(k)
+        if kind == "string" or kind == "key":
+            append(
+                f"<member><name>{name}</name><value>{escape(str(v))}</value></member>"
+            )
+        elif kind == "int64":
+            n = int(v)  # type: ignore[call-overload]
+            append(f"<member><name>{name}</name><value><i8>{n}</i8></value></member>")
+        elif kind == "bool":
+            b = 1 if v else 0
+            append(
+                f"<member><name>{name}</name><value><boolean>{b}</boolean></value></member>"
+            )
+        else:
+            append(f"<member><name>{name}</name>")
+            _marshal(out, v, f.type if f is not None else None)
+            append("</member>")
+    append("</struct></value>")
 
 
 def _marshal_any(out: list[str], value: object) -> None:
