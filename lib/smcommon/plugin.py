@@ -248,7 +248,7 @@ def parse_size(text: str) -> int | None:
     return None
 
 
-def _typed_value(type: api.Type, text: str) -> object:
+def _typed_value(type: api.Type, text: str, name: str = "") -> object:
     """A by-hand argument's value, read according to the input's type."""
     kind = type.kind
     if kind in ("string", "key"):
@@ -267,7 +267,11 @@ def _typed_value(type: api.Type, text: str) -> object:
 
     try:
         value = json.loads(text)
-    except ValueError:
+    except ValueError as e:
+        if kind in ("struct", "map", "list"):
+            raise InvalidRequest(
+                f"{name}={text[:60]!r} is not JSON ({e}); give a {type.name}"
+            ) from None
         return text
     return _sizes_in(type, value)
 
@@ -299,7 +303,7 @@ def by_hand_params(method: api.Method, args: list[str]) -> dict[str, object]:
             raise InvalidRequest(f"{method.name}: argument {key!r} given twice")
         arg = method.inputs.get(key)
         if arg is not None:
-            params[key] = _typed_value(arg.type, text)
+            params[key] = _typed_value(arg.type, text, key)
         else:
             # not an input: validation refuses it, naming it
             params[key] = _typed_value(api.ANY, text)

@@ -381,8 +381,13 @@ def test_by_hand_dbg_defaults_to_cli_pid(root):
         (["VDI.stat", "sr=s", "vdi=v", "size=3"], 1, "unexpected argument 'size'"),
         (
             ["SR.create", "sr=s", "device_config=nope", "physical_size=1"],
+            2,
+            "device_config='nope' is not JSON",
+        ),
+        (
+            ["SR.create", "sr=s", "device_config=[]", "physical_size=1"],
             1,
-            "device_config",
+            "argument device_config must be a string->string map",
         ),
     ],
 )
