@@ -58,8 +58,9 @@ class _Holding:
         self.depth = 1
 
 
-# (path, thread id) -> what this process holds there, for nesting
-_held: dict[tuple[str, int], _Holding] = {}
+# (path, pid, thread id) -> what this process holds there, for nesting; the pid
+# keeps a forked child from taking its parent's holding for its own
+_held: dict[tuple[str, int, int], _Holding] = {}
 
 
 class LockUpgrade(Error):
@@ -92,7 +93,7 @@ class Lock:
         self.path = lock_path(name, lock_dir)
         self.shared = shared
         self.timeout = timeout
-        self._key: tuple[str, int] | None = None
+        self._key: tuple[str, int, int] | None = None
 
     def __repr__(self) -> str:
         mode = "shared" if self.shared else "exclusive"
@@ -107,7 +108,7 @@ class Lock:
         """Take the lock, waiting at most ``timeout`` seconds (LockTimeout)."""
         if self._key is not None:
             raise RuntimeError(f"lock {self.name} is already held by this Lock object")
-        key = (self.path, get_ident())
+        key = (self.path, os.getpid(), get_ident())
         holding = _held.get(key)
         if holding is not None:  # nested in this thread
             if holding.shared and not self.shared:

@@ -237,3 +237,19 @@ def test_parallel_processes_never_lose_an_update(tmp_path):
     for c in children:
         assert c.wait(timeout=120) == 0
     assert int(counter.read_text()) == n * procs
+
+
+def test_a_forked_child_does_not_inherit_the_parents_holding(tmp_path):
+    parent = lock.Lock("sr/a", tmp_path)
+    with parent:
+        pid = os.fork()
+        if pid == 0:  # the child: the lock is the parent's, so this must time out
+            code = 1
+            try:
+                lock.Lock("sr/a", tmp_path, timeout=0.2).acquire()
+            except LockTimeout:
+                code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
