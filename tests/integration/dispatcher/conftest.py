@@ -65,7 +65,7 @@ def start_daemon(
             sys.executable, "-m", "dispatcher",
             "--plugins-dir", str(plugins or plugins_dir),
             "--tcp", "127.0.0.1:0",
-            "--timeout", "3", "--cancel-grace", "0.5", "--stop-timeout", "5",
+            "--timeout", "20", "--cancel-grace", "0.5", "--stop-timeout", "5",
             *extra,
         ]  # fmt: skip
         env = dict(os.environ, PYTHONUNBUFFERED="1")
