@@ -523,35 +523,59 @@ class Image:
         durable data; an unfinished block is unreferenced space.  ``bits`` None
         means the sectors ``data`` covers; -1 means all.
         """
+        base = self.reserve_blocks(len(items))
+        span = self.bitmap_size + self.block_size
+        for i, (block, first, chunk, bits) in enumerate(items):
+            self.put_block(base + i * span, block, first, chunk, bits)
+        self.commit_blocks([(block, base + i * span) for i, (block, *_) in enumerate(items)])
+
+    def reserve_blocks(self, count: int) -> int:
+        """Step 1 of an allocation: move the tail footer past ``count`` new blocks."""
+        self._check_writable()
+        span = self.header_or_fail().bitmap_size + self.header_or_fail().block_size
+        base = fmt.round_up(self.end(), fmt.SECTOR)
+        self._set_end(base + count * span)
+        return base
+
+    def put_block(self, bpos: int, block: int, first: int,
+                  chunk: bytes | bytearray | memoryview, bits: int | None) -> None:
+        """Step 2: bitmap and data of a new block at ``bpos`` (inside the reserved gap)."""
         header = self.header_or_fail()
         assert self.bat is not None
-        for block, *_ in items:
-            if block >= len(self.bat) or self.bat[block] != fmt.UNALLOCATED:
-                raise InvalidArgument(f"{self.path}: block {block} beyond the BAT or allocated")
-        span = header.bitmap_size + header.block_size
-        base = fmt.round_up(self.end(), fmt.SECTOR)
-        self._set_end(base + len(items) * span)
-        diff = self.footer.disk_type == fmt.DISK_DIFFERENCING
-        for i, (_block, first, chunk, bits) in enumerate(items):
-            bpos = base + i * span
-            if bits is None:
-                bits = fmt.sector_mask(first, len(chunk) // fmt.SECTOR)
-            if diff and bits != -1:
-                bitmap = fmt.int_to_bitmap(bits, header.bitmap_size)
-            else:
-                # a dynamic disk's unwritten sectors are the hole's zeros: all present
-                bitmap = _full_bitmap(header.bitmap_size)
-            if first == 0:
-                self._pwritev(bitmap, chunk, bpos)
-            else:
-                self._pwrite(bitmap, bpos, "a sector bitmap")
-                self._pwrite(chunk, bpos + header.bitmap_size + first * fmt.SECTOR, "data")
+        if block >= len(self.bat) or self.bat[block] != fmt.UNALLOCATED:
+            raise InvalidArgument(f"{self.path}: block {block} beyond the BAT or allocated")
+        if bits is None:
+            bits = fmt.sector_mask(first, len(chunk) // fmt.SECTOR)
+        if self.footer.disk_type == fmt.DISK_DIFFERENCING and bits != -1:
+            bitmap = fmt.int_to_bitmap(bits, header.bitmap_size)
+        else:
+            # a dynamic disk's unwritten sectors are the hole's zeros: all present
+            bitmap = _full_bitmap(header.bitmap_size)
+        if first == 0:
+            self._pwritev(bitmap, chunk, bpos)
+        else:
+            self._pwrite(bitmap, bpos, "a sector bitmap")
+            self._pwrite(chunk, bpos + header.bitmap_size + first * fmt.SECTOR, "data")
+
+    def commit_blocks(self, placed: list[tuple[int, int]]) -> None:
+        """Step 3: fdatasync the data, then point the BAT at it, fdatasync."""
+        header = self.header_or_fail()
+        assert self.bat is not None
         self.sync()
-        for i, (block, *_) in enumerate(items):
-            sector = (base + i * span) // fmt.SECTOR
+        for block, bpos in placed:
+            sector = bpos // fmt.SECTOR
             self._pwrite(fmt.Bat.entry_bytes(sector), header.table_offset + 4 * block, "the BAT")
             self.bat[block] = sector
         self.sync()
+
+    def relock(self, *, exclusive: bool) -> None:
+        """Take the lock again and re-read the metadata (it may have changed meanwhile)."""
+        lock_file(self.fd, self.path, exclusive=exclusive)
+        self._size = os.fstat(self.fd).st_size
+        self._load()
+
+    def unlock(self) -> None:
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
 
     def _pwritev(self, head: bytes, data: bytes | bytearray | memoryview, pos: int) -> None:
         try:

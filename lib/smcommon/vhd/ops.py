@@ -137,29 +137,46 @@ def coalesce(child: str | os.PathLike[str], *, search_dirs: list[str] | None = N
         if psize < img.virtual_size:
             resize(ppath, img.virtual_size, search_dirs=search_dirs)
         copied = 0
-        with open_image(ppath, writable=True, search_dirs=search_dirs) as parent:
-            if parent.footer.uuid != img.header_or_fail().parent_uuid:
-                raise ParentMismatch(f"{ppath}: changed while coalescing {child}")
-            assert img.bat is not None
+        with Image.open(ppath, writable=True, parents=False) as parent:
             copied = _copy_blocks(img, parent)
         return copied
 
 
-COALESCE_BATCH = 16
+COALESCE_BATCH = 32
 
 
 def _copy_blocks(img: Image, parent: Image) -> int:
     """Copy every allocated sector of ``img`` into ``parent``; return the bytes copied.
 
-    Blocks new to the parent are appended in batches (two fdatasyncs a batch);
-    sectors for blocks the parent has are written in place, then synced.
+    Works in batches of COALESCE_BATCH blocks, each under the parent's
+    exclusive lock (released between batches, so readers of the images above
+    wait for one batch, not the whole coalesce).  Blocks new to the parent are
+    appended (footer moved once, data streamed, one fdatasync, BAT entries,
+    one fdatasync); sectors of blocks the parent has are written in place.
     """
     assert img.bat is not None
-    bs, bm_size, vsize = img.block_size, img.bitmap_size, img.virtual_size
+    blocks = img.bat.allocated()
+    parent.unlock()
     copied = 0
-    batch: list[tuple[int, int, bytes | bytearray | memoryview, int | None]] = []
-    dirty = False
-    for block in img.bat.allocated():
+    for i in range(0, len(blocks), COALESCE_BATCH):
+        parent.relock(exclusive=True)
+        try:
+            if parent.footer.uuid != img.header_or_fail().parent_uuid:
+                raise ParentMismatch(f"{parent.path}: changed while coalescing {img.path}")
+            copied += _copy_batch(img, parent, blocks[i : i + COALESCE_BATCH])
+        finally:
+            parent.unlock()
+    return copied
+
+
+def _copy_batch(img: Image, parent: Image, blocks: list[int]) -> int:
+    bs, bm_size, vsize = img.block_size, img.bitmap_size, img.virtual_size
+    fresh = [b for b in blocks if not parent.is_fixed and parent.block_pos(b) is None]
+    span = parent.bitmap_size + parent.block_size
+    base = parent.reserve_blocks(len(fresh)) if fresh else 0
+    placed: list[tuple[int, int]] = []
+    copied = 0
+    for block in blocks:
         pos = img.block_pos(block)
         assert pos is not None
         raw = img._pread(bm_size + bs, pos, "a block")
@@ -172,13 +189,10 @@ def _copy_blocks(img: Image, parent: Image) -> int:
         spans = fmt.runs(bits if bits != -1 else fmt.sector_mask(0, bs // fmt.SECTOR))
         data = memoryview(raw)[bm_size:]
         copied += sum(c for _, c in spans) * fmt.SECTOR
-        if not spans:
-            continue
-        if parent.is_fixed or parent.block_pos(block) is not None:
+        if block not in fresh:
             for first, count in spans:
                 chunk = data[first * fmt.SECTOR : (first + count) * fmt.SECTOR]
                 parent.write_aligned(block * bs + first * fmt.SECTOR, chunk, sync=False)
-            dirty = True
             continue
         if bits != -1:      # only the child's sectors; zeros elsewhere, never stale bytes
             full = bytearray(bs)
@@ -186,13 +200,12 @@ def _copy_blocks(img: Image, parent: Image) -> int:
                 a, b = first * fmt.SECTOR, (first + count) * fmt.SECTOR
                 full[a:b] = data[a:b]
             data = memoryview(full)
-        batch.append((block, 0, data, bits))
-        if len(batch) >= COALESCE_BATCH:
-            parent.allocate_blocks(batch)
-            batch = []
-    if batch:
-        parent.allocate_blocks(batch)
-    if dirty:
+        bpos = base + len(placed) * span
+        parent.put_block(bpos, block, 0, data, bits)
+        placed.append((block, bpos))
+    if placed:
+        parent.commit_blocks(placed)     # syncs the in-place writes too
+    else:
         parent.sync()
     return copied
 
