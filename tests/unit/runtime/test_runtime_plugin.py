@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
-from smcommon import api, errors, plugin
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from smcommon import api, errors, plugin, rpc
 
 GiB = 1 << 30
 
@@ -525,3 +527,67 @@ def test_long_names_are_cut_in_errors():
     assert desc[:2] == ["Backend_error", "UNKNOWN_METHOD"] and len(desc[2]) < 200
     desc = failure(wire("SR.ls", {"dbg": "d", "k" * 5000: 1}))
     assert "unexpected argument" in desc[2] and len(desc[2]) < 300
+
+
+# --- anything at all gets one well-formed answer -------------------------------------
+
+_leaf = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**31), max_value=2**31 - 1)
+    | st.text(max_size=20)
+    | st.sampled_from(["s", "v", "..", "10G", "-1", "vbd/1/xvda"])
+)
+_values = st.recursive(
+    _leaf,
+    lambda c: (
+        st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=12), c, max_size=4)
+    ),
+    max_leaves=12,
+)
+_params = st.fixed_dictionaries(
+    {},
+    optional={
+        "dbg": _values,
+        "sr": _values,
+        "vdi": _values,
+        "dp": _values,
+        "read_write": _values,
+        "vdi_info": _values,
+        "device_config": _values,
+        "physical_size": _values,
+    },
+)
+_names = st.sampled_from([*api.METHODS, "SR.gc", "VDI.nope", "", "x" * 300])
+
+
+def _answered(r: Result) -> list[str] | None:
+    assert r.code == 0
+    body = r.body()
+    assert body["Status"] in ("Success", "Failure")
+    if body["Status"] == "Failure":
+        desc = body["ErrorDescription"]
+        assert desc and all(isinstance(x, str) for x in desc)
+        return desc
+    return None
+
+
+@settings(max_examples=100, deadline=None)
+@given(_names, _params)
+def test_any_call_gets_one_well_formed_answer(name, params):
+    req = rpc.build_call(name, params)
+    desc = _answered(run(stdin=req))
+    if desc is not None and desc[0] == "Backend_error":
+        assert desc[1] in ("INVALID_REQUEST", "UNKNOWN_METHOD", "INTERNAL_ERROR"), desc
+        if desc[1] == "INTERNAL_ERROR":  # only the toy driver's deliberate bugs
+            assert params.get("vdi") in ("bug", "badresult"), desc
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(max_size=300))
+def test_any_bytes_get_one_well_formed_answer(data):
+    desc = _answered(run(stdin=data))
+    assert desc is not None and desc[:2] in (
+        ["Backend_error", "INVALID_REQUEST"],
+        ["Backend_error", "UNKNOWN_METHOD"],
+    )
