@@ -199,6 +199,14 @@ class _ServerMixin:
         with self._conn_lock:
             return self._in_flight
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A connection that broke (client gone mid-call): one log line, no traceback."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError):
+            log.info("connection dropped by the client: %s", exc)
+        else:
+            log.exception("unexpected error on a connection")
+
     def process_request(self, request: Any, client_address: Any) -> None:
         with self._conn_lock:
             full = self._connections >= self.max_connections

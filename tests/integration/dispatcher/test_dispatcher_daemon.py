@@ -511,3 +511,27 @@ def test_kill_9_loses_no_acknowledged_route(
             d2.unix("/").Echo.args({"dbg": "k", "sr": f"sr-k{i}"})["Value"]["type"]
             == "fake"
         )
+
+
+def test_client_gone_mid_call(start_daemon: Callable[..., Daemon]) -> None:
+    d = start_daemon()
+    body = wire.dumps_call("VDI.stat", {"dbg": "gone", "sr": "s", "vdi": "nap"})
+    assert d.socket is not None
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(str(d.socket))
+    s.sendall(
+        b"POST /fake HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body)
+        + body
+    )
+    s.close()  # the caller gives up before the answer
+    wait_until(
+        lambda: any(r["dbg"] == "gone" for r in status(d)["running"]),
+        what="the call to start",
+    )
+    wait_until(lambda: status(d)["running"] == [], what="the call to end")
+    assert stat(d.unix("/fake"), "ok")["Status"] == "Success"
+    rc, err = d.stop()
+    assert rc == 0
+    assert "dbg=gone method=VDI.stat" in err
+    assert "connection dropped by the client" in err
+    assert "Traceback" not in err
