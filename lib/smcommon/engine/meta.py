@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from smcommon.errors import BackendError, VdiDoesNotExist
+from smcommon.errors import BackendError, InvalidRequest, VdiDoesNotExist
 from smcommon.paths import safe_name
 
 log = logging.getLogger(__name__)
@@ -85,13 +85,22 @@ class VdiRecord:
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> VdiRecord:
-        names = {f.name for f in fields(cls)}
-        rec = cls(**{k: v for k, v in doc.items() if k in names})
+        rec = cls(**{k: v for k, v in doc.items() if k in _FIELDS})
         if not isinstance(rec.vdi, str) or not isinstance(rec.volume, str):
             raise TypeError("vdi and volume must be strings")
+        try:
+            safe_name("vdi", rec.vdi)
+            safe_name("volume", rec.volume)
+            if rec.epoch_base is not None:
+                safe_name("epoch_base", rec.epoch_base)
+        except InvalidRequest as e:
+            raise ValueError(str(e)) from None
         rec.virtual_size = int(rec.virtual_size)
         rec.sm_config = {str(k): str(v) for k, v in dict(rec.sm_config).items()}
         return rec
+
+
+_FIELDS = frozenset(f.name for f in fields(VdiRecord))
 
 
 class MetadataCorrupt(BackendError):
@@ -221,16 +230,25 @@ class Metadata:
         )
 
     def all(self) -> tuple[list[VdiRecord], list[str]]:
-        """Every readable record, and a note for each unreadable one."""
+        """Every readable record, and a note for each unreadable one.
+
+        The hot path of SR.scan: plain string paths and one read per record.
+        """
         recs: list[VdiRecord] = []
         bad: list[str] = []
+        base = str(self.vdi_dir)
         for name in self.names():
-            path = self.vdi_dir / (name + ".json")
+            path = os.path.join(base, name + ".json")
             try:
-                doc = read_json(path)
-                if doc is None:
-                    continue  # removed since listdir
-                recs.append(self._parse(path, doc))
+                with open(path, "rb") as f:
+                    doc = json.loads(f.read())
+                recs.append(self._parse(Path(path), doc))
+            except FileNotFoundError:
+                continue  # removed since listdir
+            except (OSError, ValueError) as e:
+                err = MetadataCorrupt(Path(path), str(e))
+                log.warning("skipping unreadable VDI record: %s", err)
+                bad.append(str(err))
             except MetadataCorrupt as e:
                 log.warning("skipping unreadable VDI record: %s", e)
                 bad.append(str(e))

@@ -88,6 +88,7 @@ class FileStore:
 
     def __init__(self, sr_dir: Path, vhd: Any = None) -> None:
         self.sr_dir = Path(sr_dir)
+        self._dir = str(self.sr_dir)
         self._vhd = vhd
 
     @property
@@ -253,8 +254,9 @@ class FileStore:
         return [self.volume_of(p) or p for p in paths]
 
     def physical_utilisation(self, volume: str) -> int:
+        """Bytes the leaf's file takes on disk (its chain is not counted)."""
         try:
-            return os.stat(self.path(volume)).st_blocks * 512
+            return os.stat(os.path.join(self._dir, volume + VHD_SUFFIX)).st_blocks * 512
         except FileNotFoundError:
             return 0
 
