@@ -30,7 +30,8 @@ from smcommon.vhd.errors import (
     VhdIOError,
 )
 from smcommon.vhd.format import BLOCK_SIZE, MAX_VIRTUAL_SIZE
-from smcommon.vhd.image import Image, Info
+from smcommon.vhd.image import Image
+from smcommon.vhd.info import Info
 from smcommon.vhd.ops import (
     allocation_map,
     chain,

@@ -14,7 +14,9 @@ import stat
 
 from smcommon.vhd import format as fmt
 from smcommon.vhd.errors import Corrupt, InvalidArgument, VhdError, from_os_error
-from smcommon.vhd.image import Image, format_uuid, lock_file
+from smcommon.vhd.image import Image
+from smcommon.vhd.info import format_uuid
+from smcommon.vhd.locks import lock_file
 
 MAX_REPORTED = 50
 

@@ -52,7 +52,8 @@ def _print_info(info: Info, as_json: bool) -> None:
         return
     d = info.to_dict()
     for key in ("virtual_size", "physical_size", "block_size"):
-        d[key] = f"{d[key]} ({human(d[key])})"
+        value = int(d[key])  # type: ignore[call-overload]
+        d[key] = f"{value} ({human(value)})"
     width = max(len(k) for k in d)
     for key, value in d.items():
         print(f"{key:<{width}}  {'-' if value is None else value}")

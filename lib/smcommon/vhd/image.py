@@ -27,13 +27,10 @@ from __future__ import annotations
 import fcntl
 import os
 import stat
-import time
-from dataclasses import asdict, dataclass
 from typing import Self
 
 from smcommon.vhd import format as fmt
 from smcommon.vhd.errors import (
-    Busy,
     ChainTooDeep,
     Corrupt,
     InvalidArgument,
@@ -46,35 +43,12 @@ from smcommon.vhd.errors import (
     VhdError,
     from_os_error,
 )
+from smcommon.vhd.info import Info, format_uuid
+from smcommon.vhd.locks import lock_file
 
 MAX_CHAIN_DEPTH = 64
 LOCATOR_SLOT = 8192
 LOCATOR_ORDER = (fmt.LOC_W2RU, fmt.LOC_W2KU, fmt.LOC_MACX)
-
-
-@dataclass(frozen=True)
-class Info:
-    path: str
-    uuid: str
-    disk_type: str
-    virtual_size: int
-    physical_size: int
-    block_size: int
-    max_blocks: int
-    allocated_blocks: int
-    parent: str | None
-    parent_uuid: str | None
-    hidden: bool
-    depth: int
-    creator: str
-
-    def to_dict(self) -> dict[str, object]:
-        return asdict(self)
-
-
-def format_uuid(raw: bytes) -> str:
-    h = raw.hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def _within(path: str, roots: list[str]) -> bool:
@@ -603,34 +577,6 @@ class Image:
         self._pwrite(header.to_bytes(), self.footer.data_offset, "the dynamic header")
         self.sync()
         self.header = header
-
-
-LOCK_TIMEOUT = 60.0
-LOCK_POLL = 0.005
-
-
-def lock_file(fd: int, path: str, *, exclusive: bool, timeout: float | None = None) -> None:
-    """flock ``fd``: exclusive for a writer, shared for a reader; bounded wait, then Busy.
-
-    One writer at a time per image, and readers never see a half-done
-    allocation (the writer holds its lock from open to close).  Locks belong to
-    the open file: two Image objects on one file in one process exclude each
-    other too.
-    """
-    mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
-    deadline = time.monotonic() + (LOCK_TIMEOUT if timeout is None else timeout)
-    while True:
-        try:
-            fcntl.flock(fd, mode | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                kind = "writing" if exclusive else "reading"
-                raise Busy(f"{path}: in use by another process; could not lock it for "
-                           f"{kind} within {LOCK_TIMEOUT if timeout is None else timeout:g}s") from None
-            time.sleep(LOCK_POLL)
-        except OSError as exc:
-            raise from_os_error(path, exc, "locking") from None
 
 
 def check_int(name: str, value: object) -> None:
