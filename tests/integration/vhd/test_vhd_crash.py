@@ -421,3 +421,62 @@ def test_metadata_changes_killed_at_random_points(sr_dir: Path) -> None:
             f"run {run}: the leaf's data changed"
         )
     assert mid >= 6, f"only {mid} of 12 kills landed during an operation"
+
+
+IMPORTER = r"""
+import os, sys, time
+import smcommon.vhd as vhd
+slow = float(sys.argv[3])
+if slow:
+    for name in ("pwrite", "pwritev", "write", "copy_file_range"):
+        real = getattr(os, name, None)
+        if real is None:
+            continue
+        def wrapped(*a, _real=real, **k):
+            time.sleep(slow)
+            return _real(*a, **k)
+        setattr(os, name, wrapped)
+print("READY", flush=True)
+vhd.import_raw(sys.argv[1], sys.argv[2])
+print("DONE", flush=True)
+"""
+
+
+def test_import_killed_leaves_no_half_image(tmp_path: Path) -> None:
+    """A new image appears whole or not at all, and leaves nothing else behind:
+    import_raw killed at random points."""
+    src = tmp_path / "src.raw"
+    data = bytearray(24 * MIB)
+    for b in range(0, 24, 2):
+        data[b * MIB : b * MIB + 700_000] = vp.pattern(b, 700_000)
+    src.write_bytes(data)
+    slow = "0.01"
+    proc = _spawn(IMPORTER, str(src), str(tmp_path / "timing.vhd"), slow)
+    _wait_ready(proc)
+    t0 = time.monotonic()
+    out, err = _finish(proc, timeout=120)
+    full = time.monotonic() - t0
+    assert "DONE" in out, err[-2000:]
+    rng = random.Random(5)
+    appeared = 0
+    for run in range(6):
+        dest = tmp_path / f"imp{run}.vhd"
+        proc = _spawn(IMPORTER, str(src), str(dest), slow)
+        _wait_ready(proc)
+        time.sleep(full * (run + rng.random()) / 6)
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        _finish(proc)
+        if dest.exists():
+            appeared += 1
+            assert vhd.check(str(dest)) == [], (
+                f"run {run}: a half-made image under the final name"
+            )
+            assert vhd.read(str(dest), 0, len(data)) == data
+    assert appeared < 6, "every import finished before its kill: the test proved little"
+    # a crash must not leak space either: nothing but the images and the source remain
+    names = {p.name for p in tmp_path.iterdir()}
+    leftovers = sorted(n for n in names if n != "src.raw" and not n.endswith(".vhd"))
+    assert not leftovers, (
+        f"killed imports left {leftovers} behind (nothing removes them)"
+    )
