@@ -139,6 +139,30 @@ def test_import_export_round_trip(sr_dir: Path, fixed: bool) -> None:
     assert out.read_bytes() == src
 
 
+def test_write_and_read_through_the_command(sr_dir: Path) -> None:
+    img = sr_dir / "rw.vhd"
+    ok("create", str(img), "6M")
+    payload = random.Random(8).randbytes(3 * MIB + 17)
+    src = sr_dir / "payload.bin"
+    src.write_bytes(payload)
+    ok("write", "--offset", str(MIB + 5), "--input", str(src), str(img))
+    assert vhd.read(str(img), MIB + 5, len(payload)) == payload
+    out = sr_dir / "back.bin"
+    ok(
+        "read",
+        "--offset",
+        str(MIB + 5),
+        "--length",
+        str(len(payload)),
+        "--output",
+        str(out),
+        str(img),
+    )
+    assert out.read_bytes() == payload
+    fails("write", "--offset", str(6 * MIB - 2), "--input", str(src), str(img))
+    assert vhd.check(str(img)) == []
+
+
 def test_errors_are_one_line_with_an_exit_code(sr_dir: Path) -> None:
     missing = sr_dir / "missing.vhd"
     line = fails("info", str(missing))
