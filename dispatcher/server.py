@@ -553,8 +553,11 @@ def _announce(
         lines.append(f"       smctl {address} vdi-list {default_sr}")
     else:
         lines.append(f"  try: smctl {address} sr-ls")
+    target = (
+        repr(str(sock_path)) if sock_path is not None else repr(address.split()[-1])
+    )
     lines.append(
-        "  python: import dispatcher.client as c; c.connect().SR.ls({'dbg': 'me'})"
+        f"  python: import dispatcher.client as c; c.connect({target}).SR.ls({{'dbg': 'me'}})"
     )
     print("\n".join(lines), flush=True)
     log.info("listening: %s", "; ".join(lines[1:]))
