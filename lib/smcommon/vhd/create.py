@@ -9,6 +9,7 @@ an existing file), so an error or a kill leaves no half-made image behind.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import uuid as uuidlib
 from collections.abc import Iterator
@@ -43,25 +44,42 @@ def check_size(size: object, what: str = "size") -> int:
 
 @contextlib.contextmanager
 def new_file(path: str) -> Iterator[int]:
-    """An fd on a temporary file that becomes ``path`` only if the block succeeds."""
+    """An fd on a nameless file that becomes ``path`` only if the block succeeds.
+
+    O_TMPFILE: the file has no name until it is complete and fsync'd, then
+    linkat() names it (never replacing an existing file), so a kill at any
+    instant leaves nothing behind.  Where O_TMPFILE is not supported, a
+    hidden temporary name is used (and removed on error).
+    """
     path = os.path.abspath(path)
     if os.path.lexists(path):
         raise AlreadyExists(f"{path}: already exists")
     directory = os.path.dirname(path)
-    tmp = os.path.join(directory, f".vhd-tmp-{uuidlib.uuid4().hex[:16]}")
+    tmp: str | None = None
     try:
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        fd = os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o644)
     except OSError as exc:
-        raise from_os_error(path, exc, "creating the image") from None
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            raise from_os_error(path, exc, "creating the image") from None
+        tmp = os.path.join(directory, f".vhd-tmp-{uuidlib.uuid4().hex[:16]}")
+        try:
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        except OSError as exc2:
+            raise from_os_error(path, exc2, "creating the image") from None
     try:
         yield fd
         os.fsync(fd)
-        try:
-            os.link(tmp, path)
-        except OSError as exc:
-            raise from_os_error(path, exc, "naming the new image") from None
         dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
+            try:
+                if tmp is None:
+                    # a dir fd makes CPython call linkat(AT_SYMLINK_FOLLOW), not link()
+                    os.link(f"/proc/self/fd/{fd}", os.path.basename(path),
+                            dst_dir_fd=dfd, follow_symlinks=True)
+                else:
+                    os.link(tmp, path)
+            except OSError as exc:
+                raise from_os_error(path, exc, "naming the new image") from None
             os.fsync(dfd)
         finally:
             os.close(dfd)
@@ -69,8 +87,9 @@ def new_file(path: str) -> Iterator[int]:
         raise from_os_error(path, exc, "creating the image") from None
     finally:
         os.close(fd)
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 def _pwrite_all(fd: int, data: bytes, pos: int) -> None:
