@@ -13,6 +13,7 @@ import ast
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from smcommon import vhd
@@ -67,7 +68,7 @@ def _py(code: str, *args: str) -> subprocess.Popen[str]:
     )
 
 
-def _result(proc: subprocess.Popen[str]) -> object:
+def _result(proc: subprocess.Popen[str]) -> Any:
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, f"process failed: {err[-3000:]}"
     return ast.literal_eval(out.strip().splitlines()[-1])
@@ -81,8 +82,8 @@ def test_two_writers_allocating_blocks_keep_every_acknowledged_write(
     vhd.create(img, count * BLOCK)
     procs = [_py(WRITER, img, str(start), "2", str(count)) for start in (0, 1)]
     results = [_result(p) for p in procs]
-    acked = [b for res in results for b in res[0]]  # type: ignore[index]
-    refused = [r for res in results for r in res[1]]  # type: ignore[index]
+    acked = [b for res in results for b in res[0]]
+    refused = [r for res in results for r in res[1]]
     problems = vhd.check(img)
     assert problems == [], (
         f"two concurrent writers left the image damaged: {problems[:3]} (refused: {refused[:2]})"
@@ -103,9 +104,9 @@ def test_reader_never_sees_a_sound_image_as_corrupt_during_writes(sr_dir: Path) 
     stop = sr_dir / "stop"
     reader = _py(READER, img, str(stop))
     writer = _py(WRITER, img, "0", "1", str(count))
-    acked, refused = _result(writer)  # type: ignore[misc]
+    acked, refused = _result(writer)
     stop.touch()
-    rounds, seen, bad = _result(reader)  # type: ignore[misc]
+    rounds, seen, bad = _result(reader)
     assert not refused and len(acked) == count
     assert bad == 0, (
         f"{bad} of {rounds} reader rounds were told the image is corrupt, e.g. {seen}"

@@ -184,10 +184,10 @@ def mutate(path: Path, rng: random.Random) -> str:
             done.append(f"bat[{i}]={value}")
         return " ".join(done)
     if kind == "locator":
-        used = [
+        locs = [
             loc for loc in lay.locators if loc["code"] != b"\0\0\0\0"
         ] or lay.locators
-        loc = rng.choice(used)
+        loc = rng.choice(locs)
         if rng.random() < 0.4 and loc["code"] != b"\0\0\0\0":
             what = _flip(
                 path,
@@ -198,16 +198,16 @@ def mutate(path: Path, rng: random.Random) -> str:
             )  # type: ignore[call-overload]
             return f"locator {loc['index']} data {what}"
         entry = lay.header_at + 576 + int(loc["index"]) * 24  # type: ignore[call-overload]
-        field = rng.choice([(0, "4s"), (4, "I"), (8, "I"), (16, "Q")])
-        if field[1] == "4s":
-            value: int | bytes = rng.choice(
+        fld = rng.choice([(0, "4s"), (4, "I"), (8, "I"), (16, "Q")])
+        if fld[1] == "4s":
+            lvalue: int | bytes = rng.choice(
                 [b"W2ru", b"W2ku", b"MacX", b"Wi2r", b"\0\0\0\0", rng.randbytes(4)]
             )
         else:
-            value = _value(rng, field[1], lay.size)
-        vp.patch(path, entry + field[0], struct.pack(">" + field[1], value))
+            lvalue = _value(rng, fld[1], lay.size)
+        vp.patch(path, entry + fld[0], struct.pack(">" + fld[1], lvalue))
         vp.fix_header_checksum(path, lay.header_at)
-        return f"locator {loc['index']} +{field[0]} = {value!r}"
+        return f"locator {loc['index']} +{fld[0]} = {lvalue!r}"
     if kind == "bitmap":
         used = [e for e in lay.bat if e != vp.UNUSED]
         if not used:

@@ -24,6 +24,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 SECTOR = 512
 MIB = 1024 * 1024
@@ -99,7 +100,7 @@ class Layout:
     header: dict[str, object] | None
     header_at: int | None
     bat: list[int]
-    locators: list[dict[str, int | bytes]]
+    locators: list[dict[str, Any]]
 
 
 def read_footer(buf: bytes) -> dict[str, object]:
@@ -119,7 +120,7 @@ def layout(path: str | Path) -> Layout:
     header = None
     header_at = None
     bat: list[int] = []
-    locators: list[dict[str, int | bytes]] = []
+    locators: list[dict[str, Any]] = []
     if footer["disk_type"] in (DISK_DYNAMIC, DISK_DIFF):
         header_at = int(footer["data_offset"])  # type: ignore[call-overload]
         header = read_header(data[header_at : header_at + 1024])
