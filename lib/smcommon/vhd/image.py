@@ -24,7 +24,10 @@ Layout of the images this module creates (dynamic and differencing)::
 
 from __future__ import annotations
 
+import bisect
 import fcntl
+import itertools
+import operator
 import os
 import stat
 from typing import Self
@@ -188,24 +191,27 @@ class Image:
         span = self.header.bitmap_size + self.header.block_size
         regions = [(0, fmt.FOOTER_SIZE), (self.footer.data_offset, fmt.HEADER_SIZE),
                    (self.header.table_offset, fmt.bat_bytes(self.header.max_table_entries))]
+        regions += [(loc.data_offset, min(loc.data_length, fmt.MAX_LOCATOR_DATA) or 1)
+                    for loc in self.header.locators if loc.used]
         end = self.end()
-        prev = -1
-        offsets = self.bat.offsets()
-        if len(offsets) != self.bat.allocated_count():
-            raise Corrupt(f"{self.path}: two BAT entries point at the same block")
-        for sector in offsets:
-            pos = sector * fmt.SECTOR
-            if pos + span > end:
-                raise Corrupt(f"{self.path}: BAT entry {sector} (offset {pos}) points past "
-                              f"the end of the image ({end})")
-            if prev >= 0 and pos < prev + span:
-                raise Corrupt(f"{self.path}: data blocks at sectors {prev // 512} and "
-                              f"{sector} overlap")
-            for rstart, rlen in regions:
-                if pos < rstart + rlen and rstart < pos + span:
-                    raise Corrupt(f"{self.path}: data block at sector {sector} overlaps "
-                                  f"metadata at offset {rstart}")
-            prev = pos
+        offsets = self.bat.offsets()            # sorted sectors; C-speed checks below
+        if not offsets:
+            return
+        if offsets[-1] * fmt.SECTOR + span > end:
+            raise Corrupt(f"{self.path}: BAT entry {offsets[-1]} (offset "
+                          f"{offsets[-1] * fmt.SECTOR}) points past the end of the image ({end})")
+        if len(offsets) > 1 and min(map(operator.sub, offsets[1:], offsets[:-1])) * fmt.SECTOR < span:
+            a, b = next((a, b) for a, b in itertools.pairwise(offsets) if (b - a) * fmt.SECTOR < span)
+            if a == b:
+                raise Corrupt(f"{self.path}: two BAT entries point at the same block (sector {a})")
+            raise Corrupt(f"{self.path}: data blocks at sectors {a} and {b} overlap")
+        for rstart, rlen in regions:
+            # only blocks starting in (rstart - span, rstart + rlen) can overlap the region
+            i = bisect.bisect_right(offsets, (rstart - span) // fmt.SECTOR)
+            if i < len(offsets) and offsets[i] * fmt.SECTOR < rstart + rlen and \
+                    offsets[i] * fmt.SECTOR + span > rstart:
+                raise Corrupt(f"{self.path}: data block at sector {offsets[i]} overlaps "
+                              f"metadata at offset {rstart}")
 
     def header_or_fail(self) -> fmt.Header:
         if self.header is None:
