@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 from smcommon.errors import InvalidRequest
@@ -42,9 +41,23 @@ def safe_name(kind: str, name: object) -> str:
     return name
 
 
-@dataclass(frozen=True)
 class Paths:
-    root: Path
+    """Host paths under one root.  A plain class: the plugins build one per call,
+    and importing dataclasses would cost every call ~10 ms."""
+
+    __slots__ = ("root",)
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Paths) and other.root == self.root
+
+    def __hash__(self) -> int:
+        return hash(self.root)
+
+    def __repr__(self) -> str:
+        return f"Paths({str(self.root)!r})"
 
     @classmethod
     def from_env(cls, root: str | os.PathLike[str] | None = None) -> Paths:
