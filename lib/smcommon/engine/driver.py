@@ -20,10 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
-import socket
 import time
-import urllib.parse
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -189,7 +186,7 @@ class Driver:
                 log.info("SR.detach of %s released datapaths %s", sr, released)
             self.type.close(eng.sr, eng.sr_dir, entry.mounted)
             self.registry.remove(eng.sr)
-            shutil.rmtree(eng.dps.state_dir, ignore_errors=True)
+            _rmtree(eng.dps.state_dir, ignore_errors=True)
 
     def sr_destroy(self, dbg: str, sr: str) -> None:
         eng = self.engine(sr)
@@ -203,8 +200,8 @@ class Driver:
             for volume in eng.store.list():
                 eng.store.remove(volume)
             eng.store.cleanup_partial()
-            shutil.rmtree(eng.meta.sm_dir, ignore_errors=True)
-            shutil.rmtree(eng.dps.state_dir, ignore_errors=True)
+            _rmtree(eng.meta.sm_dir, ignore_errors=True)
+            _rmtree(eng.dps.state_dir, ignore_errors=True)
             self.type.close(eng.sr, eng.sr_dir, entry.mounted)
             self.type.wipe(eng.sr, entry.device_config)
             self.registry.remove(eng.sr)
@@ -214,7 +211,7 @@ class Driver:
         sr = safe_name("sr", sr)
         with locks.sr_lock(self.paths, sr):
             entry = self.registry.get(sr)
-            shutil.rmtree(self.paths.run_dir / "dp" / sr, ignore_errors=True)
+            _rmtree(self.paths.run_dir / "dp" / sr, ignore_errors=True)
             if entry is not None:
                 if entry.mounted:
                     with contextlib.suppress(Exception):
@@ -310,6 +307,8 @@ def check_local_url(url: str) -> None:
         raise InvalidRequest("url must be a string")
     if url.strip() in ("", "local"):
         return
+    import urllib.parse
+
     parsed = urllib.parse.urlparse(url)
     if parsed.scheme == "file":
         return
@@ -322,7 +321,15 @@ def check_local_url(url: str) -> None:
     )
 
 
+def _rmtree(path: Path, ignore_errors: bool = True) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=ignore_errors)
+
+
 def _local_names() -> set[str]:
+    import socket
+
     names = {"", "localhost", "127.0.0.1", "::1", "localhost.localdomain"}
     with contextlib.suppress(OSError):
         names.add(socket.gethostname().lower())
