@@ -21,7 +21,9 @@ Types (``Type``) are values, not classes, so they cost nothing to import:
     ANY              anything XML-RPC can carry (for extra methods only)
 
 Input structs may be partial: missing fields get their defaults (empty string,
-False, 0, {}; ``persistent`` defaults to True).  Unknown fields are refused.
+False, 0, {}; ``persistent`` defaults to True).  Unknown fields are dropped:
+toolstacks newer than this interface send more vdi_info fields (``sharable``,
+``cbt_enabled`` ...), and refusing them would break every call they make.
 The same conversion checks a driver's result before ``rpc`` marshals it; a
 driver result that does not fit its declared type is a bug and is answered
 ``Backend_error INTERNAL_ERROR``.
@@ -112,12 +114,6 @@ class Type:
         if kind == "struct":
             if not isinstance(value, dict):
                 raise _mistyped(where, f"a {self.name} struct", value)
-            unknown = [k for k in value if k not in self.fields]
-            if unknown:
-                raise InvalidRequest(
-                    f"{where}: unknown {self.name} field {_short(unknown[0])} "
-                    f"(known: {', '.join(self.fields)})"
-                )
             out: dict[str, object] = {}
             for name, f in self.fields.items():
                 if name in value:
