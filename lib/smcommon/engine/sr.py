@@ -310,8 +310,11 @@ class SrEngine:
         return base
 
     def set_persistent(self, vdi: str, persistent: bool) -> None:
+        from smcommon.engine.gc import Collector
+
         if not isinstance(persistent, bool):
             raise InvalidRequest("persistent must be a boolean")
+        collect = False
         with self.tree_lock():
             rec = self.get(vdi)
             with self.vdi_lock(rec.vdi):
@@ -321,11 +324,14 @@ class SrEngine:
                     rec.persistent = True
                     rec.epoch_base = None
                     self.meta.put(rec)
+                    collect = True
                 elif rec.epoch_base is None:
                     self._freeze(rec)
                 elif rec.persistent:
                     rec.persistent = False
                     self.meta.put(rec)
+            if collect:  # the old base may now be coalesced into the leaf
+                Collector(self).run()
 
     def epoch_begin(self, vdi: str) -> None:
         """A non-persistent VDI starts again from its frozen content."""
