@@ -497,6 +497,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             len(dispatcher.running()),
         )
     finally:
+        # Stopping already: a repeated SIGTERM/SIGINT must not kill us half-way,
+        # nor during interpreter finalization (which restores SIG_DFL).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         for srv in servers:
             srv.shutdown()
             srv.server_close()

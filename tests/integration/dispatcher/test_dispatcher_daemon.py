@@ -535,3 +535,16 @@ def test_client_gone_mid_call(start_daemon: Callable[..., Daemon]) -> None:
     assert "dbg=gone method=VDI.stat" in err
     assert "connection dropped by the client" in err
     assert "Traceback" not in err
+
+
+def test_repeated_sigterm_still_exits_0(start_daemon: Callable[..., Daemon]) -> None:
+    d = start_daemon()
+    assert stat(d.unix("/fake"), "ok")["Status"] == "Success"
+    for _ in range(20):  # systemd and impatient people signal again while we stop
+        if d.proc.poll() is not None:
+            break
+        d.proc.send_signal(signal.SIGTERM)
+        threading.Event().wait(0.01)
+    rc, err = d.stop()
+    assert rc == 0, err
+    assert "stopped" in err
