@@ -115,7 +115,7 @@ class ExtType:
     ) -> tuple[Path, bool]:
         from pathlib import Path
 
-        from smcommon.errors import BackendError
+        from smcommon.errors import BackendError, CommandError
 
         kind, value = self._which(device_config)
         if kind == "path":
@@ -148,7 +148,20 @@ class ExtType:
                 timeout=MKFS_TIMEOUT,
             )
         mnt.mkdir(parents=True, exist_ok=True)
-        self.run(["mount", "-t", "ext4", value, str(mnt)], timeout=MOUNT_TIMEOUT)
+        try:
+            self.run(["mount", "-t", "ext4", value, str(mnt)], timeout=MOUNT_TIMEOUT)
+        except CommandError as e:
+            try:
+                os.rmdir(mnt)
+            except OSError:
+                pass
+            raise BackendError(
+                "MOUNT_FAILED",
+                [
+                    f"{value} holds no mountable ext4 (never created, or destroyed?)",
+                    e.err_tail,
+                ],
+            ) from None
         return mnt, True
 
     @staticmethod
