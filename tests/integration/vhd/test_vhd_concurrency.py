@@ -112,3 +112,59 @@ def test_reader_never_sees_a_sound_image_as_corrupt_during_writes(sr_dir: Path) 
         f"{bad} of {rounds} reader rounds were told the image is corrupt, e.g. {seen}"
     )
     assert vhd.check(img) == []
+
+
+COALESCER = r"""
+import sys
+import smcommon.vhd as vhd
+print("DONE", vhd.coalesce(sys.argv[1]), flush=True)
+"""
+
+LEAF_READER = r"""
+import os, random, sys
+import smcommon.vhd as vhd
+leaf, expect_file, stop = sys.argv[1], sys.argv[2], sys.argv[3]
+expected = open(expect_file, "rb").read()
+rng = random.Random(1)
+rounds, wrong, busy = 0, [], 0
+while not os.path.exists(stop) or rounds < 3:
+    rounds += 1
+    off = rng.randrange(0, len(expected) - 1)
+    n = min(rng.choice([512, 65536, 3 << 20]), len(expected) - off)
+    try:
+        if vhd.read(leaf, off, n) != expected[off:off + n]:
+            wrong.append((off, n))
+    except vhd.Busy:
+        busy += 1
+print(repr((rounds, wrong[:5], busy)), flush=True)
+"""
+
+
+def test_leaf_reads_stay_right_while_an_ancestor_is_coalesced(sr_dir: Path) -> None:
+    """base <- mid <- leaf: coalescing mid into base (a GC) changes nothing the leaf
+    shows; a reader of the leaf running meanwhile must always get its bytes."""
+    size = 96 * 1024 * 1024
+    base, mid, leaf = (str(sr_dir / n) for n in ("base.vhd", "mid.vhd", "leaf.vhd"))
+    vhd.create(base, size)
+    vhd.write(base, 0, bytes([7]) * (5 * BLOCK))
+    vhd.snapshot(base, mid)
+    for b in range(1, size // BLOCK, 2):
+        vhd.write(mid, b * BLOCK + 512, bytes([b % 250 + 1]) * (BLOCK - 1024))
+    vhd.snapshot(mid, leaf)
+    vhd.write(leaf, 3 * BLOCK, b"leaf" * 1000)
+    expected = vhd.read(leaf, 0, size)
+    expect_file = sr_dir / "expected.raw"
+    expect_file.write_bytes(expected)
+    stop = sr_dir / "stop"
+    reader = _py(LEAF_READER, leaf, str(expect_file), str(stop))
+    coalescer = _py(COALESCER, mid)
+    out, err = coalescer.communicate(timeout=120)
+    stop.touch()
+    assert coalescer.returncode == 0 and "DONE" in out, err[-2000:]
+    rounds, wrong, busy = _result(reader)
+    assert not wrong, (
+        f"{len(wrong)} of {rounds} leaf reads returned wrong bytes during the coalesce: {wrong}"
+    )
+    assert busy == 0, f"{busy} of {rounds} leaf reads were refused as busy"
+    assert vhd.read(base, 0, size) == vhd.read(mid, 0, size)
+    assert vhd.read(leaf, 0, size) == expected
