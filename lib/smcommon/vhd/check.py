@@ -14,7 +14,7 @@ import stat
 
 from smcommon.vhd import format as fmt
 from smcommon.vhd.errors import Corrupt, InvalidArgument, VhdError, from_os_error
-from smcommon.vhd.image import Image
+from smcommon.vhd.image import Image, first_block_problem
 from smcommon.vhd.info import format_uuid
 from smcommon.vhd.locks import lock_file
 
@@ -142,6 +142,8 @@ def _check_blocks(bat: fmt.Bat, header: fmt.Header, regions: list[tuple[str, int
                   end: int) -> list[str]:
     problems: list[str] = []
     span = header.bitmap_size + header.block_size
+    if first_block_problem(bat, span, end, [(s, n) for _, s, n in regions]) is None:
+        return problems                 # sound: no loop per block needed
     blocks = sorted((bat[b] * fmt.SECTOR, b) for b in bat.allocated())
     prev: tuple[int, int] | None = None
     for pos, b in blocks:

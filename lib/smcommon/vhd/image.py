@@ -193,25 +193,9 @@ class Image:
                    (self.header.table_offset, fmt.bat_bytes(self.header.max_table_entries))]
         regions += [(loc.data_offset, min(loc.data_length, fmt.MAX_LOCATOR_DATA) or 1)
                     for loc in self.header.locators if loc.used]
-        end = self.end()
-        offsets = self.bat.offsets()            # sorted sectors; C-speed checks below
-        if not offsets:
-            return
-        if offsets[-1] * fmt.SECTOR + span > end:
-            raise Corrupt(f"{self.path}: BAT entry {offsets[-1]} (offset "
-                          f"{offsets[-1] * fmt.SECTOR}) points past the end of the image ({end})")
-        if len(offsets) > 1 and min(map(operator.sub, offsets[1:], offsets[:-1])) * fmt.SECTOR < span:
-            a, b = next((a, b) for a, b in itertools.pairwise(offsets) if (b - a) * fmt.SECTOR < span)
-            if a == b:
-                raise Corrupt(f"{self.path}: two BAT entries point at the same block (sector {a})")
-            raise Corrupt(f"{self.path}: data blocks at sectors {a} and {b} overlap")
-        for rstart, rlen in regions:
-            # only blocks starting in (rstart - span, rstart + rlen) can overlap the region
-            i = bisect.bisect_right(offsets, (rstart - span) // fmt.SECTOR)
-            if i < len(offsets) and offsets[i] * fmt.SECTOR < rstart + rlen and \
-                    offsets[i] * fmt.SECTOR + span > rstart:
-                raise Corrupt(f"{self.path}: data block at sector {offsets[i]} overlaps "
-                              f"metadata at offset {rstart}")
+        problem = first_block_problem(self.bat, span, self.end(), regions)
+        if problem:
+            raise Corrupt(f"{self.path}: {problem}")
 
     def header_or_fail(self) -> fmt.Header:
         if self.header is None:
@@ -583,6 +567,30 @@ class Image:
         self._pwrite(header.to_bytes(), self.footer.data_offset, "the dynamic header")
         self.sync()
         self.header = header
+
+
+def first_block_problem(bat: fmt.Bat, span: int, end: int,
+                        regions: list[tuple[int, int]]) -> str | None:
+    """The first broken rule among the data blocks (past the end, overlapping each
+    other or metadata), or None; C-speed passes, no loop per block when sound."""
+    offsets = bat.offsets()
+    if not offsets:
+        return None
+    if offsets[-1] * fmt.SECTOR + span > end:
+        return (f"BAT entry {offsets[-1]} (offset {offsets[-1] * fmt.SECTOR}) points past "
+                f"the end of the image ({end})")
+    if len(offsets) > 1 and min(map(operator.sub, offsets[1:], offsets[:-1])) * fmt.SECTOR < span:
+        a, b = next((a, b) for a, b in itertools.pairwise(offsets) if (b - a) * fmt.SECTOR < span)
+        if a == b:
+            return f"two BAT entries point at the same block (sector {a})"
+        return f"data blocks at sectors {a} and {b} overlap"
+    for rstart, rlen in regions:
+        # only blocks starting in (rstart - span, rstart + rlen) can overlap the region
+        i = bisect.bisect_right(offsets, (rstart - span) // fmt.SECTOR)
+        if i < len(offsets) and offsets[i] * fmt.SECTOR < rstart + rlen and \
+                offsets[i] * fmt.SECTOR + span > rstart:
+            return f"data block at sector {offsets[i]} overlaps metadata at offset {rstart}"
+    return None
 
 
 def check_int(name: str, value: object) -> None:
