@@ -11,11 +11,17 @@ make_sr      make more SRs of either kind in the same SM_ROOT
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
+
+# importlib import mode (setup.cfg): make ext_helpers beside this file importable
+HERE = str(Path(__file__).resolve().parent)
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
 
 from ext_helpers import PLUGIN, SR, Ext, SrFactory, leftover_processes, sr_kinds
 
@@ -43,10 +49,18 @@ def make_sr(ext: Ext, tmp_path: Path) -> Iterator[SrFactory]:
 
 
 @pytest.fixture(params=sr_kinds())
-def sr(make_sr: SrFactory, request: pytest.FixtureRequest) -> SR:
+def each_sr(make_sr: SrFactory, request: pytest.FixtureRequest) -> SR:
+    """An attached SR of each kind: ``path``, and ``ext4`` (root only)."""
     return make_sr.make(request.param)
 
 
 @pytest.fixture
-def path_sr(make_sr: SrFactory) -> SR:
+def sr(make_sr: SrFactory) -> SR:
+    """An attached ``path`` SR (what most tests need: a process per call is
+    the cost, and the ext4 kind differs only in SR.create/attach/detach)."""
     return make_sr.make("path")
+
+
+@pytest.fixture
+def path_sr(sr: SR) -> SR:
+    return sr

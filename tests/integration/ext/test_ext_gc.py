@@ -17,7 +17,8 @@ def pat(tag: str) -> bytes:
     return (unit * (K4 // len(unit) + 1))[:K4]
 
 
-def test_gc_after_destroys_leaves_only_what_is_needed(sr: SR) -> None:
+def test_gc_after_destroys_leaves_only_what_is_needed(each_sr: SR) -> None:
+    sr = each_sr
     a = sr.create("a", 8 * MiB)["vdi"]
     b = sr.create("b", 8 * MiB)["vdi"]
     sr.write(a, {0: pat("a0")})

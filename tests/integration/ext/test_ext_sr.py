@@ -130,7 +130,8 @@ def test_sr_create_refuses_a_directory_holding_another_sr(
     assert a.ok("VDI.stat", vdi=v["vdi"])["name_label"] == "precious"
 
 
-def test_sr_detach_deactivates_and_detaches_datapaths(sr: SR) -> None:
+def test_sr_detach_deactivates_and_detaches_datapaths(each_sr: SR) -> None:
+    sr = each_sr
     a = sr.create("a")
     b = sr.create("b")
     sr.attach(a["vdi"], "vm1", True)
@@ -149,7 +150,8 @@ def test_sr_detach_deactivates_and_detaches_datapaths(sr: SR) -> None:
     sr.ok("VDI.destroy", vdi=b["vdi"])
 
 
-def test_sr_destroy_with_active_datapaths(ext: Ext, sr: SR) -> None:
+def test_sr_destroy_with_active_datapaths(ext: Ext, each_sr: SR) -> None:
+    sr = each_sr
     a = sr.create("a")
     sr.snapshot(a["vdi"])
     sr.attach(a["vdi"], "vm1", True)
@@ -160,7 +162,8 @@ def test_sr_destroy_with_active_datapaths(ext: Ext, sr: SR) -> None:
     assert not r.ok, r.describe()
 
 
-def test_sr_reset_forgets_host_state(ext: Ext, sr: SR) -> None:
+def test_sr_reset_forgets_host_state(ext: Ext, each_sr: SR) -> None:
+    sr = each_sr
     a = sr.create("a")
     sr.attach(a["vdi"], "vm1", True)
     sr.ok("VDI.activate", dp="vm1", vdi=a["vdi"])

@@ -163,7 +163,8 @@ def test_datapath_automaton_over_the_wire(sr: SR) -> None:
     sr.ok("VDI.destroy", vdi=v)
 
 
-def test_attach_info_names_the_image(sr: SR) -> None:
+def test_attach_info_names_the_image(each_sr: SR) -> None:
+    sr = each_sr
     from smcommon import vhd
 
     a = sr.create("img", 6 * MiB)
@@ -179,7 +180,7 @@ def test_written_data_reads_back(sr: SR) -> None:
     a = sr.create("rw", 8 * MiB)["vdi"]
     w = {0: pat("a0"), BLOCK + K4: pat("a1", 3 * K4), 8 * MiB - K4: pat("end")}
     sr.write(a, w)
-    got = sr.read(a, [(off, len(d)) for off, d in w.items()])
+    got = sr.read_attached(a, [(off, len(d)) for off, d in w.items()])
     assert got == list(w.values())
 
 
@@ -187,7 +188,8 @@ def test_written_data_reads_back(sr: SR) -> None:
 
 
 @pytest.mark.parametrize("how", ["snapshot", "clone"])
-def test_snapshot_and_clone_semantics(sr: SR, how: str) -> None:
+def test_snapshot_and_clone_semantics(each_sr: SR, how: str) -> None:
+    sr = each_sr
     a = sr.create("base", 8 * MiB)
     v = a["vdi"]
     sr.write(v, {0: pat("old0"), BLOCK: pat("old1")})
