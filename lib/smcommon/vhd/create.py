@@ -73,9 +73,7 @@ def new_file(path: str) -> Iterator[int]:
         try:
             try:
                 if tmp is None:
-                    # a dir fd makes CPython call linkat(AT_SYMLINK_FOLLOW), not link()
-                    os.link(f"/proc/self/fd/{fd}", os.path.basename(path),
-                            dst_dir_fd=dfd, follow_symlinks=True)
+                    _link_tmpfile(fd, dfd, path)
                 else:
                     os.link(tmp, path)
             except OSError as exc:
@@ -90,6 +88,45 @@ def new_file(path: str) -> Iterator[int]:
         if tmp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+
+
+def _link_tmpfile(fd: int, dfd: int, path: str) -> None:
+    """Name an O_TMPFILE file; where linkat through /proc is refused, copy it instead."""
+    name = os.path.basename(path)
+    try:
+        # a dir fd makes CPython call linkat(AT_SYMLINK_FOLLOW), not link()
+        os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=dfd, follow_symlinks=True)
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.ENOENT, errno.EPERM, errno.EOPNOTSUPP):
+            raise
+    tmp = f".vhd-tmp-{uuidlib.uuid4().hex[:16]}"
+    out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644, dir_fd=dfd)
+    try:
+        size = os.fstat(fd).st_size
+        os.ftruncate(out, size)
+        pos = 0
+        while pos < size:                   # copy the data segments, keep the holes
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+                stop = os.lseek(fd, start, os.SEEK_HOLE)
+            except OSError as exc:
+                if exc.errno != errno.ENXIO:
+                    raise
+                break
+            while start < stop:
+                chunk = os.pread(fd, min(stop - start, 8 << 20), start)
+                if not chunk:
+                    break
+                _pwrite_all(out, chunk, start)
+                start += len(chunk)
+            pos = stop
+        os.fsync(out)
+        os.link(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+    finally:
+        os.close(out)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dfd)
 
 
 def _pwrite_all(fd: int, data: bytes, pos: int) -> None:

@@ -280,3 +280,23 @@ def test_allocation_interrupted_at_each_step_stays_sound(
     monkeypatch.undo()
     assert vhd.check(p) == []
     assert vhd.read(p, 0, 5000) == b"acked" * 1000
+
+
+def test_create_falls_back_when_linkat_through_proc_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Some kernels/mounts refuse linkat(/proc/self/fd/N): the image is copied, not lost."""
+    real_link = os.link
+
+    def refusing(src: str, dst: str, **kw: object) -> None:
+        if str(src).startswith("/proc/self/fd/"):
+            raise OSError(18, "Invalid cross-device link")
+        real_link(src, dst, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "link", refusing)
+    p = tmp_path / "a.vhd"
+    vhd.create(p, 8 * MIB)
+    monkeypatch.undo()
+    vhd.write(p, 3 * MIB, b"data")
+    assert vhd.read(p, 3 * MIB, 4) == b"data" and vhd.check(p) == []
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["a.vhd"]
