@@ -9,7 +9,8 @@ never raises: every problem becomes a response.
   SR's type is learnt (``routes.RouteTable``), when SR.destroy succeeds it is
   forgotten.
 - ``/``: routed by the call's ``sr`` to the type learnt for it; ``SR.ls``
-  merges every plugin's answer, ``Query.query`` lists every plugin's
+  merges every plugin's answer (a plugin that fails is left out and logged;
+  if every plugin fails the call fails with SR_LS_FAILED), ``Query.query`` lists every plugin's
   query_result, ``Query.diagnostics`` joins the dispatcher's and every
   plugin's text.
 - Extra methods, on any path: ``Dispatcher.cancel({"dbg", "task"})`` and
@@ -32,6 +33,7 @@ waits up to ``queue_timeout`` for a slot, then gets DISPATCHER_BUSY.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import re
 import threading
@@ -47,6 +49,8 @@ from smcommon.paths import safe_name
 from dispatcher import wire
 from dispatcher.child import Child, ChildResult
 from dispatcher.routes import RouteTable
+
+log = logging.getLogger(__name__)
 
 TYPE_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
 LEARN_METHODS = ("SR.create", "SR.attach")
@@ -421,6 +425,8 @@ class Dispatcher:
                 merged.extend(str(v) for v in value if str(v) not in merged)
             else:
                 failures.append(f"{t}: {' '.join(_describe(out, resp))}")
+        for f in failures:
+            log.warning("SR.ls: plugin left out of the merged answer: %s", f)
         if failures and not merged and len(failures) == len(types):
             return _backend("SR_LS_FAILED", *failures)
         return wire.dumps_response(wire.success(merged))
