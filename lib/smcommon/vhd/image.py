@@ -374,7 +374,11 @@ class Image:
                                   f"the disk size {self.virtual_size}")
         start = offset // fmt.SECTOR * fmt.SECTOR
         stop = fmt.round_up(offset + length, fmt.SECTOR)
-        buf = bytearray(stop - start)
+        try:
+            buf = bytearray(stop - start)
+        except MemoryError:
+            raise InvalidArgument(f"{self.path}: cannot hold {length} bytes in memory; "
+                                  "read in smaller pieces") from None
         self.read_into(memoryview(buf), start)
         return bytes(buf[offset - start : offset - start + length]) if (start, stop) != (offset, offset + length) else bytes(buf)
 

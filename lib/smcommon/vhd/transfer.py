@@ -45,6 +45,11 @@ def export_raw(path: str | os.PathLike[str], dest: str | os.PathLike[str], *,
 
 def _export(img: Image, out: int, dest: str) -> None:
     vsize = img.virtual_size
+    ost = os.fstat(out)
+    for i in img.chain():
+        st = os.fstat(i.fd)
+        if (st.st_dev, st.st_ino) == (ost.st_dev, ost.st_ino):
+            raise InvalidArgument(f"{dest}: is {i.path}, an image of the chain being exported")
     is_blockdev = stat.S_ISBLK(os.fstat(out).st_mode)
     if is_blockdev:
         if os.lseek(out, 0, os.SEEK_END) < vsize:

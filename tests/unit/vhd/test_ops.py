@@ -267,3 +267,11 @@ def test_allocation_map_by_depth(tmp_path: Path) -> None:
         if depth == 0:
             assert model[off : off + n] == bytes(n)
     assert vhd.allocation_map(base)[0] == (0, BLOCK, 1)
+
+
+def test_export_onto_an_image_of_the_chain_is_refused(tmp_path: Path) -> None:
+    base, leaf, _model = _chain(tmp_path)
+    before = base.read_bytes()
+    with pytest.raises(vhd.InvalidArgument, match="chain being exported"):
+        vhd.export_raw(leaf, base)
+    assert base.read_bytes() == before
