@@ -14,7 +14,7 @@ import stat
 
 from smcommon.vhd import format as fmt
 from smcommon.vhd.errors import Corrupt, InvalidArgument, VhdError, from_os_error
-from smcommon.vhd.image import Image, first_block_problem
+from smcommon.vhd.image import Image, first_block_problem, tail_offset
 from smcommon.vhd.info import format_uuid
 from smcommon.vhd.locks import lock_file
 
@@ -35,7 +35,7 @@ def _footers(fd: int, size: int, path: str) -> tuple[fmt.Footer | str, fmt.Foote
             return fmt.Footer.from_bytes(_read(fd, fmt.FOOTER_SIZE, pos, path), where)
         except Corrupt as exc:
             return str(exc)
-    return parse(size - fmt.FOOTER_SIZE, "tail footer"), parse(0, "footer copy at offset 0")
+    return parse(tail_offset(size), "tail footer"), parse(0, "footer copy at offset 0")
 
 
 def _open_fd(path: str, writable: bool) -> tuple[int, int]:
@@ -77,7 +77,7 @@ def _check(fd: int, size: int, path: str, search_dirs: list[str] | None) -> list
     if footer is not None and footer.disk_type == fmt.DISK_FIXED:
         if footer.current_size % fmt.SECTOR:
             problems.append(f"disk size {footer.current_size} is not a multiple of 512")
-        if footer.current_size != size - fmt.FOOTER_SIZE:
+        if footer.current_size != tail_offset(size):
             problems.append(f"fixed disk of {footer.current_size} bytes in a file of "
                             f"{size} bytes (expected {footer.current_size + fmt.FOOTER_SIZE})")
         return problems
@@ -96,7 +96,7 @@ def _check(fd: int, size: int, path: str, search_dirs: list[str] | None) -> list
         problems.append("footer features: the reserved bit 0x2 is not set")
     if footer.current_size % fmt.SECTOR:
         problems.append(f"disk size {footer.current_size} is not a multiple of 512")
-    end = size - fmt.FOOTER_SIZE
+    end = tail_offset(size)
     hoff = footer.data_offset
     if hoff < fmt.FOOTER_SIZE or hoff + fmt.HEADER_SIZE > end:
         return [*problems, f"dynamic header offset {hoff} outside the file"]
@@ -213,7 +213,7 @@ def _repair(fd: int, size: int, path: str) -> list[str]:
         raise Corrupt(f"{path}: both footers are damaged ({tail}; {head}); cannot repair")
     if head.disk_type == fmt.DISK_FIXED:
         raise Corrupt(f"{path}: {tail}; a fixed disk has no footer copy to repair from")
-    pos = max(size - fmt.FOOTER_SIZE, _data_end(fd, size, head, path))
+    pos = max(tail_offset(size), _data_end(fd, size, head, path))
     os.pwrite(fd, head.to_bytes(), pos)
     os.fsync(fd)
     return [f"restored the tail footer at offset {pos} from the copy at offset 0"]

@@ -258,8 +258,8 @@ class Image:
     # --- where the image ends ----------------------------------------------------
 
     def end(self) -> int:
-        """Offset of the tail footer: the one place that decides where the image ends."""
-        return self._size - fmt.FOOTER_SIZE
+        """Offset of the tail footer of this image."""
+        return tail_offset(self._size)
 
     def _set_end(self, new_end: int) -> None:
         """Write the footer at ``new_end`` (growing the file): the old end becomes free."""
@@ -571,6 +571,16 @@ class Image:
         self._pwrite(header.to_bytes(), self.footer.data_offset, "the dynamic header")
         self.sync()
         self.header = header
+
+
+def tail_offset(size: int) -> int:
+    """Where the tail footer lies in a file of ``size`` bytes.
+
+    The one place that decides where an image ends (Image.end(), check and
+    repair use it): an image inside a logical volume larger than the image
+    changes this, not its callers.
+    """
+    return size - fmt.FOOTER_SIZE
 
 
 def first_block_problem(bat: fmt.Bat, span: int, end: int,
