@@ -34,7 +34,7 @@ def report(driver: Driver) -> str:
 
             eng = SrEngine(driver.paths, entry.sr, Path(entry.sr_dir), vhd=driver.vhd)
             out += ["  " + line for line in sr_report(eng)]
-        except Error as e:
+        except (Error, OSError) as e:
             out.append(f"  unreadable: {e}")
     return "\n".join(out) + "\n"
 

@@ -79,10 +79,10 @@ class Driver:
             )
         ]
 
-    def engine(self, sr: str) -> SrEngine:
+    def engine(self, sr: str, check_dir: bool = True) -> SrEngine:
         entry = self.registry.require(safe_name("sr", sr))
         sr_dir = Path(entry.sr_dir)
-        if not sr_dir.is_dir():
+        if check_dir and not sr_dir.is_dir():
             raise BackendError(
                 "SR_DIR_MISSING", [f"SR {sr} directory {sr_dir} is gone"]
             )
@@ -178,7 +178,7 @@ class Driver:
             )
 
     def sr_detach(self, dbg: str, sr: str) -> None:
-        eng = self.engine(sr)
+        eng = self.engine(sr, check_dir=False)
         entry = self.registry.require(eng.sr)
         with eng.tree_lock(resume_gc=False):
             released = vdipath.release_all(eng)
