@@ -41,6 +41,7 @@ writer appears between a crash and the resumption.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -197,25 +198,23 @@ class Collector:
                 "unreadable VDI records, nothing deleted: " + "; ".join(bad)
             )
             return None
-        tree: dict[str, Node] = {}
-        for v in self.store.list():
-            try:
-                tree[v] = self.store.node(v)
-            except FileNotFoundError:
-                continue
-            except Error as e:
-                rep.skipped.append(f"volume {v} unreadable, nothing deleted: {e}")
-                return None
+        try:
+            tree: dict[str, Node] = self.store.tree(strict=True)
+        except Error as e:
+            rep.skipped.append(f"a volume is unreadable, nothing deleted: {e}")
+            return None
         return tree, recs
 
     def _collect(self, rep: Report) -> None:
         rep.cleaned += [f"temp file x{n}" for n in [self.meta.cleanup_temp()] if n]
         rep.cleaned += self.store.cleanup_partial()
         active = set(self.eng.dps.active_vdis())
+        loaded = None
         for _ in range(10000):
-            loaded = self._load(rep)
             if loaded is None:
-                return
+                loaded = self._load(rep)
+                if loaded is None:
+                    return
             tree, recs = loaded
             leaves = {r.volume: r for r in recs}
             bases = {r.epoch_base: r for r in recs if r.epoch_base}
@@ -223,14 +222,18 @@ class Collector:
             for v, n in tree.items():
                 if n.parent is not None:
                     children.setdefault(n.parent, []).append(v)
+            gone = self._delete_unneeded(tree, leaves, bases, children, rep)
+            if gone:
+                for v in gone:
+                    tree.pop(v, None)
+                continue  # the tree in memory is still right: no reload
             users = _users(tree, recs)
-            if self._delete_unneeded(tree, leaves, bases, children, rep):
-                continue
             self._fix_hidden(tree, leaves, children, users, active, rep)
             if not self._coalesce_one(
                 tree, leaves, bases, children, users, active, rep
             ):
                 return
+            loaded = None  # a coalesce renames, re-links, re-points: reload
 
     def _delete_unneeded(
         self,
@@ -239,14 +242,14 @@ class Collector:
         bases: dict,
         children: dict,
         rep: Report,
-    ) -> bool:
-        gone = False
+    ) -> list[str]:
+        gone = []
         for v in sorted(tree):
             if v in leaves or v in bases or children.get(v):
                 continue
-            if self.store.remove(v):
-                rep.deleted.append(v)
-                gone = True
+            self.store.remove(v)
+            rep.deleted.append(v)
+            gone.append(v)
         return gone
 
     def _fix_hidden(
@@ -272,6 +275,7 @@ class Collector:
                 )
                 continue
             self.store.set_hidden(v, want)
+            tree[v] = dataclasses.replace(n, hidden=want)
             (rep.hidden if want else rep.unhidden).append(v)
 
     def _coalesce_one(

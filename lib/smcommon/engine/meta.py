@@ -242,11 +242,13 @@ class Metadata:
             try:
                 with open(path, "rb") as f:
                     doc = json.loads(f.read())
-                recs.append(self._parse(Path(path), doc))
+                if not isinstance(doc, dict):
+                    raise TypeError("not an object")
+                recs.append(VdiRecord.from_json(doc))
             except FileNotFoundError:
                 continue  # removed since listdir
-            except (OSError, ValueError) as e:
-                err = MetadataCorrupt(Path(path), str(e))
+            except (OSError, ValueError, TypeError) as e:
+                err = MetadataCorrupt(Path(path), f"{type(e).__name__}: {e}")
                 log.warning("skipping unreadable VDI record: %s", err)
                 bad.append(str(err))
             except MetadataCorrupt as e:
