@@ -107,6 +107,8 @@ class Image:
             img._size = os.fstat(fd).st_size       # after the lock: a writer may have grown it
             img.depth = _depth
             img._load()
+            if writable:
+                img._heal_head()
             if parents and img.footer.disk_type == fmt.DISK_DIFFERENCING:
                 if _depth >= MAX_CHAIN_DEPTH:
                     raise ChainTooDeep(f"{path}: chain deeper than {MAX_CHAIN_DEPTH} images")
@@ -196,6 +198,21 @@ class Image:
         problem = first_block_problem(self.bat, span, self.end(), regions)
         if problem:
             raise Corrupt(f"{self.path}: {problem}")
+
+    def _heal_head(self) -> None:
+        """Bring a stale footer copy (an update killed after the tail write) up to date."""
+        if self.is_fixed or self.tail_damaged:
+            return
+        head = self._pread(fmt.FOOTER_SIZE, 0, "the footer copy")
+        raw = self.footer.to_bytes()
+        if head != raw:
+            try:
+                old = fmt.Footer.from_bytes(head)
+            except Corrupt:
+                return                   # damaged, not stale: that is repair's job
+            if old.uuid == self.footer.uuid:
+                self._pwrite(raw, 0, "the footer copy")
+                self.sync()
 
     def header_or_fail(self) -> fmt.Header:
         if self.header is None:
@@ -375,12 +392,41 @@ class Image:
         start = offset // fmt.SECTOR * fmt.SECTOR
         stop = fmt.round_up(offset + length, fmt.SECTOR)
         try:
-            buf = bytearray(stop - start)
+            data = b"".join(self._pieces(start, stop))
         except MemoryError:
             raise InvalidArgument(f"{self.path}: cannot hold {length} bytes in memory; "
                                   "read in smaller pieces") from None
-        self.read_into(memoryview(buf), start)
-        return bytes(buf[offset - start : offset - start + length]) if (start, stop) != (offset, offset + length) else bytes(buf)
+        if (start, stop) != (offset, offset + length):
+            return data[offset - start : offset - start + length]
+        return data
+
+    def _pieces(self, start: int, stop: int) -> list[bytes | bytearray]:
+        """The sector-aligned range as pieces, one per block: a block wholly in this
+        image is one pread, a block in no image is zeros; others resolve the chain."""
+        bs = self.block_size
+        pieces: list[bytes | bytearray] = []
+        pos = start
+        while pos < stop:
+            block, within = divmod(pos, bs)
+            n = min(stop - pos, bs - within)
+            bpos = None if self.is_fixed else self.block_pos(block)
+            piece: bytes | bytearray
+            if self.is_fixed:
+                piece = self._pread(n, pos, "data")
+            elif bpos is not None and self.bitmap(block, bpos) == -1:
+                piece = self._pread(n, bpos + self.bitmap_size + within, "data")
+            elif bpos is None and all(i.block_pos(block) is None and not i.is_fixed
+                                      for i in self.chain()):
+                piece = bytes(n)
+            else:
+                buf = bytearray(n)
+                self.read_block_into(block, within // fmt.SECTOR, memoryview(buf))
+                piece = buf
+            if len(piece) != n:
+                raise Corrupt(f"{self.path}: short read at {pos} (file truncated?)")
+            pieces.append(piece)
+            pos += n
+        return pieces
 
     def read_into(self, view: memoryview, offset: int) -> None:
         """Sector-aligned read of ``len(view)`` bytes at ``offset`` (buffer pre-zeroed)."""

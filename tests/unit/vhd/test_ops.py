@@ -275,3 +275,20 @@ def test_export_onto_an_image_of_the_chain_is_refused(tmp_path: Path) -> None:
     with pytest.raises(vhd.InvalidArgument, match="chain being exported"):
         vhd.export_raw(leaf, base)
     assert base.read_bytes() == before
+
+
+def test_a_stale_footer_copy_is_healed_not_reported(tmp_path: Path) -> None:
+    """A metadata update killed between the tail and the head footer writes."""
+    p = tmp_path / "a.vhd"
+    vhd.create(p, 4 * MIB)
+    head = p.read_bytes()[:512]
+    vhd.set_hidden(p, True)
+    _poke(p, 0, head)                                  # the head copy as before the update
+    assert vhd.check(p) == [] and vhd.info(p).hidden
+    vhd.write(p, 0, b"x")                              # a writable open heals it
+    raw = p.read_bytes()
+    assert raw[:512] == raw[-512:]
+    other = fmt.Footer.from_bytes(head).sealed(uuid=bytes(16)).to_bytes()
+    _poke(p, 0, other)                                 # not a copy of this image at all
+    assert any("not a copy" in x for x in vhd.check(p))
+    assert vhd.repair(p) and vhd.check(p) == []
