@@ -229,9 +229,10 @@ def _resize_fixed(img: Image, size: int) -> None:
     old = img.virtual_size
     footer = _resized_footer(img.footer, size)
     if size > old:
-        img._set_end(size)                  # new footer first: a valid tail at every instant
+        # the new footer at the new end first (one write: the file is then a sound
+        # fixed disk of the new size), then zeros over the old footer, now disk data
         img.footer = footer
-        img._pwrite(footer.to_bytes(), size, "the footer")
+        img._set_end(size)
         img._pwrite(bytes(fmt.FOOTER_SIZE), old, "zeros over the old footer")
         img.sync()
     elif size < old:
