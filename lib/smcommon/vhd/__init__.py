@@ -4,7 +4,18 @@ Public API (docs/design.md): functions over image paths; every error is a
 ``VhdError`` with a stable ``code``.  Modules: ``format`` (on-disk structures),
 ``image`` (open/read/write over a chain), ``create`` (new images), ``ops``
 (operations), ``check`` (check/repair), ``transfer`` (raw import/export,
-convert), ``cli`` (the ``vhd`` command).
+convert), ``locks``, ``info``, ``errors``, ``cli`` (the ``vhd`` command).
+
+Rules every function keeps:
+- One writer per image: an flock, exclusive to write and shared to read, held
+  from open to close (coalesce releases the parent's between batches); a wait
+  longer than ``locks.LOCK_TIMEOUT`` raises ``Busy``.
+- Parents are found from the child's locators (W2RU first, relative to the
+  child's directory) and only inside the allowed roots: by default each
+  child's own directory; the internal keyword ``search_dirs`` widens that.
+- A write is durable when it returns; a process killed at any instant leaves
+  an image that ``check`` accepts and that holds every acknowledged byte.
+- New images appear whole or not at all (O_TMPFILE, linked when complete).
 """
 
 from __future__ import annotations
