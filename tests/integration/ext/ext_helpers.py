@@ -234,6 +234,10 @@ class SR:
             for off, data in writes.items():
                 vhd.write(path, off, data)
 
+    def leaf_path(self, vdi: str) -> str:
+        url = self.ok("VDI.get_url", vdi=vdi)
+        return os.path.realpath(urllib.parse.unquote(urllib.parse.urlparse(url).path))
+
     def read(self, vdi: str, ranges: list[tuple[int, int]]) -> list[bytes]:
         """Read through VDI.get_url (one call; the URL is a file:// image)."""
         from smcommon import vhd
@@ -276,24 +280,29 @@ class SR:
         files = self.vhd_files()
         problems = {str(p): vhd.check(str(p)) for p in files}
         assert all(not v for v in problems.values()), f"vhd.check: {problems}"
-        children: dict[str, int] = {}
-        for _p, inf in files.items():
+        kids: dict[str, list[str]] = {}
+        for p, inf in files.items():
             if inf.parent:
-                children[os.path.realpath(inf.parent)] = (
-                    children.get(os.path.realpath(inf.parent), 0) + 1
+                assert os.path.exists(inf.parent), f"{p}: parent {inf.parent} missing"
+                kids.setdefault(os.path.realpath(inf.parent), []).append(
+                    os.path.realpath(p)
                 )
-                assert os.path.exists(inf.parent), f"{_p}: parent {inf.parent} missing"
         visible = [p for p, inf in files.items() if not inf.hidden]
         hidden = [p for p, inf in files.items() if inf.hidden]
         assert len(visible) == len(scan), (
             f"{len(visible)} visible images for {len(scan)} VDIs in SR.scan: "
             f"{sorted(map(str, visible))}"
         )
+        # a non-persistent VDI's frozen content (its epoch base) is kept even
+        # with a single child: the leaf of that VDI
+        np_leaves = {self.leaf_path(k) for k, v in scan.items() if not v["persistent"]}
         for p in hidden:
-            n = children.get(os.path.realpath(p), 0)
-            assert n >= 1, f"hidden image {p} has no child (garbage)"
-            if after_gc:
-                assert n >= 2, f"hidden image {p} has a single child after SR.gc"
+            n = kids.get(os.path.realpath(p), [])
+            assert n, f"hidden image {p} has no child (garbage)"
+            if after_gc and len(n) == 1:
+                assert n[0] in np_leaves, (
+                    f"hidden image {p} has a single child after SR.gc"
+                )
         return scan
 
 

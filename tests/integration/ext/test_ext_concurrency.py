@@ -15,7 +15,7 @@ from ext_helpers import BLOCK, SR, MiB, vinfo
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 K4 = 4096
-WORKERS = 12
+WORKERS = 8
 
 
 def pat(tag: str) -> bytes:
@@ -72,7 +72,7 @@ def test_parallel_create_snapshot_destroy_attach(path_sr: SR) -> None:
 
 
 def test_parallel_datapaths_on_one_vdi(path_sr: SR) -> None:
-    """Per-VDI locking: 12 datapaths attach/activate/deactivate/detach the same
+    """Per-VDI locking: WORKERS datapaths attach/activate/deactivate/detach the same
     VDI at once; afterwards every datapath is Detached and the VDI is free."""
     sr = path_sr
     v = sr.create("shared", 2 * MiB)["vdi"]

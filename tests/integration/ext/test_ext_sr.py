@@ -119,15 +119,26 @@ def test_sr_create_errors(ext: Ext, tmp_path: Path) -> None:
 
 
 def test_sr_create_refuses_a_directory_holding_another_sr(
-    ext: Ext, make_sr: SrFactory
+    ext: Ext, make_sr: SrFactory, tmp_path: Path
 ) -> None:
     a = make_sr.make("path")
     v = a.create("precious")
-    # either refused, or harmless: a's VDI must survive
-    ext.call(
-        "SR.create", sr=str(uuid.uuid4()), device_config=a.config, physical_size="0"
+    other = str(uuid.uuid4())
+    err = ext.err("SR.create", sr=other, device_config=a.config, physical_size="0")
+    assert err[0] == "Backend_error", err
+    r = ext.call("SR.attach", sr=other, device_config=a.config)
+    assert not r.ok, r.describe()
+    # an SR on the parent directory: its destroy removes its own data only
+    (tmp_path / "user-file").write_text("mine")
+    ext.ok(
+        "SR.create", sr=other, device_config={"path": str(tmp_path)}, physical_size="0"
     )
+    ext.ok("SR.attach", sr=other, device_config={"path": str(tmp_path)})
+    assert ext.ok("SR.scan", sr=other) == []
+    ext.ok("SR.destroy", sr=other)
+    assert (tmp_path / "user-file").read_text() == "mine"
     assert a.ok("VDI.stat", vdi=v["vdi"])["name_label"] == "precious"
+    assert a.read(v["vdi"], [(0, 512)]) == [b"\0" * 512]
 
 
 def test_sr_detach_deactivates_and_detaches_datapaths(each_sr: SR) -> None:
