@@ -218,10 +218,10 @@ def test_parent_loop_is_an_error(tmp_path: Path) -> None:
 def test_chain_depth_is_bounded(tmp_path: Path) -> None:
     prev = tmp_path / "d0.vhd"
     vhd.create(prev, 2 * MIB)
-    for i in range(1, 65):
+    for i in range(1, 64):                              # d63 is the 64th image
         cur = tmp_path / f"d{i}.vhd"
-        vhd.snapshot(prev, cur) if i < 64 else None
-        prev = cur if i < 64 else prev
+        vhd.snapshot(prev, cur)
+        prev = cur
     assert vhd.info(prev).depth == 64
     with pytest.raises(vhd.ChainTooDeep):
         vhd.snapshot(prev, tmp_path / "d64.vhd")
