@@ -55,8 +55,6 @@ def set_hidden(path: str | os.PathLike[str], hidden: bool) -> None:
         img.set_footer(img.footer.sealed(hidden=1 if hidden else 0))
 
 
-
-
 def set_parent(
     child: str | os.PathLike[str],
     parent: str | os.PathLike[str],
@@ -283,7 +281,7 @@ def _grow_bat(img: Image, header: fmt.Header, need: int) -> None:
         if loc.used and start < loc.data_offset < bat_end:
             raise Unsupported(f"{img.path}: parent locator data after the BAT is in the way "
                               "of a larger BAT")
-    span = header.bitmap_size + bs_of(header)
+    span = header.bitmap_size + header.block_size
     movers = sorted((img.bat[b], b) for b in img.bat.allocated()
                     if img.bat[b] * fmt.SECTOR < bat_end)
     for sector, block in movers:
@@ -295,10 +293,6 @@ def _grow_bat(img: Image, header: fmt.Header, need: int) -> None:
     img.sync()
     img.bat = fmt.Bat(img.bat.entries + fmt.Bat.empty(need - old).entries)
     img.set_header(header.sealed(max_table_entries=need))
-
-
-def bs_of(header: fmt.Header) -> int:
-    return header.block_size
 
 
 def _relocate_block(img: Image, block: int, old_pos: int, span: int) -> None:
