@@ -101,7 +101,7 @@ class Driver:
     # --- SR ------------------------------------------------------------------
 
     def sr_ls(self, dbg: str) -> list[str]:
-        return self.registry.list()
+        return self.registry.srs()
 
     def sr_create(
         self, dbg: str, sr: str, device_config: dict[str, str], physical_size: int
@@ -197,7 +197,7 @@ class Driver:
             # attached nor probed, even if the rest is interrupted.
             with contextlib.suppress(FileNotFoundError):
                 eng.meta.sr_file.unlink()
-            for volume in eng.store.list():
+            for volume in eng.store.volumes():
                 eng.store.remove(volume)
             eng.store.cleanup_partial()
             _rmtree(eng.meta.sm_dir, ignore_errors=True)

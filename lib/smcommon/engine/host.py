@@ -83,7 +83,7 @@ class HostRegistry:
     def remove(self, sr: str) -> bool:
         return unlink_durable(self._path(sr))
 
-    def list(self) -> list[str]:
+    def srs(self) -> list[str]:
         try:
             names = os.listdir(self.dir)
         except FileNotFoundError:
@@ -94,7 +94,7 @@ class HostRegistry:
 
     def entries(self) -> list[Attached]:
         out = []
-        for sr in self.list():
+        for sr in self.srs():
             entry = self.get(sr)
             if entry is not None:
                 out.append(entry)

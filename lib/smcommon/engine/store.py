@@ -48,7 +48,7 @@ class VolumeStore(Protocol):
     def new_name(self) -> str: ...
     def path(self, volume: str) -> str: ...
     def exists(self, volume: str) -> bool: ...
-    def list(self) -> list[str]: ...
+    def volumes(self) -> list[str]: ...
     def create(self, size: int, name: str | None = None) -> tuple[str, Any]: ...
     def snapshot(self, parent: str, name: str | None = None) -> str: ...
     def push_down(self, volume: str) -> str: ...
@@ -112,7 +112,7 @@ class FileStore:
     def exists(self, volume: str) -> bool:
         return os.path.exists(self.path(volume))
 
-    def list(self) -> list[str]:
+    def volumes(self) -> list[str]:
         try:
             names = os.listdir(self.sr_dir)
         except FileNotFoundError:
@@ -261,7 +261,7 @@ class FileStore:
         fresh: dict[str, list[Any]] = {}
         out: dict[str, Node] = {}
         now = time.time_ns()
-        for v in self.list():
+        for v in self.volumes():
             try:
                 st = os.stat(os.path.join(self._dir, v + VHD_SUFFIX))
             except FileNotFoundError:

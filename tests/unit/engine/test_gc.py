@@ -46,7 +46,7 @@ def test_chain_collapses_and_data_stays(eng: SrEngine) -> None:
     for s in snaps:
         eng.destroy(s)
     assert hidden_volumes(eng) == []
-    assert eng.store.list() == [v]
+    assert eng.store.volumes() == [v]
     assert read(eng, v, [i * BLOCK for i in range(4)]) == want
 
 
@@ -89,9 +89,9 @@ def test_nothing_deleted_when_a_record_is_unreadable(eng: SrEngine) -> None:
     v = new(eng)
     s = eng.snapshot({"vdi": v})["vdi"]
     (eng.meta.vdi_dir / f"{s}.json").write_text("{not json")
-    before = sorted(eng.store.list())
+    before = sorted(eng.store.volumes())
     rep = gc(eng)
-    assert sorted(eng.store.list()) == before
+    assert sorted(eng.store.volumes()) == before
     assert any("unreadable" in x for x in rep.skipped)  # type: ignore[attr-defined]
 
 
@@ -101,7 +101,7 @@ def test_orphans_are_removed(eng: SrEngine) -> None:
     (eng.sr_dir / "x.vhd.new").write_bytes(b"partial")
     (eng.meta.vdi_dir / ".y.json.1.tmp").write_bytes(b"partial")
     gc(eng)
-    assert eng.store.list() == [v]
+    assert eng.store.volumes() == [v]
     assert not (eng.sr_dir / "x.vhd.new").exists()
     assert not (eng.meta.vdi_dir / ".y.json.1.tmp").exists()
 
@@ -260,7 +260,7 @@ def test_a_kill_at_any_step_loses_no_data(
                 after.store.check(rec.volume) if hasattr(after.store, "check") else True
             )
         unref = (
-            set(after.store.list())
+            set(after.store.volumes())
             - {r.volume for r in after.meta.records()}
             - {r.epoch_base for r in after.meta.records()}
         )

@@ -106,10 +106,10 @@ def test_destroy_collects_garbage(eng: SrEngine) -> None:
     write(eng, v, {BLOCK: pat("y")})
     eng.destroy(s)
     assert hidden_volumes(eng) == []
-    assert sorted(eng.store.list()) == [v]
+    assert sorted(eng.store.volumes()) == [v]
     assert read(eng, v, [0, BLOCK]) == [pat("x"), pat("y")]
     eng.destroy(v)
-    assert eng.store.list() == [] and eng.scan() == []
+    assert eng.store.volumes() == [] and eng.scan() == []
     with pytest.raises(VdiDoesNotExist):
         eng.destroy(v)
 
