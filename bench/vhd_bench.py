@@ -305,10 +305,10 @@ def main(argv: list[str] | None = None) -> int:
                 for k in ("lib_import", "qemu_import", "lib_export", "qemu_export")
             )
             print(
-                f"import  raw->dynamic VHD  lib {li:7.3f}s ({mb / li:7.1f} MB/s)   qemu-img {qi:7.3f}s ({mb / qi:7.1f} MB/s)   ratio lib/qemu {li / qi:5.2f}"
+                f"import  raw->dynamic VHD  lib {li:7.3f}s ({mb / li:7.1f} MB/s)   qemu-img {qi:7.3f}s ({mb / qi:7.1f} MB/s)   ratio lib/qemu {li / qi:5.2f} (median of per-run ratios {pr(t['lib_import'], t['qemu_import']):5.2f})"
             )
             print(
-                f"export  VHD->raw          lib {le:7.3f}s ({mb / le:7.1f} MB/s)   qemu-img {qe:7.3f}s ({mb / qe:7.1f} MB/s)   ratio lib/qemu {le / qe:5.2f}"
+                f"export  VHD->raw          lib {le:7.3f}s ({mb / le:7.1f} MB/s)   qemu-img {qe:7.3f}s ({mb / qe:7.1f} MB/s)   ratio lib/qemu {le / qe:5.2f} (median of per-run ratios {pr(t['lib_export'], t['qemu_export']):5.2f})"
             )
             print(
                 f"        on disk: lib VHD {t['lib_vhd_bytes'][0] / MIB:.1f} MiB, qemu VHD {t['qemu_vhd_bytes'][0] / MIB:.1f} MiB"
@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
             co, cp = med(t["coalesce"]), med(t["copy"])
             print(
                 f"coalesce {cb:.0f} MiB child over {mb:.0f} MiB parent: {co:7.3f}s = {cb / co:7.1f} MB/s;   "
-                f"copy_file_range+fsync of {cb:.0f} MiB: {cp:7.3f}s = {cb / cp:7.1f} MB/s;   ratio coalesce/copy time {co / cp:5.2f}"
+                f"copy_file_range+fsync of {cb:.0f} MiB: {cp:7.3f}s = {cb / cp:7.1f} MB/s;   ratio coalesce/copy time {co / cp:5.2f} (per-run {pr(t['coalesce'], t['copy']):5.2f})"
             )
             print(
                 f"        all runs: coalesce {fmt(t['coalesce'])} copy {fmt(t['copy'])}"
@@ -342,6 +342,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(d, ignore_errors=True)
     return 0
+
+
+def pr(ours: list[float], peer: list[float]) -> float:
+    """Median of the per-run ratios: each pair ran back to back, so load drifts cancel."""
+    return med([a / b for a, b in zip(ours, peer, strict=True)])
 
 
 def fmt(xs: list[float]) -> str:
