@@ -107,6 +107,8 @@ class Driver:
         self, dbg: str, sr: str, device_config: dict[str, str], physical_size: int
     ) -> None:
         sr = safe_name("sr", sr)
+        if physical_size < 0:
+            raise InvalidRequest(f"physical_size must not be negative: {physical_size}")
         if self.registry.get(sr) is not None:
             raise SrAttached(sr)
         with locks.sr_lock(self.paths, sr):

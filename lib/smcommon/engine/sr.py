@@ -259,6 +259,7 @@ class SrEngine:
         with self.tree_lock():
             src = self.get(src_key)
             with self.vdi_lock(src.vdi):
+                self.store.check_not_busy(src.volume)
                 base = self.store.push_down(src.volume)
                 key = str(uuid.uuid4())
                 other = self.store.snapshot(base, key)
@@ -302,6 +303,7 @@ class SrEngine:
 
     def _freeze(self, rec: VdiRecord) -> str:
         """Make the VDI's current content a hidden base; the VDI moves to a child."""
+        self.store.check_not_busy(rec.volume)
         base = self.store.push_down(rec.volume)
         rec.epoch_base = base
         rec.persistent = False
@@ -372,6 +374,7 @@ class SrEngine:
             r2 = self.get(vdi2)
             with self.vdi_lock(r1.vdi), self.vdi_lock(r2.vdi):
                 self._require_unused(r2.vdi, "compose onto")
+                self.store.check_not_busy(r1.volume)
                 base = self.store.push_down(r1.volume)
                 self.store.set_hidden(base, True)
                 self.store.rebase(r2.volume, base)

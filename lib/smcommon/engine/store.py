@@ -16,6 +16,7 @@ VM opens the disk); there is nothing to map.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import time
@@ -52,6 +53,7 @@ class VolumeStore(Protocol):
     def create(self, size: int, name: str | None = None) -> tuple[str, Any]: ...
     def snapshot(self, parent: str, name: str | None = None) -> str: ...
     def push_down(self, volume: str) -> str: ...
+    def check_not_busy(self, volume: str) -> None: ...
     def replace(self, src: str, dst: str) -> None: ...
     def renew(self, volume: str, parent: str) -> None: ...
     def rebase(self, volume: str, parent: str) -> None: ...
@@ -162,6 +164,34 @@ class FileStore:
         _fsync_dir(self.sr_dir)
         self.renew(volume, base)
         return base
+
+    def check_not_busy(self, volume: str) -> None:
+        """Refuse at once (VDI_IN_USE) if a writer holds ``volume``'s image open.
+
+        A VM backend writing to the image holds smcommon.vhd's exclusive lock
+        on it.  Freezing the image under a live writer would need the backend
+        paused and re-pointed (tapdisk pause/unpause in the reference
+        toolstack), which this store cannot do; without this probe the freeze
+        would wait for the image lock and fail much later.
+        """
+        try:
+            fd = os.open(self.path(volume), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BackendError(
+                "VDI_IN_USE",
+                [
+                    (
+                        f"volume {volume} is open for writing by a VM backend; a snapshot, "
+                        "clone or compose of it needs the backend deactivated first"
+                    )
+                ],
+            ) from None
+        finally:
+            os.close(fd)
 
     def replace(self, src: str, dst: str) -> None:
         """Rename volume ``src`` over volume ``dst`` (atomic)."""

@@ -219,3 +219,20 @@ def test_scan_of_many_vdis_reads_records_only(
 
     monkeypatch.setattr(eng.store, "info", boom)
     assert len(eng.scan()) == 20
+
+
+def test_snapshot_of_an_image_held_by_a_writer_is_refused_at_once(
+    eng: SrEngine,
+) -> None:
+    from smcommon.vhd.image import Image
+
+    v = new(eng)
+    # refused by the engine's probe (VDI_IN_USE), not by the image lock's
+    # long wait (VHD_BUSY)
+    with (
+        Image.open(eng.store.path(v), writable=True),
+        pytest.raises(BackendError, match="VDI_IN_USE.*open for writing"),
+    ):
+        eng.snapshot({"vdi": v})
+    assert {i["vdi"] for i in eng.scan()} == {v}
+    eng.snapshot({"vdi": v})  # released: fine
