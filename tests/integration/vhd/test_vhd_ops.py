@@ -272,3 +272,32 @@ def test_repair_restores_a_damaged_head_copy(sr_dir: Path) -> None:
     with open(img, "rb") as f:
         assert f.read(8) == b"conectix"
     assert vhd.read(img, 100, 3) == b"abc"
+
+
+def test_outputs_never_land_on_an_image(sr_dir: Path) -> None:
+    """export/import/convert refuse a destination that is an image (of the chain or not),
+    and the images stay whole."""
+    base, leaf = str(sr_dir / "b.vhd"), str(sr_dir / "l.vhd")
+    vhd.create(base, 4 * MIB)
+    vhd.write(base, 0, b"base")
+    vhd.snapshot(base, leaf)
+    vhd.write(leaf, 10, b"leaf")
+    expected = vhd.read(leaf, 0, 4 * MIB)
+    raw = sr_dir / "x.raw"
+    raw.write_bytes(expected)
+    for call in (
+        lambda: vhd.export_raw(leaf, base),
+        lambda: vhd.export_raw(leaf, leaf),
+        lambda: vhd.import_raw(str(raw), base),
+        lambda: vhd.convert(leaf, base),
+        lambda: vhd.convert(leaf, leaf),
+    ):
+        with pytest.raises(vhd.VhdError):
+            call()
+    assert vhd.check(base) == [] and vhd.check(leaf) == []
+    assert vhd.read(leaf, 0, 4 * MIB) == expected
+    # a raw destination is replaced, like qemu-img convert does
+    old = sr_dir / "old.raw"
+    old.write_bytes(b"z" * (6 * MIB))
+    vhd.export_raw(leaf, str(old))
+    assert old.read_bytes() == expected
