@@ -541,3 +541,24 @@ def test_size_not_a_sector_multiple_is_reported(sr_dir: Path) -> None:
     except vhd.VhdError:
         return
     assert vhd.check(str(img)), "a 1000-byte disk (not whole sectors) passes check()"
+
+
+def test_library_never_links_a_child_to_a_parent_outside_its_directory(
+    tmp_path: Path,
+) -> None:
+    sr, out = tmp_path / "sr", tmp_path / "out"
+    sr.mkdir()
+    out.mkdir()
+    vhd.create(str(out / "p.vhd"), 4 * MIB)
+    vhd.create(str(sr / "p.vhd"), 4 * MIB)
+    vhd.snapshot(str(sr / "p.vhd"), str(sr / "c.vhd"))
+    with pytest.raises(vhd.ParentNotAllowed):
+        vhd.snapshot(str(out / "p.vhd"), str(sr / "c2.vhd"))
+    assert not (sr / "c2.vhd").exists()
+    with pytest.raises(vhd.ParentNotAllowed):
+        vhd.set_parent(str(sr / "c.vhd"), str(out / "p.vhd"))
+    assert (
+        Path(vhd.info(str(sr / "c.vhd")).parent or "").resolve()
+        == (sr / "p.vhd").resolve()
+    )
+    assert sorted(p.name for p in sr.iterdir()) == ["c.vhd", "p.vhd"]
