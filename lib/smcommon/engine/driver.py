@@ -86,7 +86,14 @@ class Driver:
             raise BackendError(
                 "SR_DIR_MISSING", [f"SR {sr} directory {sr_dir} is gone"]
             )
-        return SrEngine(self.paths, sr, sr_dir, vhd=self.vhd)
+        key = entry.sr
+        return SrEngine(
+            self.paths,
+            key,
+            sr_dir,
+            vhd=self.vhd,
+            still_attached=lambda: self.registry.get(key) is not None,
+        )
 
     # --- Query ---------------------------------------------------------------
 

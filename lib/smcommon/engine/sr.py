@@ -49,14 +49,14 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from smcommon.engine import locks
 from smcommon.engine.meta import Metadata, VdiRecord
 from smcommon.engine.store import FileStore, VolumeStore
-from smcommon.errors import BackendError, InvalidRequest, VdiDoesNotExist
+from smcommon.errors import BackendError, InvalidRequest, SrNotAttached, VdiDoesNotExist
 from smcommon.paths import Paths, safe_name
 
 log = logging.getLogger(__name__)
@@ -105,6 +105,7 @@ class SrEngine:
         sr_dir: Path,
         store: VolumeStore | None = None,
         vhd: Any = None,
+        still_attached: Callable[[], bool] | None = None,
     ) -> None:
         from smcommon.engine.datapath import Datapaths
 
@@ -114,6 +115,12 @@ class SrEngine:
         self.meta = Metadata(self.sr_dir)
         self.store: Any = store if store is not None else FileStore(self.sr_dir, vhd)
         self.dps = Datapaths(paths.run_dir / "dp" / self.sr)
+        self.still_attached = still_attached
+
+    def check_attached(self) -> None:
+        """Under a lock: the SR may have been detached while we waited."""
+        if self.still_attached is not None and not self.still_attached():
+            raise SrNotAttached(self.sr)
 
     # --- locks ---------------------------------------------------------------
 
@@ -121,6 +128,7 @@ class SrEngine:
     def tree_lock(self, resume_gc: bool = True) -> Iterator[None]:
         """The SR lock; a GC step left by a killed process is finished first."""
         with locks.sr_lock(self.paths, self.sr):
+            self.check_attached()
             if resume_gc and self.meta.gc_file.exists():
                 from smcommon.engine.gc import Collector
 

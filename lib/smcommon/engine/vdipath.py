@@ -68,6 +68,7 @@ def change(
 
     rec = eng.get(vdi)
     with eng.vdi_lock(rec.vdi):
+        eng.check_attached()
         rec = eng.get(vdi)
         if op == "attach":
             if not isinstance(read_write, bool):

@@ -191,3 +191,16 @@ def test_query_without_the_engine(paths: Paths) -> None:
     ).format(str(REPO / "plugins" / "ext"))
     subprocess.run([sys.executable, "-c", code], check=True)
     assert callable(plugin.vdi_create)  # the rest comes from the engine's Driver
+
+
+def test_a_call_that_waited_for_a_detach_sees_the_sr_gone(drv: Driver, tmp_path: Path) -> None:
+    from smcommon.engine import vdipath
+
+    sr, _ = make(drv, tmp_path)
+    v = drv.vdi_create(D, sr, vinfo("a"))["vdi"]
+    eng = drv.engine(sr)  # looked up before the detach, as a waiting call would
+    drv.sr_detach(D, sr)
+    with pytest.raises(SrNotAttached):
+        eng.create(vinfo("late"))
+    with pytest.raises(SrNotAttached):
+        vdipath.attach(eng, "vm", v, True)
