@@ -128,15 +128,15 @@ class ExtType:
         mnt = self.paths.sr_mount(sr)
         current = _mounted_at(str(mnt))
         if current is not None:
-            if create:
-                raise BackendError(
-                    "SR_MOUNTED", [f"{mnt} is already mounted: detach SR {sr} first"]
-                )
             if os.path.realpath(current) != os.path.realpath(value):
                 raise BackendError(
                     "SR_MOUNTED", [f"{mnt} holds {current}, not {value}"]
                 )
-            return mnt, True
+            if not create:
+                return mnt, True
+            # SR.create is only reached for an SR not attached here: this
+            # mount is the leftover of a killed SR.create; undo it first.
+            self.close(sr, mnt, True)
         users = _mount_points_of(value)
         if users:
             raise BackendError(

@@ -221,10 +221,14 @@ class Driver:
         with locks.sr_lock(self.paths, sr):
             entry = self.registry.get(sr)
             _rmtree(self.paths.run_dir / "dp" / sr, ignore_errors=True)
+            if entry is not None and entry.mounted:
+                with contextlib.suppress(Exception):
+                    self.type.close(sr, Path(entry.sr_dir), True)
+            # a mount a killed SR.create/attach left (close ignores what is
+            # not mounted)
+            with contextlib.suppress(Exception):
+                self.type.close(sr, self.paths.sr_mount(sr), True)
             if entry is not None:
-                if entry.mounted:
-                    with contextlib.suppress(Exception):
-                        self.type.close(sr, Path(entry.sr_dir), True)
                 self.registry.remove(sr)
         log.info("reset SR %s: this host's state of it is forgotten", sr)
 
