@@ -206,8 +206,8 @@ def parent_locators(
     child: str, parent: str, slot_offsets: list[int]
 ) -> tuple[str, list[fmt.Locator], list[bytes]]:
     """The parent name and the W2RU, W2KU, MACX locators (with data) as blktap writes them."""
-    child_dir = os.path.dirname(os.path.abspath(child))
-    parent_abs = os.path.abspath(parent)
+    child_dir = os.path.dirname(os.path.realpath(child))
+    parent_abs = os.path.realpath(parent)
     rel = os.path.relpath(parent_abs, child_dir)
     if not rel.startswith("../"):
         rel = "./" + rel
@@ -224,7 +224,7 @@ def parent_locators(
 
 
 def check_parent_allowed(child: str, parent: str, search_dirs: list[str] | None) -> None:
-    child_dir = os.path.dirname(os.path.abspath(child))
+    child_dir = os.path.dirname(os.path.realpath(child))
     roots = [os.path.realpath(d) for d in (search_dirs or [child_dir])]
     real = os.path.realpath(parent)
     if not any(os.path.commonpath([real, r]) == r for r in roots):

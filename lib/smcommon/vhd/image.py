@@ -222,7 +222,7 @@ class Image:
     def find_parent(self, search_dirs: list[str] | None = None) -> str:
         """The parent's path from the locators: W2RU first, never outside the allowed roots."""
         header = self.header_or_fail()
-        child_dir = os.path.dirname(os.path.abspath(self.path))
+        child_dir = os.path.dirname(os.path.realpath(self.path))   # where the file really is
         roots = [os.path.realpath(d) for d in (search_dirs or [child_dir])]
         candidates: list[tuple[str, str]] = []
         by_code = {loc.code: loc for loc in header.locators if loc.used}

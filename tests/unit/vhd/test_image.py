@@ -300,3 +300,16 @@ def test_create_falls_back_when_linkat_through_proc_is_refused(
     vhd.write(p, 3 * MIB, b"data")
     assert vhd.read(p, 3 * MIB, 4) == b"data" and vhd.check(p) == []
     assert sorted(x.name for x in tmp_path.iterdir()) == ["a.vhd"]
+
+
+def test_a_leaf_opened_through_a_symlink_finds_its_parent_next_to_the_file(tmp_path: Path) -> None:
+    sr, elsewhere = tmp_path / "sr", tmp_path / "elsewhere"
+    sr.mkdir()
+    elsewhere.mkdir()
+    vhd.create(sr / "base.vhd", 2 * MIB)
+    vhd.write(sr / "base.vhd", 0, b"base")
+    vhd.snapshot(sr / "base.vhd", sr / "leaf.vhd")
+    os.symlink(sr / "leaf.vhd", elsewhere / "link.vhd")
+    vhd.create(elsewhere / "base.vhd", 2 * MIB)          # a decoy beside the link
+    assert vhd.read(elsewhere / "link.vhd", 0, 4) == b"base"
+    assert os.path.samefile(vhd.chain(elsewhere / "link.vhd")[1], sr / "base.vhd")
