@@ -65,7 +65,8 @@ class Bench:
         args.setdefault("dbg", "bench")
         req = xmlrpc.client.dumps((args,), methodname=method)
         dt, out = self.timed([sys.executable, str(PLUGIN)], req)
-        (body,), _ = xmlrpc.client.loads(out)
+        params, _ = xmlrpc.client.loads(out)
+        body: dict[str, Any] = params[0]  # type: ignore[assignment]
         if body.get("Status") != "Success":
             raise SystemExit(f"{method} failed: {body.get('ErrorDescription')}")
         return dt, body["Value"]
@@ -73,6 +74,31 @@ class Bench:
     def median(self, fn: Callable[[int], float]) -> float:
         fn(-1)  # warm the page cache
         return statistics.median(fn(i) for i in range(self.runs))
+
+    def floors_once(self) -> dict[str, float]:
+        py = sys.executable
+        return {
+            "floor": self.timed([py, "-c", "pass"])[0],
+            "xmlrpc": self.timed([py, "-I", "-c", "import xmlrpc.client"])[0],
+        }
+
+    def report(self, name: str, fn: Callable[[int], float]) -> float:
+        """Median of ``fn`` and the median of its per-run ratios to both floors,
+        each floor run right before the call (load drifts cancel in a pair)."""
+        fn(-1)
+        secs, ratios = [], {"floor": [], "xmlrpc": []}  # type: ignore[var-annotated]
+        for i in range(self.runs):
+            floors = self.floors_once()
+            t = fn(i)
+            secs.append(t)
+            for k, f in floors.items():
+                ratios[k].append(t / f)
+        med = statistics.median(secs)
+        text = f"  {name:<44} {med * 1000:9.1f} ms"
+        for k, r in ratios.items():
+            text += f"   {statistics.median(r):5.2f}x {k}"
+        print(text, flush=True)
+        return med
 
 
 def row(name: str, secs: float, floors: dict[str, float] | None = None) -> None:
@@ -172,8 +198,10 @@ def run(b: Bench, opts: argparse.Namespace) -> None:
     b.call("SR.create", sr=sr, device_config={"path": str(sr_dir)}, physical_size="0")
     b.call("SR.attach", sr=sr, device_config={"path": str(sr_dir)})
 
-    print("EXTSR per call (ratio to each floor):")
-    row("Query.query", b.median(lambda _: b.call("Query.query")[0]), short)
+    print(
+        "EXTSR per call (median; median of per-run ratios to each floor run just before):"
+    )
+    b.report("Query.query", lambda _: b.call("Query.query")[0])
     created: list[str] = []
 
     def create(_: int) -> float:
@@ -183,15 +211,14 @@ def run(b: Bench, opts: argparse.Namespace) -> None:
         created.append(v["vdi"])
         return dt
 
-    row("VDI.create (1 GiB)", b.median(create), short)
+    b.report("VDI.create (1 GiB)", create)
     base = created[0]
-    row(
+    b.report(
         "VDI.snapshot",
-        b.median(lambda _: b.call("VDI.snapshot", sr=sr, vdi_info={"vdi": base})[0]),
-        short,
+        lambda _: b.call("VDI.snapshot", sr=sr, vdi_info={"vdi": base})[0],
     )
     n = len(b.call("SR.scan", sr=sr)[1])
-    row(f"SR.scan ({n} VDIs)", b.median(lambda _: b.call("SR.scan", sr=sr)[0]), short)
+    b.report(f"SR.scan ({n} VDIs)", lambda _: b.call("SR.scan", sr=sr)[0])
 
     if opts.scan_vdis:
         big_sr = str(uuid.uuid4())
@@ -208,11 +235,7 @@ def run(b: Bench, opts: argparse.Namespace) -> None:
         print(
             f"SR.scan of a large SR ({n} visible VDIs, {vhds} images with hidden parents):"
         )
-        row(
-            f"SR.scan ({n} VDIs)",
-            b.median(lambda _: b.call("SR.scan", sr=big_sr)[0]),
-            short,
-        )
+        b.report(f"SR.scan ({n} VDIs)", lambda _: b.call("SR.scan", sr=big_sr)[0])
 
     if not opts.skip_big:
         big_snapshots(b, sr, opts.big_gib, opts.written_gib, short)
@@ -250,10 +273,11 @@ def big_snapshots(
     for label, vdi in (("with data", full["vdi"]), ("empty", empty["vdi"])):
         first, _ = b.call("VDI.snapshot", sr=sr, vdi_info={"vdi": vdi})
         row(f"first snapshot, {label}", first, short)
-        med = b.median(
-            lambda _, v=vdi: b.call("VDI.snapshot", sr=sr, vdi_info={"vdi": v})[0]
-        )
-        row(f"next snapshots, {label} (median)", med, short)
+
+        def snap(_: int, v: str = vdi) -> float:
+            return float(b.call("VDI.snapshot", sr=sr, vdi_info={"vdi": v})[0])
+
+        b.report(f"next snapshots, {label}", snap)
 
 
 if __name__ == "__main__":
