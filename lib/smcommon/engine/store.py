@@ -204,6 +204,7 @@ class FileStore:
         self._dirty.add(volume)
         final = self.path(volume)
         tmp = final[: -len(VHD_SUFFIX)] + NEW_SUFFIX
+        _drop_leftover(tmp)
         try:
             vhd_call("snapshot", self.vhd.snapshot, self.path(parent), tmp)
             _fsync_file(tmp)
@@ -229,6 +230,7 @@ class FileStore:
             return
         final = self.path(volume)
         tmp = final[: -len(VHD_SUFFIX)] + NEW_SUFFIX
+        _drop_leftover(tmp)
         try:
             vhd_call("snapshot", vhd.snapshot, self.path(parent), tmp)
             for off, length, depth in vhd_call(
@@ -378,6 +380,7 @@ class FileStore:
         name = self.new_name()
         final = self.path(name)
         tmp = final[: -len(VHD_SUFFIX)] + NEW_SUFFIX
+        _drop_leftover(tmp)
         try:
             vhd_call("convert", self.vhd.convert, src_path, tmp)
             _fsync_file(tmp)
@@ -438,3 +441,10 @@ def _fsync_file(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _drop_leftover(tmp: str) -> None:
+    """Remove a temp image a killed process left (callers hold the SR lock,
+    so no live process owns it)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)

@@ -50,3 +50,14 @@ def test_recently_changed_volumes_are_not_cached(eng: SrEngine) -> None:
     cache_file = eng.sr_dir / ".sm" / "tree-cache.json"
     cached = json.loads(cache_file.read_text()) if cache_file.exists() else {}
     assert v not in cached
+
+
+def test_leftover_temp_of_a_killed_process_does_not_block(eng: SrEngine) -> None:
+    from smcommon import vhd
+
+    v = eng.create({"name_label": "d", "virtual_size": 4 * MiB})["vdi"]
+    leaf = eng.store.path(v)
+    vhd.snapshot(leaf, leaf[:-4] + ".vhd.new")  # what a kill inside renew leaves
+    eng.snapshot({"vdi": v})
+    eng.clone({"vdi": v})
+    assert not list(eng.sr_dir.glob("*.new"))
