@@ -73,7 +73,10 @@ def sr_report(eng: SrEngine) -> list[str]:
     def walk(v: str, depth: int) -> None:
         n = tree[v]
         flags = "hidden" if n.hidden else "visible"
-        users = "; ".join(by_volume.get(v, [])) or "unreferenced"
+        kids = len(children.get(v, []))
+        users = "; ".join(by_volume.get(v, [])) or (
+            f"shared parent of {kids}" if kids else "unreferenced (garbage)"
+        )
         out.append(
             f"{'  ' * (depth + 1)}{v} [{flags}, {n.physical_size} bytes]: {users}"
         )
