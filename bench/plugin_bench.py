@@ -178,6 +178,7 @@ def run(b: Bench, opts: argparse.Namespace) -> None:
     print(
         f"interpreter {py} (Python {sys.version.split()[0]}); medians of {b.runs} runs"
     )
+    print("load average at start: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
     floors = {
         "python -c pass": b.median(lambda _: b.timed([py, "-c", "pass"])[0]),
         "python -I -c 'import xmlrpc.client'": b.median(
