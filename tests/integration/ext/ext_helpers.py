@@ -295,6 +295,15 @@ class SR:
         )
         # a non-persistent VDI's frozen content (its epoch base) is kept even
         # with a single child: the leaf of that VDI
+        if after_gc:
+            # nothing but images (and the SR's own hidden metadata directory):
+            # no temp file of a killed call survives a collection
+            stray = [
+                p
+                for p in self.data_dir.iterdir()
+                if not p.name.startswith(".") and p.is_file() and p not in files
+            ]
+            assert not stray, f"orphan files after SR.gc: {stray}"
         np_leaves = {self.leaf_path(k) for k, v in scan.items() if not v["persistent"]}
         for p in hidden:
             n = kids.get(os.path.realpath(p), [])
