@@ -23,7 +23,23 @@ HERE = str(Path(__file__).resolve().parent)
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
-from ext_helpers import PLUGIN, SR, Ext, SrFactory, leftover_processes, sr_kinds
+from ext_helpers import (
+    PLUGIN,
+    SR,
+    Ext,
+    SrFactory,
+    leftover_processes,
+    sr_kinds,
+    sweep_stale_loop_devices,
+)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stale_loop_devices() -> None:
+    """Loop devices of an earlier session killed before its teardown."""
+    swept = sweep_stale_loop_devices()
+    if swept:
+        print(f"detached stale loop devices of dead test sessions: {swept}")
 
 
 @pytest.fixture

@@ -348,6 +348,9 @@ class SrFactory:
             pytest.skip("losetup or mkfs.ext4 missing (util-linux, e2fsprogs)")
         img = self.tmp / f"disk-{len(self.loops)}.img"
         subprocess.run(["truncate", "-s", size, str(img)], check=True)
+        # who owns the device: a later session detaches it if this one died
+        # without its teardown (killed pytest)
+        Path(str(img) + OWNER_SUFFIX).write_text(str(os.getpid()))
         p = subprocess.run(
             ["losetup", "--find", "--show", str(img)],
             capture_output=True,
@@ -385,6 +388,45 @@ class SrFactory:
             subprocess.run(["umount", "-l", mnt], capture_output=True, check=False)
         for dev in self.loops:
             subprocess.run(["losetup", "-d", dev], capture_output=True, check=False)
+
+
+OWNER_SUFFIX = ".owner-pid"
+
+
+def sweep_stale_loop_devices() -> list[str]:
+    """Unmount and detach loop devices this suite attached in a session that
+    died without its teardown (its owner pid is gone).  Devices of live
+    sessions (other people running the suite at the same time) are left alone."""
+    if os.geteuid() != 0 or not shutil.which("losetup"):
+        return []
+    p = subprocess.run(
+        ["losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    swept = []
+    for line in p.stdout.splitlines():
+        parts = line.split(None, 1)
+        if len(parts) != 2:
+            continue
+        dev, back = parts[0], parts[1].strip().removesuffix(" (deleted)")
+        if "/pytest-of-" not in back or not Path(back).name.startswith("disk-"):
+            continue
+        owner = Path(back + OWNER_SUFFIX)
+        try:
+            pid = int(owner.read_text())
+        except (OSError, ValueError):
+            pid = 0
+        if pid and psutil.pid_exists(pid):
+            continue
+        with open("/proc/self/mounts") as f:
+            mounts = [ln.split()[1] for ln in f if ln.split()[0] == dev]
+        for mnt in mounts:
+            subprocess.run(["umount", "-l", mnt], capture_output=True, check=False)
+        subprocess.run(["losetup", "-d", dev], capture_output=True, check=False)
+        swept.append(dev)
+    return swept
 
 
 def leftover_processes(root: Path) -> list[psutil.Process]:
