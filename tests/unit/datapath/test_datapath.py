@@ -384,3 +384,19 @@ def test_kill_9_mid_write_leaves_a_readable_state(tmp_path: Path) -> None:
         for dp in list(states):
             drive(dps, "v1", dp, [("deactivate", None), ("detach", None)])
         assert dps.states("v1") == {}
+
+
+def test_state_files_on_a_fake_fs(fs: object) -> None:
+    """pyfakefs: the exact files written, and nothing else, at each step."""
+    state = Path("/run/sm/dp/sr1")
+    dps = Datapaths(state)
+    drive(dps, "v1", "vbd/1/xvda", PATH_TO[XRW])
+    drive(dps, "v2", "dp", PATH_TO[ARO])
+    assert sorted(os.listdir(state)) == ["v1.json", "v2.json"]
+    doc = json.loads((state / "v1.json").read_text())
+    assert doc == {"format": 1, "vdi": "v1", "dps": {"vbd/1/xvda": "Activated(RW)"}}
+    drive(dps, "v2", "dp", [("detach", None)])
+    assert os.listdir(state) == ["v1.json"]
+    dps.forget("v1")
+    assert os.listdir(state) == []
+    assert not os.path.exists("/run/sm/dp/sr1/.v1.json.tmp")
