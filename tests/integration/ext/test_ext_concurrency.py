@@ -9,7 +9,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
-
 from ext_helpers import BLOCK, SR, MiB, vinfo
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -16,7 +16,6 @@ import time
 from typing import Any
 
 import pytest
-
 from ext_helpers import BLOCK, SR, Ext, MiB, Reply, SrFactory, parse_response
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

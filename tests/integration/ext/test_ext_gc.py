@@ -4,7 +4,6 @@ image is left, data reads the same, active chains are never touched."""
 from __future__ import annotations
 
 import pytest
-
 from ext_helpers import BLOCK, SR, MiB
 
 pytestmark = pytest.mark.integration

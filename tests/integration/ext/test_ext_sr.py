@@ -8,7 +8,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from ext_helpers import SR, Ext, SrFactory, sr_kinds
 
 pytestmark = pytest.mark.integration

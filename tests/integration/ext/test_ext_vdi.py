@@ -11,7 +11,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from ext_helpers import BLOCK, SR, Ext, MiB, SrFactory, vinfo
 
 pytestmark = pytest.mark.integration

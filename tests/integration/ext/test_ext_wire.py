@@ -8,7 +8,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from ext_helpers import PLUGIN, SR, Ext, MiB, parse_response, vinfo
 
 pytestmark = pytest.mark.integration
