@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from smcommon.fileio import atomic_write
+
 log = logging.getLogger(__name__)
 
 VERSION = 1
@@ -109,21 +111,4 @@ class RouteTable:
 
     def _save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(
-            f".{self.path.name}.{os.getpid()}.{threading.get_ident()}.tmp"
-        )
-        data = json.dumps(self._doc(), indent=1).encode()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
-        dfd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        atomic_write(self.path, json.dumps(self._doc(), indent=1).encode())

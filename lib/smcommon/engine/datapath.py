@@ -51,6 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from smcommon.errors import BackendError, IllegalTransition, InvalidRequest
+from smcommon.fileio import atomic_write, fsync_dir
 from smcommon.paths import safe_name
 
 OPS = ("attach", "activate", "deactivate", "detach")
@@ -264,7 +265,7 @@ class Datapaths:
         path = self._path(vdi)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-            _fsync_dir(self.state_dir)
+            fsync_dir(self.state_dir)
 
     # --- files -----------------------------------------------------------
 
@@ -294,7 +295,7 @@ class Datapaths:
         if not states:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-                _fsync_dir(self.state_dir)
+                fsync_dir(self.state_dir)
             return
         doc = {
             "format": _FORMAT,
@@ -304,38 +305,6 @@ class Datapaths:
         data = json.dumps(doc, sort_keys=True).encode() + b"\n"
         self.state_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(path, data)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data``: the old or the new content survives a crash."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _check_dp(dp: object) -> None:

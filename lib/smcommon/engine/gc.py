@@ -47,8 +47,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from smcommon.engine.meta import atomic_write_json, read_json, unlink_durable
+from smcommon.engine.meta import read_json
 from smcommon.errors import Error, LockTimeout
+from smcommon.fileio import atomic_write_json, unlink_durable
 
 if TYPE_CHECKING:
     from smcommon.engine.sr import SrEngine

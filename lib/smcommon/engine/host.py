@@ -16,13 +16,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from smcommon.engine.meta import (
-    MetadataCorrupt,
-    atomic_write_json,
-    read_json,
-    unlink_durable,
-)
+from smcommon.engine.meta import MetadataCorrupt, read_json
 from smcommon.errors import SrNotAttached
+from smcommon.fileio import atomic_write_json, unlink_durable
 from smcommon.paths import Paths, safe_name
 
 SECRET_WORDS = ("password", "secret", "chap", "key")

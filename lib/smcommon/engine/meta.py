@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from smcommon.errors import BackendError, InvalidRequest, VdiDoesNotExist
+from smcommon.fileio import atomic_write_json, fsync_dir, unlink_durable
 from smcommon.paths import safe_name
 
 log = logging.getLogger(__name__)
@@ -106,51 +107,6 @@ _FIELDS = frozenset(f.name for f in fields(VdiRecord))
 class MetadataCorrupt(BackendError):
     def __init__(self, path: Path, why: str) -> None:
         super().__init__("VDI_METADATA_CORRUPT", [str(path), why])
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Replace ``path`` by ``data``: a crash leaves the old or the new content."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
-
-
-def atomic_write_json(path: Path, doc: Any) -> None:
-    atomic_write(path, json.dumps(doc, sort_keys=True, indent=1).encode() + b"\n")
-
-
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def unlink_durable(path: Path) -> bool:
-    """Remove ``path`` and make the removal durable; False if it was not there."""
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        return False
-    fsync_dir(path.parent)
-    return True
 
 
 def read_json(path: Path) -> Any:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from smcommon.errors import BackendError, Error
+from smcommon.fileio import fsync_dir
 from smcommon.paths import safe_name
 
 VHD_SUFFIX = ".vhd"
@@ -161,7 +162,7 @@ class FileStore:
         """
         base = self.new_name()
         os.link(self.path(volume), self.path(base))
-        _fsync_dir(self.sr_dir)
+        fsync_dir(self.sr_dir)
         self.renew(volume, base)
         return base
 
@@ -197,7 +198,7 @@ class FileStore:
         """Rename volume ``src`` over volume ``dst`` (atomic)."""
         self._dirty.update((src, dst))
         os.replace(self.path(src), self.path(dst))
-        _fsync_dir(self.sr_dir)
+        fsync_dir(self.sr_dir)
 
     def renew(self, volume: str, parent: str) -> None:
         """Replace ``volume`` by a new empty child of ``parent`` (one rename)."""
@@ -212,7 +213,7 @@ class FileStore:
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
-        _fsync_dir(self.sr_dir)
+        fsync_dir(self.sr_dir)
 
     def rebase(self, volume: str, parent: str) -> None:
         """Put ``volume``'s own data over ``parent``'s content.
@@ -254,7 +255,7 @@ class FileStore:
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
-        _fsync_dir(self.sr_dir)
+        fsync_dir(self.sr_dir)
 
     def remove(self, volume: str) -> bool:
         path = Path(self.path(volume))
@@ -262,7 +263,7 @@ class FileStore:
             os.unlink(path)
         except FileNotFoundError:
             return False
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         return True
 
     def info(self, volume: str) -> Any:
@@ -388,7 +389,7 @@ class FileStore:
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
-        _fsync_dir(self.sr_dir)
+        fsync_dir(self.sr_dir)
         return name, self.info(name)
 
     def cleanup_partial(self) -> list[str]:
@@ -425,14 +426,6 @@ class FileStore:
     def space(self) -> tuple[int, int]:
         st = os.statvfs(self.sr_dir)
         return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _fsync_file(path: str) -> None:
