@@ -67,6 +67,8 @@ class Config:
     max_response: int = 64 * 1024 * 1024
     cancel_grace: float = 5.0
     env: Mapping[str, str] | None = None
+    import_dir: Path | None = None  # where PUT /data/... bodies are spooled
+    max_import: int = 2040 << 30  # bytes; the VHD maximum
 
 
 @dataclass

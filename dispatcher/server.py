@@ -7,6 +7,8 @@ processes are ``dispatcher.core``'s.
 - Listens on ``<run_dir>/sm-dispatcher.sock`` by default (``--socket``), and on
   TCP when asked (``--tcp [HOST:]PORT``; HOST defaults to 127.0.0.1).
 - ``POST /`` and ``POST /RPC2`` route by SR; ``POST /<type>`` to one plugin.
+- ``PUT /data/<sr>/<vdi>``: the data of a VDI.copy from another host
+  (``dispatcher.upload``).
 - Request limits: a body must have a Content-Length no larger than
   ``--max-body``; a bigger one gets an XML-RPC fault (-32702) and the
   connection is closed; a body with a DTD gets fault -32701.  At most
@@ -148,6 +150,24 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 fields["plugin"], time.monotonic() - started, fields["outcome"],
             )  # fmt: skip
             self._reply(200, out, close=disp.stopping)
+        finally:
+            self.server.leave()
+
+    def do_PUT(self) -> None:
+        """``PUT /data/<sr>/<vdi>``: a remote VDI.copy's data (dispatcher.upload)."""
+        from dispatcher import upload
+
+        started = time.monotonic()
+        self.server.enter()
+        try:
+            disp = self.server.dispatcher
+            code, body, ctype = upload.put(disp, self.path, self.headers, self.rfile)
+            call_log.info(
+                "dbg=- method=PUT sr=- plugin=- duration=%.3fs outcome=HTTP%d path=%s",
+                time.monotonic() - started, code, _clean(self.path),
+            )  # fmt: skip
+            # a refused body was not read: the connection cannot go on
+            self._reply(code, body, ctype, close=code != 200 or disp.stopping)
         finally:
             self.server.leave()
 
@@ -448,6 +468,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_body=args.max_body,
         cancel_grace=args.cancel_grace,
         env=dict(os.environ),
+        import_dir=paths.run_dir / "import",
     )
     dispatcher = Dispatcher(config, RouteTable(routes_path(paths)))
     stop = threading.Event()

@@ -9,11 +9,15 @@ trees, datapaths, GC, host registry) is here and in the engine modules.
 Extra methods (``extra_methods``): ``SR.gc`` runs the collector now and
 answers its report.
 
-VDI.copy copies into an SR attached on *this* host: ``url`` empty,
-``local``, a ``file://`` URL, or an http(s)/xmlrpc URL naming this host
-(localhost, a loopback address, or this host's name).  A URL naming another
-host is refused with ``Backend_error REMOTE_COPY_UNSUPPORTED``: this plugin
-has no client for another host's dispatcher.
+``VDI.import_raw {sr, vdi, path}`` writes a raw file the dispatcher
+spooled under ``<run_dir>/import`` into an empty VDI (the receiving end of a
+remote VDI.copy; ``smcommon.engine.remote``).
+
+VDI.copy copies into an SR attached on *this* host when ``url`` is empty,
+``local`` or a ``file://`` URL, or an http(s)/xmlrpc URL naming this host
+(localhost, a loopback address, or this host's name) while ``dest`` is
+attached here.  Otherwise ``url`` is another host's dispatcher
+(``http://HOST:PORT/``) and the copy goes there (``remote.copy_to_remote``).
 """
 
 from __future__ import annotations
@@ -76,7 +80,18 @@ class Driver:
                 api.STRING,
                 "Run the garbage collector of the SR now; returns its report",
                 "report",
-            )
+            ),
+            api.Method(
+                "VDI.import_raw",
+                [
+                    api.Arg("sr", api.KEY, "The Storage Repository of the VDI"),
+                    api.Arg("vdi", api.KEY, "The empty VDI to fill"),
+                    api.Arg("path", api.STRING, "A raw file under <run_dir>/import"),
+                ],
+                api.INT64,
+                "Write a raw file's non-zero blocks into an empty VDI; returns the bytes written",
+                "written",
+            ),
         ]
 
     def engine(self, sr: str, check_dir: bool = True) -> SrEngine:
@@ -300,8 +315,21 @@ class Driver:
     def vdi_similar_content(self, dbg: str, sr: str, vdi: str) -> list[dict[str, Any]]:
         return self.engine(sr).similar_content(vdi)
 
+    def vdi_import_raw(self, dbg: str, sr: str, vdi: str, path: str) -> int:
+        from smcommon.engine import remote
+
+        return remote.import_raw(self.engine(sr), vdi, path)
+
     def vdi_copy(self, dbg: str, sr: str, vdi: str, url: str, dest: str) -> str:
-        check_local_url(url)
+        where = url_kind(url)
+        dest = safe_name("dest", dest)
+        if where == "remote" or (where == "here" and self.registry.get(dest) is None):
+            from smcommon.engine import remote
+
+            new_key = remote.copy_to_remote(self.engine(sr), vdi, url, dest, dbg)
+            log.info("copied VDI %s of SR %s to VDI %s of SR %s at %s",
+                     vdi, sr, new_key, dest, url)  # fmt: skip
+            return new_key
         src = self.engine(sr)
         rec = src.get(vdi)
         dst = self.engine(dest)
@@ -314,24 +342,23 @@ class Driver:
         return str(new["vdi"])
 
 
-def check_local_url(url: str) -> None:
-    """Refuse a copy URL that names another host (see the module doc)."""
+def url_kind(url: str) -> str:
+    """``local`` (empty, ``local``, file://), ``here`` (a URL naming this host:
+    local when ``dest`` is attached here, else a dispatcher on this machine),
+    or ``remote`` (another host's dispatcher)."""
     if not isinstance(url, str):
         raise InvalidRequest("url must be a string")
     if url.strip() in ("", "local"):
-        return
+        return "local"
     import urllib.parse
 
     parsed = urllib.parse.urlparse(url)
     if parsed.scheme == "file":
-        return
+        return "local"
     host = (parsed.hostname or "").lower()
     if parsed.scheme in ("http", "https", "xmlrpc") and host in _local_names():
-        return
-    raise BackendError(
-        "REMOTE_COPY_UNSUPPORTED",
-        [f"cannot copy to {url!r}: only SRs attached on this host can be reached"],
-    )
+        return "here"
+    return "remote"
 
 
 def _rmtree(path: Path, ignore_errors: bool = True) -> None:
