@@ -6,7 +6,7 @@ Owns ``put(disp, path, length, rfile) -> (HTTP status, body, content type)``:
    the body needs a Content-Length no larger than the VDI (asked with
    ``VDI.stat``) nor than ``Config.max_import``;
 2. the body is streamed into a sparse file under ``Config.import_dir``
-   (all-zero chunks are skipped with a seek, so they stay holes);
+   (all-zero 2 MiB chunks are skipped, so they stay holes);
 3. the SR's plugin gets ``VDI.import_raw {sr, vdi, path}``; its response is
    relayed with status 200; the file is removed whatever happens.
 
@@ -27,7 +27,7 @@ from smcommon.paths import safe_name
 
 from dispatcher import wire
 
-CHUNK = 4 << 20
+CHUNK = 2 << 20  # the VHD block size: an all-zero chunk is a block left unallocated
 
 
 def put(

@@ -166,10 +166,12 @@ def copy_to_remote(eng: Any, vdi: str, url: str, dest: str, dbg: str) -> str:
             try:
                 safe_name("vdi", key)
 
-                def reader(pos: int, n: int) -> bytes:
-                    buf = bytearray(n)
-                    img.read_into(memoryview(buf), pos)
-                    return bytes(buf)
+                buf = bytearray(CHUNK)
+
+                def reader(pos: int, n: int) -> memoryview:
+                    view = memoryview(buf)[:n]
+                    img.read_into(view, pos)
+                    return view
 
                 remote.put(dest, key, size, reader)
             except BaseException as e:
