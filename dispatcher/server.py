@@ -39,7 +39,7 @@ from typing import Any
 
 from smcommon.paths import Paths
 
-from dispatcher import client, wire
+from dispatcher import client, upload, wire
 from dispatcher.core import TYPE_RE, Config, Dispatcher
 from dispatcher.routes import RouteTable
 
@@ -155,8 +155,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def do_PUT(self) -> None:
         """``PUT /data/<sr>/<vdi>``: a remote VDI.copy's data (dispatcher.upload)."""
-        from dispatcher import upload
-
         started = time.monotonic()
         self.server.enter()
         try:
@@ -471,6 +469,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         import_dir=paths.run_dir / "import",
     )
     dispatcher = Dispatcher(config, RouteTable(routes_path(paths)))
+    upload.clean_spool(config.import_dir)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:

@@ -8,7 +8,8 @@ Owns ``put(disp, path, length, rfile) -> (HTTP status, body, content type)``:
 2. the body is streamed into a sparse file under ``Config.import_dir``
    (all-zero 2 MiB chunks are skipped, so they stay holes);
 3. the SR's plugin gets ``VDI.import_raw {sr, vdi, path}``; its response is
-   relayed with status 200; the file is removed whatever happens.
+   relayed with status 200; the file is removed whatever happens (and
+   ``clean_spool`` at start removes what a killed dispatcher left).
 
 Errors before the plugin runs are plain-text answers: 400 (bad request),
 404 (unknown SR or VDI), 413 (too large), 411 (no length), 500 (cannot
@@ -20,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import uuid
+from pathlib import Path
 from typing import Any, BinaryIO
 
 from smcommon.errors import InvalidRequest
@@ -96,6 +98,15 @@ def put(
     finally:
         with contextlib.suppress(FileNotFoundError):
             spool.unlink()
+
+
+def clean_spool(import_dir: Path | None) -> None:
+    """Remove the uploads a killed dispatcher left (call at start, before serving)."""
+    if import_dir is None or not import_dir.is_dir():
+        return
+    for f in import_dir.glob("*.raw"):
+        with contextlib.suppress(OSError):
+            f.unlink()
 
 
 def _receive(rfile: BinaryIO, spool: os.PathLike[str], length: int) -> int:

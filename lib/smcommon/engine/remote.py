@@ -35,6 +35,7 @@ CHUNK = 8 << 20  # bytes per read of the source and per send
 BATCH = 8  # new blocks per allocation (one pair of fdatasyncs each)
 CONNECT_TIMEOUT = 10.0  # seconds to connect
 IO_TIMEOUT = 120.0  # seconds any one send/receive may stall
+IMPORT_RATE = 20e6  # bytes/s the remote's import is granted before we give up
 MAX_REPLY = 1 << 20  # a reply to create/destroy/PUT is a few KiB
 
 
@@ -99,6 +100,9 @@ class _Remote:
                 n = min(CHUNK, size - pos)
                 conn.send(reader(pos, n))
                 pos += n
+            # the remote imports the whole body before it answers
+            assert conn.sock is not None
+            conn.sock.settimeout(IO_TIMEOUT + size / IMPORT_RATE)
             resp = conn.getresponse()
             data = resp.read(MAX_REPLY + 1)
         finally:

@@ -271,3 +271,15 @@ def test_put_refuses_oversized_and_hostile(hosts: Callable[[str], Daemon]) -> No
     )
     assert r["Status"] == "Failure" and "is not a file directly under" in str(r)
     assert _vdis(b, srb) == [vdi]
+
+
+def test_clean_spool_removes_leftover_uploads(tmp_path: Path) -> None:
+    from dispatcher import upload
+
+    d = tmp_path / "import"
+    d.mkdir()
+    (d / "sr.vdi.1.raw").write_bytes(b"x")
+    (d / "keep.txt").write_text("not an upload\n")
+    upload.clean_spool(d)
+    upload.clean_spool(tmp_path / "missing")
+    assert sorted(p.name for p in d.iterdir()) == ["keep.txt"]
