@@ -170,12 +170,12 @@ def copy_to_remote(eng: Any, vdi: str, url: str, dest: str, dbg: str) -> str:
             try:
                 safe_name("vdi", key)
 
-                buf = bytearray(CHUNK)
-
-                def reader(pos: int, n: int) -> memoryview:
-                    view = memoryview(buf)[:n]
-                    img.read_into(view, pos)
-                    return view
+                def reader(pos: int, n: int) -> bytearray:
+                    # a new (zeroed) buffer each time: read_into leaves the
+                    # bytes of unallocated blocks as they are
+                    buf = bytearray(n)
+                    img.read_into(memoryview(buf), pos)
+                    return buf
 
                 remote.put(dest, key, size, reader)
             except BaseException as e:

@@ -283,3 +283,38 @@ def test_clean_spool_removes_leftover_uploads(tmp_path: Path) -> None:
     upload.clean_spool(d)
     upload.clean_spool(tmp_path / "missing")
     assert sorted(p.name for p in d.iterdir()) == ["keep.txt"]
+
+
+def test_copy_of_a_disk_past_2_gib(hosts: Callable[[str], Daemon]) -> None:
+    """Sizes and offsets past 2**31 cross as <i8>; a sparse disk stays sparse."""
+    a, b = hosts("a"), hosts("b")
+    sra, srb = str(a.default_sr), str(b.default_sr)
+    size = 3 << 30
+    v = ok(
+        a.client()
+        .call(
+            "VDI.create",
+            {
+                "dbg": "t",
+                "sr": sra,
+                "vdi_info": {"name_label": "big", "virtual_size": size},
+            },
+        )
+        .value
+    )["vdi"]
+    tail = os.urandom(4096)
+    _write(a, sra, v, {0: b"head" * 1024, size - 4096: tail})
+    new = ok(
+        a.unix("/").VDI.copy(
+            {"dbg": "t", "sr": sra, "vdi": v, "url": b.url, "dest": srb}
+        )
+    )
+    stat = b.client().call("VDI.stat", {"dbg": "t", "sr": srb, "vdi": new}).value
+    assert ok(stat)["virtual_size"] == size
+    url = ok(b.unix("/").VDI.get_url({"dbg": "t", "sr": srb, "vdi": new}))
+    leaf = urllib.parse.unquote(urllib.parse.urlparse(url).path)
+    assert vhd.read(leaf, size - 4096, 4096) == tail
+    assert vhd.read(leaf, 0, 4096) == b"head" * 1024
+    with vhd.Image.open(leaf) as img:
+        assert img.bat is not None
+        assert sorted(img.bat.allocated()) == [0, size // vhd.BLOCK_SIZE - 1]
