@@ -21,6 +21,7 @@ import json
 import os
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -203,11 +204,20 @@ class FileStore:
     def renew(self, volume: str, parent: str) -> None:
         """Replace ``volume`` by a new empty child of ``parent`` (one rename)."""
         self._dirty.add(volume)
+        with self._replacement(volume, parent):
+            pass
+
+    @contextlib.contextmanager
+    def _replacement(self, volume: str, parent: str) -> Iterator[str]:
+        """A new empty child of ``parent`` under a temp name, to fill in the
+        block; renamed over ``volume`` only when the block succeeds (a crash
+        leaves the volume as it was, and the temp is dropped on next use)."""
         final = self.path(volume)
         tmp = final[: -len(VHD_SUFFIX)] + NEW_SUFFIX
         _drop_leftover(tmp)
         try:
             vhd_call("snapshot", self.vhd.snapshot, self.path(parent), tmp)
+            yield tmp
             _fsync_file(tmp)
             os.replace(tmp, final)
         finally:
@@ -230,10 +240,7 @@ class FileStore:
             self.set_parent(volume, parent)
             return
         final = self.path(volume)
-        tmp = final[: -len(VHD_SUFFIX)] + NEW_SUFFIX
-        _drop_leftover(tmp)
-        try:
-            vhd_call("snapshot", vhd.snapshot, self.path(parent), tmp)
+        with self._replacement(volume, parent) as tmp:
             for off, length, depth in vhd_call(
                 "allocation_map", vhd.allocation_map, final
             ):
@@ -250,12 +257,6 @@ class FileStore:
                         vhd_call("read", vhd.read, final, off, n),
                     )
                     off += n
-            _fsync_file(tmp)
-            os.replace(tmp, final)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-        fsync_dir(self.sr_dir)
 
     def remove(self, volume: str) -> bool:
         path = Path(self.path(volume))
