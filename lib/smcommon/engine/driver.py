@@ -331,10 +331,15 @@ class Driver:
                      vdi, sr, new_key, dest, url)  # fmt: skip
             return new_key
         src = self.engine(sr)
-        rec = src.get(vdi)
         dst = self.engine(dest)
-        with src.vdi_lock(rec.vdi):
+        # Lock order: SR locks first (by SR key when there are two, so crossing
+        # copies cannot deadlock), then the VDI lock.  The source's SR lock also
+        # keeps GC from re-linking the chain being read.
+        with contextlib.ExitStack() as held:
+            for eng in sorted({src.sr: src, dst.sr: dst}.values(), key=lambda e: e.sr):
+                held.enter_context(eng.tree_lock())
             rec = src.get(vdi)
+            held.enter_context(src.vdi_lock(rec.vdi))
             new = dst.import_image(src.store.path(rec.volume), rec)
         log.info(
             "copied VDI %s of SR %s to VDI %s of SR %s", rec.vdi, sr, new["vdi"], dest

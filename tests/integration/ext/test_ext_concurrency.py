@@ -111,3 +111,58 @@ def test_parallel_creates_in_two_srs_and_scans(make_sr: Any) -> None:
     assert len(a.scan()) == WORKERS
     a.assert_consistent()
     b.assert_consistent()
+
+
+def test_copy_takes_the_sr_lock_before_the_vdi_lock(path_sr: SR) -> None:
+    """The lock order of snapshot and clone (SR, then VDI) holds for VDI.copy
+    too.  With the opposite order a copy took the VDI lock and then waited on
+    the SR lock that a snapshot held while waiting on that VDI lock: a deadlock
+    ended only by LOCK_TIMEOUT.  Here the test holds the SR lock itself while a
+    copy starts; the VDI lock must stay free until the SR lock is released."""
+    import subprocess
+    import time
+
+    from smcommon import lock
+    from smcommon.paths import Paths
+
+    sr = path_sr
+    vdi = sr.create("src", 4 * MiB)["vdi"]
+    paths = Paths(sr.ext.env["SM_ROOT"])
+    request = sr.ext.request(
+        "VDI.copy",
+        {"dbg": "t", "sr": sr.uuid, "vdi": vdi, "url": "local", "dest": sr.uuid},
+    )
+    with lock.sr_lock(paths, sr.uuid, timeout=10):
+        proc = subprocess.Popen(
+            sr.ext.argv(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            env=sr.ext.env, text=True,
+        )  # fmt: skip
+        proc.stdin.write(request)  # type: ignore[union-attr]
+        proc.stdin.close()  # type: ignore[union-attr]
+        time.sleep(1.5)  # the copy is now waiting for the SR lock we hold
+        assert proc.poll() is None
+        with lock.vdi_lock(paths, sr.uuid, vdi, timeout=0.5):
+            pass  # free: the copy did not take it before the SR lock
+    out = proc.stdout.read()  # type: ignore[union-attr]
+    assert proc.wait(timeout=60) == 0
+    assert "<value>Success</value>" in out, out
+
+
+def test_copies_and_snapshots_of_one_vdi_in_parallel(path_sr: SR) -> None:
+    """Copies and snapshots of one VDI at once all answer with new VDIs and
+    leave the SR consistent (the lock order itself is proven above)."""
+    sr = path_sr
+    vdi = sr.create("src", 4 * MiB)["vdi"]
+
+    def copy(_: int) -> Any:
+        return sr.ok("VDI.copy", vdi=vdi, url="local", dest=sr.uuid)
+
+    def snap(n: int) -> Any:
+        return sr.snapshot(vdi, name_label=f"s{n}")["vdi"]
+
+    jobs = [copy, snap] * 4
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        made = list(pool.map(lambda j: j[1](j[0]), enumerate(jobs)))
+    assert len(set(made)) == len(jobs)  # every call answered with a new VDI
+    assert set(made) | {vdi} == set(sr.scan())
+    sr.assert_consistent()
