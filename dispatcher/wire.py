@@ -141,9 +141,19 @@ def _parse(
         ) from None
     except expat.ExpatError as e:
         raise WireError(f"the {what} is not well-formed XML: {e}") from None
-    except (ValueError, TypeError, OverflowError, xmlrpc.client.ResponseError) as e:
+    except (
+        ValueError,
+        TypeError,
+        OverflowError,
+        IndexError,
+        KeyError,
+        xmlrpc.client.ResponseError,
+    ) as e:
+        # IndexError/KeyError: xmlrpc's unmarshaller on a <member> without a
+        # <name>, or a <name> without a <value>.
         raise WireError(
-            f"the {what} holds a malformed XML-RPC value: {e}", FAULT_INVALID
+            f"the {what} holds a malformed XML-RPC value: {type(e).__name__} {e}",
+            FAULT_INVALID,
         ) from None
     fault: tuple[int, str] | None = None
     params: tuple[Any, ...] | None = None

@@ -109,7 +109,11 @@ class Type:
                 if not isinstance(k, str):
                     raise _mistyped(f"{where} key", "a string", k)
                 if not isinstance(v, str):
-                    raise _mistyped(f"{where}[{k!r}]", "a string", v)
+                    # Never echo the value: map values carry secrets (CHAP
+                    # passwords in device_config) and errors reach the log.
+                    raise InvalidRequest(
+                        f"{where}[{_short(k)}] must be a string, not {_type_name(v)}"
+                    )
             return dict(value)
         if kind == "struct":
             if not isinstance(value, dict):

@@ -84,6 +84,15 @@ def test_nil_values_are_read() -> None:
             wire.FAULT_INVALID,
             "malformed XML-RPC value",
         ),
+        (  # a <member> without a <name>: IndexError inside xmlrpc's unmarshaller
+            (
+                b"<methodCall><methodName>a</methodName><params><param><value><struct>"
+                b"<member><value><int>1</int></value></member>"
+                b"</struct></value></param></params></methodCall>"
+            ),
+            wire.FAULT_INVALID,
+            "malformed XML-RPC value",
+        ),
         (
             b"<methodCall><methodName>&x;</methodName><params/></methodCall>",
             wire.FAULT_PARSE,

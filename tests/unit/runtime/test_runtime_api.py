@@ -265,6 +265,17 @@ def test_device_config_must_map_strings_to_strings():
         m.validate({"dbg": "d", "sr": "s", "device_config": {"port": 3260}})
 
 
+def test_a_mistyped_device_config_value_is_never_echoed():
+    # device_config carries CHAP passwords; errors reach the log and the caller.
+    m = api.METHODS["SR.attach"]
+    with pytest.raises(InvalidRequest) as e:
+        m.validate(
+            {"dbg": "d", "sr": "s", "device_config": {"chappassword": ["hunter2"]}}
+        )
+    assert "chappassword" in str(e.value) and "array" in str(e.value)
+    assert "hunter2" not in str(e.value)
+
+
 def test_extra_method_gets_dbg_and_is_found_by_lookup():
     gc = api.Method("SR.gc", [api.Arg("sr", api.KEY, "the SR")], api.ANY, "collect")
     assert list(gc.inputs) == ["dbg", "sr"]
