@@ -6,6 +6,11 @@ wrong, and raises ``CommandError`` for an exit code the caller did not allow.
 Wrappers (lvm, iscsi, mount …) take a runner as an argument so unit tests can
 pass a fake that replays captured real output.
 
+Every command dies with its caller: it runs in a session of its own (so a
+timeout can kill its whole group) and with PR_SET_PDEATHSIG, so a plugin
+killed by the dispatcher (timeout, cancel, kill -9) never leaves an mkfs or a
+mount running behind it.
+
 Secrets (CHAP passwords) are passed in ``secrets``: they are masked in every
 error and log line this module produces.
 """
@@ -36,6 +41,27 @@ class Result:
 
 
 Runner = Callable[..., Result]
+
+PR_SET_PDEATHSIG = 1
+_prctl: Callable[..., int] | None = None
+
+
+def _die_with_caller() -> Callable[[], None]:
+    """A preexec function: the child gets SIGKILL when this process dies."""
+    global _prctl
+    if _prctl is None:
+        import ctypes
+
+        _prctl = ctypes.CDLL(None, use_errno=True).prctl
+    prctl = _prctl
+    caller = os.getpid()
+
+    def setup() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != caller:  # the caller died before prctl took effect
+            os._exit(137)
+
+    return setup
 
 
 def mask(text: str, secrets: Iterable[str]) -> str:
@@ -70,6 +96,7 @@ def run(
         env=None if env is None else dict(env),
         cwd=cwd,
         start_new_session=True,
+        preexec_fn=_die_with_caller(),  # noqa: PLW1509 (prctl + getppid only; plugins are single-threaded)
     )
     try:
         out_b, err_b = proc.communicate(data, timeout=timeout)
@@ -84,7 +111,9 @@ def run(
     elapsed = time.monotonic() - start
     log.debug("ran %s rc=%d in %.3fs", shown, proc.returncode, elapsed)
     if proc.returncode not in tuple(ok_codes):
-        raise CommandError(shown, proc.returncode, mask(out, secrets), mask(err, secrets))
+        raise CommandError(
+            shown, proc.returncode, mask(out, secrets), mask(err, secrets)
+        )
     return Result(proc.returncode, out, err)
 
 

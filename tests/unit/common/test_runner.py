@@ -1,28 +1,38 @@
 from __future__ import annotations
 
+import subprocess
 import sys
 import time
 
 import psutil
 import pytest
-
 from smcommon import runner
 from smcommon.errors import CommandError, CommandTimeout
 
 
 def test_run_captures_both_streams() -> None:
-    res = runner.run([sys.executable, "-c", "import sys; print('out'); print('err', file=sys.stderr)"])
+    res = runner.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; print('out'); print('err', file=sys.stderr)",
+        ]
+    )
     assert res == runner.Result(0, "out\n", "err\n")
 
 
 def test_run_passes_input() -> None:
-    res = runner.run([sys.executable, "-c", "import sys; print(sys.stdin.read()[::-1])"], input="abc")
+    res = runner.run(
+        [sys.executable, "-c", "import sys; print(sys.stdin.read()[::-1])"], input="abc"
+    )
     assert res.out == "cba\n"
 
 
 def test_disallowed_exit_code_raises_with_stderr() -> None:
     with pytest.raises(CommandError) as info:
-        runner.run([sys.executable, "-c", "import sys; sys.stderr.write('boom'); sys.exit(3)"])
+        runner.run(
+            [sys.executable, "-c", "import sys; sys.stderr.write('boom'); sys.exit(3)"]
+        )
     assert info.value.rc == 3
     assert info.value.err == "boom"
     assert "boom" in str(info.value)
@@ -50,15 +60,51 @@ def test_timeout_kills_the_whole_process_group() -> None:
         runner.run([sys.executable, "-c", code], timeout=1.0)
     assert time.monotonic() - start < 30
     me = psutil.Process()
-    assert not [c for c in me.children(recursive=True) if c.is_running() and c.status() != "zombie"]
+    assert not [
+        c
+        for c in me.children(recursive=True)
+        if c.is_running() and c.status() != "zombie"
+    ]
 
 
 def test_secrets_are_masked_in_errors() -> None:
     with pytest.raises(CommandError) as info:
         runner.run(
-            [sys.executable, "-c", "import sys; sys.stderr.write(sys.argv[1]); sys.exit(1)", "s3cret"],
+            [
+                sys.executable,
+                "-c",
+                "import sys; sys.stderr.write(sys.argv[1]); sys.exit(1)",
+                "s3cret",
+            ],
             secrets=["s3cret"],
         )
     text = str(info.value) + " ".join(info.value.argv) + info.value.err
     assert "s3cret" not in text
     assert runner.MASK in text
+
+
+def test_a_command_dies_with_its_killed_caller(tmp_path) -> None:
+    """A plugin killed mid-call (dispatcher timeout, kill -9) must not leave
+    its mkfs or mount running: the command gets PR_SET_PDEATHSIG."""
+    pidfile = tmp_path / "pid"
+    caller = (
+        "import sys\n"
+        "from smcommon import runner\n"
+        "runner.run([sys.executable, '-c', "
+        "'import os, sys, time; open(sys.argv[1], \"w\").write(str(os.getpid())); time.sleep(60)', "
+        f"{str(pidfile)!r}], timeout=120)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", caller])
+    try:
+        deadline = time.monotonic() + 30
+        while not (pidfile.exists() and pidfile.read_text()):
+            assert time.monotonic() < deadline, "the command never started"
+            time.sleep(0.05)
+        command = psutil.Process(int(pidfile.read_text()))
+        proc.kill()
+        proc.wait()
+        command.wait(timeout=10)  # raises TimeoutExpired if it outlived its caller
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
