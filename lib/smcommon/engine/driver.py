@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any, Protocol
@@ -143,6 +144,17 @@ class Driver:
                         "SR_EXISTS",
                         [
                             f"{sr_dir} already holds SR {existing.get('sr')}: destroy it first"
+                        ],
+                    )
+                foreign = _foreign_images(sr_dir)
+                if foreign:
+                    names = ", ".join(foreign[:5])
+                    # SR.destroy removes every image of the SR's directory:
+                    # refuse to adopt images that belong to no SR.
+                    raise BackendError(
+                        "SR_DIR_HOLDS_IMAGES",
+                        [
+                            f"{sr_dir} holds VHD files of no SR ({names}): use an empty directory"
                         ],
                     )
                 meta.write_sr(
@@ -345,6 +357,13 @@ class Driver:
             "copied VDI %s of SR %s to VDI %s of SR %s", rec.vdi, sr, new["vdi"], dest
         )
         return str(new["vdi"])
+
+
+def _foreign_images(sr_dir: Path) -> list[str]:
+    from smcommon.engine.store import VHD_SUFFIX
+
+    with os.scandir(sr_dir) as entries:
+        return sorted(e.name for e in entries if e.name.endswith(VHD_SUFFIX))
 
 
 def url_kind(url: str) -> str:

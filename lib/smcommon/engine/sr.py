@@ -70,6 +70,16 @@ def now_stamp() -> str:
     return time.strftime("%Y%m%dT%H:%M:%SZ", time.gmtime())
 
 
+def created_stamp() -> str:
+    """When a VDI record was made, to the microsecond: "oldest first" orders
+    (get_by_name, similar_content) must not fall back on random keys for VDIs
+    made in the same second."""
+    t = time.time()
+    return (
+        time.strftime("%Y%m%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1e6):06d}Z"
+    )
+
+
 def _text(info: dict[str, Any], key: str, default: str = "") -> str:
     value = info.get(key, default)
     if value is None:
@@ -199,7 +209,7 @@ class SrEngine:
             metadata_of_pool=_text(vdi_info, "metadata_of_pool"),
             read_only=bool(vdi_info.get("read_only", False)),
             sm_config={**_sm_config(vdi_info), "vdi_type": "vhd"},
-            created=now_stamp(),
+            created=created_stamp(),
         )
         with self.tree_lock():
             volume, info = self.store.create(size, rec.vdi)
@@ -293,7 +303,7 @@ class SrEngine:
                         **_sm_config(vdi_info),
                         "vdi_type": "vhd",
                     },
-                    created=now_stamp(),
+                    created=created_stamp(),
                 )
                 self.meta.put(new)
                 self.store.set_hidden(base, True)
@@ -437,7 +447,7 @@ class SrEngine:
                 read_only=template.read_only,
                 virtual_size=int(info.virtual_size),
                 sm_config={**template.sm_config, "vdi_type": "vhd"},
-                created=now_stamp(),
+                created=created_stamp(),
             )
             self.meta.put(rec)
         return self.vdi_info(rec)

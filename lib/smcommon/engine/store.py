@@ -32,6 +32,7 @@ from smcommon.paths import safe_name
 
 VHD_SUFFIX = ".vhd"
 NEW_SUFFIX = ".vhd.new"
+VHD_TMP_PREFIX = ".vhd-tmp-"  # smcommon.vhd.create's fallback temp names
 COPY_CHUNK = 8 * 1024 * 1024
 CACHE_SETTLE_NS = 2_000_000_000
 
@@ -337,7 +338,8 @@ class FileStore:
         path = self._cache_path()
         if not os.path.isdir(os.path.dirname(path)):
             return
-        tmp = f"{path}.{os.getpid()}.tmp"
+        # a dot-name ending in .tmp: Metadata.cleanup_temp removes it if we die
+        tmp = os.path.join(os.path.dirname(path), f".tree-cache.json.{os.getpid()}.tmp")
         try:
             with open(tmp, "w") as f:
                 f.write(json.dumps(doc, separators=(",", ":")))
@@ -394,11 +396,12 @@ class FileStore:
         return name, self.info(name)
 
     def cleanup_partial(self) -> list[str]:
-        """Remove ``.vhd.new`` files of copies that were killed midway."""
+        """Remove ``.vhd.new`` files of copies that were killed midway, and
+        the hidden temp images (``.vhd-tmp-*``) of killed VHD creates."""
         gone = []
         with contextlib.suppress(FileNotFoundError):
             for n in os.listdir(self.sr_dir):
-                if n.endswith(NEW_SUFFIX):
+                if n.endswith(NEW_SUFFIX) or n.startswith(VHD_TMP_PREFIX):
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(self.sr_dir / n)
                         gone.append(n)

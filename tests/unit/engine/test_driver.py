@@ -96,6 +96,14 @@ def test_sr_create_errors(drv: Driver, tmp_path: Path) -> None:
         drv.sr_create(D, sr, cfg, 0)
     with pytest.raises(BackendError, match="SR_UUID_MISMATCH"):
         drv.sr_attach(D, sr, cfg)
+    # a directory holding VHD files of nobody's is refused (SR.destroy would
+    # remove them), and the files stay
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.vhd").write_bytes(b"user data")
+    with pytest.raises(BackendError, match="SR_DIR_HOLDS_IMAGES.*keep.vhd"):
+        drv.sr_create(D, sr, {"path": str(mine)}, 0)
+    assert (mine / "keep.vhd").read_bytes() == b"user data"
     with pytest.raises(InvalidRequest):
         drv.sr_scan(D, "../etc")
 
@@ -196,7 +204,9 @@ def test_query_without_the_engine(paths: Paths) -> None:
     assert callable(plugin.vdi_create)  # the rest comes from the engine's Driver
 
 
-def test_a_call_that_waited_for_a_detach_sees_the_sr_gone(drv: Driver, tmp_path: Path) -> None:
+def test_a_call_that_waited_for_a_detach_sees_the_sr_gone(
+    drv: Driver, tmp_path: Path
+) -> None:
     from smcommon.engine import vdipath
 
     sr, _ = make(drv, tmp_path)
