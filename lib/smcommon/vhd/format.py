@@ -17,6 +17,7 @@ import struct
 import sys
 import time
 from dataclasses import dataclass, replace
+from typing import Any
 
 from smcommon.vhd.errors import Corrupt
 
@@ -67,6 +68,26 @@ def vhd_now() -> int:
 def checksum(data: bytes | bytearray) -> int:
     """One's complement of the byte sum (the checksum field must be zero in ``data``)."""
     return (~sum(data)) & 0xFFFFFFFF
+
+
+def _unpack_sealed(
+    data: bytes | bytearray | memoryview, st: struct.Struct, cookie: bytes, checksum_at: int,
+    where: str,
+) -> tuple[Any, ...]:
+    """The fields of a cookie-and-checksum structure (footer, dynamic header),
+    checked: long enough, the right cookie (the first field), a checksum that
+    matches the bytes with its own field zeroed."""
+    if len(data) < st.size:
+        raise Corrupt(f"{where}: truncated ({len(data)} of {st.size} bytes)")
+    raw = bytes(data[: st.size])
+    fields = st.unpack(raw)
+    if fields[0] != cookie:
+        raise Corrupt(f"{where}: bad cookie {fields[0]!r} (expected {cookie!r})")
+    stored = int.from_bytes(raw[checksum_at : checksum_at + 4], "big")
+    want = checksum(raw[:checksum_at] + b"\0\0\0\0" + raw[checksum_at + 4 :])
+    if stored != want:
+        raise Corrupt(f"{where}: bad checksum {stored:#010x} (computed {want:#010x})")
+    return fields
 
 
 def geometry(size: int) -> tuple[int, int, int]:
@@ -124,15 +145,7 @@ class Footer:
 
     @classmethod
     def from_bytes(cls, data: bytes, where: str = "footer") -> Footer:
-        if len(data) < FOOTER_SIZE:
-            raise Corrupt(f"{where}: truncated ({len(data)} of {FOOTER_SIZE} bytes)")
-        data = bytes(data[:FOOTER_SIZE])
-        footer = cls(*FOOTER_STRUCT.unpack(data))
-        if footer.cookie != FOOTER_COOKIE:
-            raise Corrupt(f"{where}: bad cookie {footer.cookie!r} (expected {FOOTER_COOKIE!r})")
-        want = checksum(data[:FOOTER_CHECKSUM_AT] + b"\0\0\0\0" + data[FOOTER_CHECKSUM_AT + 4 :])
-        if footer.checksum != want:
-            raise Corrupt(f"{where}: bad checksum {footer.checksum:#010x} (computed {want:#010x})")
+        footer = cls(*_unpack_sealed(data, FOOTER_STRUCT, FOOTER_COOKIE, FOOTER_CHECKSUM_AT, where))
         if footer.version >> 16 != 1:
             raise Corrupt(f"{where}: format version {footer.version >> 16}."
                           f"{footer.version & 0xFFFF}, only 1.x is known")
@@ -248,15 +261,7 @@ class Header:
 
     @classmethod
     def from_bytes(cls, data: bytes, where: str = "dynamic header") -> Header:
-        if len(data) < HEADER_SIZE:
-            raise Corrupt(f"{where}: truncated ({len(data)} of {HEADER_SIZE} bytes)")
-        data = bytes(data[:HEADER_SIZE])
-        header = cls(*HEADER_STRUCT.unpack(data))
-        if header.cookie != HEADER_COOKIE:
-            raise Corrupt(f"{where}: bad cookie {header.cookie!r} (expected {HEADER_COOKIE!r})")
-        want = checksum(data[:HEADER_CHECKSUM_AT] + b"\0\0\0\0" + data[HEADER_CHECKSUM_AT + 4 :])
-        if header.checksum != want:
-            raise Corrupt(f"{where}: bad checksum {header.checksum:#010x} (computed {want:#010x})")
+        header = cls(*_unpack_sealed(data, HEADER_STRUCT, HEADER_COOKIE, HEADER_CHECKSUM_AT, where))
         if header.version != HEADER_VERSION:
             raise Corrupt(f"{where}: header version {header.version >> 16}."
                           f"{header.version & 0xFFFF}, only 1.0 is known")
