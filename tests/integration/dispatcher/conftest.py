@@ -11,8 +11,6 @@ daemon        one daemon with the defaults of these tests
 from __future__ import annotations
 
 import contextlib
-import os
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -24,12 +22,12 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dispatcher_testlib import (
-    REPO,
     Daemon,
     alive,
     fake_pids,
     install_fake,
     processes_with_root,
+    spawn_daemon,
 )
 
 
@@ -61,34 +59,17 @@ def start_daemon(
     def start(
         *extra: str, plugins: Path | None = None, check_banner: bool = True
     ) -> Daemon:
-        argv = [
-            sys.executable, "-m", "dispatcher",
+        args = [
             "--plugins-dir", str(plugins or plugins_dir),
             "--tcp", "127.0.0.1:0",
             "--timeout", "20", "--cancel-grace", "0.5", "--stop-timeout", "5",
             *extra,
         ]  # fmt: skip
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        proc = subprocess.Popen(
-            argv,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-            cwd=REPO,
-        )
-        lines = []
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("  python:"):
-                break
-        banner = "".join(lines)
-        d = Daemon(proc, banner, sm_root)
+        d = spawn_daemon(args, sm_root)
         started.append(d)
         if check_banner:
-            assert "sm-dispatcher ready" in banner, (
-                f"no banner; stderr: {proc.stderr.read() if proc.stderr else ''}"
+            assert "sm-dispatcher ready" in d.banner, (
+                f"no banner; stderr: {d.proc.stderr.read() if d.proc.stderr else ''}"
             )
         return d
 

@@ -123,6 +123,26 @@ class Daemon:
         return self.proc.returncode, err
 
 
+def spawn_daemon(args: list[str], root: Path) -> Daemon:
+    """``python -m dispatcher ARGS`` with SM_ROOT=root, returned once its
+    start-up banner has been read (whatever it says: callers check it)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dispatcher", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1", SM_ROOT=str(root)),
+        cwd=REPO,
+    )
+    lines = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("  python:"):
+            break
+    return Daemon(proc, "".join(lines), root)
+
+
 def wait_until(
     pred: Callable[[], object], timeout: float = 20, what: str = "condition"
 ) -> object:

@@ -9,8 +9,6 @@ import contextlib
 import http.client
 import os
 import socket
-import subprocess
-import sys
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
@@ -18,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dispatcher_testlib import REPO, Daemon, processes_with_root
+from dispatcher_testlib import REPO, Daemon, processes_with_root, spawn_daemon
 from smcommon import vhd
 
 pytestmark = pytest.mark.integration
@@ -42,28 +40,12 @@ def hosts(tmp_path: Path) -> Iterator[Callable[[str], Daemon]]:
     def start(name: str) -> Daemon:
         root = tmp_path / name / "root"
         root.mkdir(parents=True)
-        argv = [
-            sys.executable, "-m", "dispatcher",
+        args = [
             "--plugins-dir", str(REPO / "plugins"),
             "--tcp", "127.0.0.1:0", "--timeout", "60", "--stop-timeout", "5",
             "--default-sr", str(tmp_path / name / "sr"),
         ]  # fmt: skip
-        env = dict(os.environ, PYTHONUNBUFFERED="1", SM_ROOT=str(root))
-        proc = subprocess.Popen(
-            argv,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-            cwd=REPO,
-        )
-        lines = []
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("  python:"):
-                break
-        d = Daemon(proc, "".join(lines), root)
+        d = spawn_daemon(args, root)
         started.append(d)
         assert "sm-dispatcher ready" in d.banner, d.banner
         assert d.url and d.default_sr
