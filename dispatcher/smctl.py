@@ -28,13 +28,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from smcommon import sizes
+
 from dispatcher import client, wire
 from dispatcher.smctl_show import explain, show
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_CONNECT = 0, 1, 2, 3
 
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
-_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:i?B)?", re.IGNORECASE)
 
 EPILOG = """\
 exit codes: 0 success; 1 the storage manager answered with a failure; 2 bad
@@ -51,19 +51,6 @@ examples:
   smctl vdi-list <sr>
   smctl --json vdi-stat <sr> <vdi>
 """
-
-
-def parse_size(text: str) -> int:
-    """``10G`` -> 10737418240 (binary units K M G T P; ``10GiB``, ``10GB`` too)."""
-    m = _SIZE_RE.fullmatch(text.strip())
-    if not m:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a size (e.g. 512M, 10G, 1T, 1048576)"
-        )
-    value = float(m.group(1)) * _UNITS[m.group(2).upper()]
-    if value != int(value):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of bytes")
-    return int(value)
 
 
 def _kv(text: str) -> tuple[str, str]:
@@ -165,7 +152,7 @@ COMMANDS: dict[str, Spec] = {
     ),
     "vdi-copy": (
         "VDI.copy",
-        "copy a VDI to another SR",
+        "copy a VDI to another SR of this host, or of another (--remote)",
         ["sr", "vdi", "copy", "type-opt"],
     ),
     "vdi-compose": (
@@ -221,7 +208,7 @@ def _add_args(p: argparse.ArgumentParser, kinds: list[str]) -> None:
             ),
         ),
         "size-opt": lambda: p.add_argument(
-            "--size", type=parse_size, default=0, help="physical size (e.g. 10G)"
+            "--size", type=sizes.arg, default=0, help="physical size (e.g. 10G)"
         ),
         "dc": lambda: (
             p.add_argument("--path", help="device_config path (a directory or device)"),
@@ -244,7 +231,7 @@ def _add_args(p: argparse.ArgumentParser, kinds: list[str]) -> None:
         "vdi-new": lambda: (
             p.add_argument("--name", required=True, help="name_label"),
             p.add_argument(
-                "--size", required=True, type=parse_size, help="virtual size (e.g. 10G)"
+                "--size", required=True, type=sizes.arg, help="virtual size (e.g. 10G)"
             ),
             p.add_argument("--description", default="", help="name_description"),
             p.add_argument(
@@ -273,10 +260,14 @@ def _add_args(p: argparse.ArgumentParser, kinds: list[str]) -> None:
         ),
         "copy": lambda: (
             p.add_argument(
-                "--url", required=True, help="the remote storage manager's URL"
+                "--dest", required=True, help="the destination SR (uuid)"
             ),
             p.add_argument(
-                "--dest", required=True, help="the destination SR in that URL"
+                "--remote",
+                metavar="URL",
+                default="",
+                help="copy to another host: its dispatcher's URL, e.g. "
+                "http://host2:8089/ (default: an SR of this host)",
             ),
         ),
         "content-id": lambda: p.add_argument("content_id", help="the new content_id"),
@@ -382,7 +373,7 @@ def build_call(ns: argparse.Namespace, dbg: str) -> tuple[str, dict[str, Any]]:
         if ns.command == "vdi-attach":
             args["read_write"] = not ns.read_only
     elif ns.command == "vdi-copy":
-        args["url"] = ns.url
+        args["url"] = ns.remote
         args["dest"] = ns.dest
     return method, args
 
@@ -432,7 +423,8 @@ class Target:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    ns = parser.parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    ns = parser.parse_args(sizes.join_option_values(words, {"--size"}))
     dbg = ns.dbg or f"smctl-{os.getpid()}"
     method, args = build_call(ns, dbg)
     sr_type = getattr(ns, "type", None)

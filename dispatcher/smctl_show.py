@@ -10,17 +10,9 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+from smcommon import sizes
 
-
-def human_size(n: object) -> str:
-    """10737418240 -> 10G; 1572864 -> 1.5M; small values stay in bytes."""
-    if not isinstance(n, int) or isinstance(n, bool):
-        return str(n)
-    for unit in ("P", "T", "G", "M", "K"):
-        if n >= _UNITS[unit]:
-            return f"{n / _UNITS[unit]:.1f}".removesuffix(".0") + unit
-    return str(n)
+human_size = sizes.format
 
 
 _VDI_COLUMNS: list[tuple[str, str, Callable[[Any], str]]] = [

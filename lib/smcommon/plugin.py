@@ -18,10 +18,11 @@ as ``plugins/ext/EXTSR``:
   a child process cannot corrupt the response.
 - For people: ``--help`` (``METHOD --help`` for one method); the by-hand form
   ``EXTSR VDI.create sr=<uuid> vdi_info='{"name_label": "d0", "virtual_size":
-  "10G"}'`` (values typed by the method's inputs: strings as given, int64 with
-  K/M/G/T/P suffixes, bools, JSON for structs; ``dbg`` defaults to
+  "10G"}'`` (values typed by the method's inputs: strings as given, int64 as
+  integers or sizes (``10G``, see ``smcommon.sizes``), bools, JSON for structs; ``dbg`` defaults to
   ``cli-<pid>``) prints the Value as pretty JSON, or one error line on stderr
-  and exit code 1; ``--json`` prints the whole response struct as JSON,
+  and exit code 1 (2 when the command line is not a valid request: the one
+  rule for every kind of request problem); ``--json`` prints the whole response struct as JSON,
   ``--xml`` the methodResponse; ``-v`` logs to stderr; ``--root DIR`` sets
   ``$SM_ROOT`` for the call.
 - Every call is logged (dbg, method, sr, duration, outcome) to
@@ -55,7 +56,6 @@ if TYPE_CHECKING:
 STDIN_TIMEOUT_ENV = "SM_STDIN_TIMEOUT"
 STDIN_TIMEOUT = 60.0  # seconds to wait for a complete request on stdin
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
-_SIZE_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
 
 
 class Outcome:
@@ -144,10 +144,7 @@ class Call:
             fn = getattr(self.driver(), method.attr, None)
             if fn is None:
                 raise Unimplemented(name)
-            try:
-                result = fn(**kwargs)
-            except NotImplementedError:
-                raise Unimplemented(name) from None
+            result = fn(**kwargs)
             outcome = Outcome(method, method.check_result(result))
             # a result that cannot be marshalled is a bug, answered as one
             rpc.success(outcome.value, method.output)
@@ -226,36 +223,13 @@ def read_request(stream: BinaryIO, timeout: float | None = None) -> bytes:
 # --- the by-hand form ----------------------------------------------------------
 
 
-def parse_size(text: str) -> int | None:
-    """``"10G"`` -> 10 GiB (K, M, G, T, P are powers of 1024; "GiB", "GB" too),
-    plain decimal integers as they are; None if ``text`` is not a size."""
-    t = text.strip().upper()
-    if t.endswith("IB"):
-        t = t[:-2]
-    elif t.endswith("B") and len(t) > 1 and t[-2] in _SIZE_UNITS:
-        t = t[:-1]
-    unit = t[-1] if t and t[-1] in _SIZE_UNITS else ""
-    number = t[:-1] if unit else t
-    if number.isascii() and number.isdigit():
-        return int(number) * (_SIZE_UNITS[unit] if unit else 1)
-    if unit:
-        try:
-            value = float(number)
-        except ValueError:
-            return None
-        if 0 <= value < 2.0**63:
-            return int(value * _SIZE_UNITS[unit])
-    return None
-
-
 def _typed_value(type: api.Type, text: str, name: str = "") -> object:
     """A by-hand argument's value, read according to the input's type."""
     kind = type.kind
     if kind in ("string", "key"):
         return text
     if kind == "int64":
-        size = parse_size(text)
-        return size if size is not None else text
+        return _size(text, name)
     if kind == "bool":
         low = text.strip().lower()
         if low in ("true", "yes", "on", "1"):
@@ -273,20 +247,28 @@ def _typed_value(type: api.Type, text: str, name: str = "") -> object:
                 f"{name}={text[:60]!r} is not JSON ({e}); give a {type.name}"
             ) from None
         return text
-    return _sizes_in(type, value)
+    return _sizes_in(type, value, name)
 
 
-def _sizes_in(type: api.Type, value: object) -> object:
-    """Read size suffixes in int64 fields of a struct given as JSON."""
+def _size(text: str, name: str) -> int:
+    """An int64 typed by a person: an integer or a size (``10G``)."""
+    from smcommon import sizes
+
+    t = text.strip()
+    if t[:1] == "-" and t[1:].isascii() and t[1:].isdigit():
+        return int(t)
+    return sizes.parse(t, name)
+
+
+def _sizes_in(type: api.Type, value: object, name: str) -> object:
+    """Read sizes (``"10G"``) in the int64 fields of a struct given as JSON."""
     if type.kind == "struct" and isinstance(value, dict):
-        for name, f in type.fields.items():
-            v = value.get(name)
+        for key, f in type.fields.items():
+            v = value.get(key)
             if f.type.kind == "int64" and isinstance(v, str):
-                size = parse_size(v)
-                if size is not None:
-                    value[name] = size
+                value[key] = _size(v, f"{name}.{key}")
     elif type.kind == "list" and isinstance(value, list) and type.item is not None:
-        return [_sizes_in(type.item, v) for v in value]
+        return [_sizes_in(type.item, v, name) for v in value]
     return value
 
 
@@ -322,6 +304,10 @@ def usage(prog: str) -> str:
         f"       {prog} --help | METHOD --help\n"
         f"options: -v log to stderr; --json print the whole response as JSON; --xml print\n"
         f"         the methodResponse; --root DIR every host path under DIR ($SM_ROOT)\n"
+        f"by hand, int64 values take sizes: 512M, 10G, 1.5T (powers of 1024); structs are JSON\n"
+        f"exit codes: an XML-RPC request always exits 0 (the response says how it went);\n"
+        f"         by hand: 0 success, 1 the call failed (an SMAPI error), 2 the command line\n"
+        f"         is not a valid request (unknown method, bad JSON, missing/extra/mistyped argument)\n"
     )
 
 
@@ -503,6 +489,7 @@ def _by_hand(
     try:
         method = call.method(name)
         params = by_hand_params(method, args[1:])
+        method.validate(params)
     except Error as e:
         stderr.write(f"{call.prog}: {e}\n")
         return EXIT_USAGE

@@ -1,16 +1,21 @@
-"""One XML-RPC methodCall in, one methodResponse out.
+"""The project's one XML-RPC stack: calls and responses, parsed and built.
 
-This module owns the wire format of a plugin call (shared/API.md, "Wire
-conventions"):
+This module owns the wire format (docs/api.md, "Wire conventions"); the
+plugins, the dispatcher (``dispatcher.wire`` adds fault codes on top) and
+the remote copy all use it:
 
-- ``parse_call(data)`` parses one methodCall with expat directly (cheap to
-  import, no xmlrpc.client): ``<i4>``, ``<int>``, ``<i8>``, ``<boolean>``,
+- ``parse_call(data)`` parses one methodCall, ``parse_response(data)`` one
+  methodResponse (a value or a fault), with expat directly (cheap to import,
+  no xmlrpc.client): ``<i4>``, ``<int>``, ``<i8>``, ``<boolean>``,
   ``<string>`` (and bare text), ``<double>``, ``<base64>``,
   ``<dateTime.iso8601>`` (kept as its text), ``<nil/>``, ``<struct>``,
   ``<array>``.  A DOCTYPE (and so any entity declaration: entity expansion,
-  external entities) is refused, as are requests over ``MAX_REQUEST`` bytes or
-  nested deeper than ``MAX_DEPTH``.  Every problem is an ``InvalidRequest``
-  that says what is wrong and where.
+  external entities) is refused, as are documents over ``MAX_REQUEST`` bytes
+  (or the caller's limit) or nested deeper than ``MAX_DEPTH``.  Every problem
+  is an ``InvalidRequest`` (``NotXml``, ``UnsafeXml``, ``TooLarge`` for the
+  document as a whole) that says what is wrong and where.
+- ``dumps_call`` / ``dumps_response`` / ``dumps_fault`` marshal plain Python
+  values (ints of 32 bits as ``<int>``, larger ones as ``<i8>``).
 - ``success(value, type)`` builds ``{"Status": "Success", "Value": value}``,
   marshalled by the method's declared output type: int64 is always ``<i8>``
   (xmlrpc.client writes ``<int>`` and refuses values past 2**31), a unit result
@@ -31,6 +36,28 @@ if TYPE_CHECKING:
 
 MAX_REQUEST = 1 << 20  # bytes; a real request is a few KiB at most
 MAX_DEPTH = 32  # nested value containers
+
+class NotXml(InvalidRequest):
+    """The document is empty or not well-formed XML."""
+
+
+class UnsafeXml(InvalidRequest):
+    """The document carries a DOCTYPE or entity declarations."""
+
+
+class TooLarge(InvalidRequest):
+    """The document is larger than the limit."""
+
+
+class Reply:
+    """One methodResponse: its ``value``, or its ``fault`` as (code, string)."""
+
+    __slots__ = ("fault", "value")
+
+    def __init__(self, value: object = None, fault: tuple[int, str] | None = None) -> None:
+        self.value = value
+        self.fault = fault
+
 
 _SCALARS = {
     "i4",
@@ -56,10 +83,12 @@ class _Frame:
         self.key: str | None = None
 
 
-class _CallParser:
+class _Parser:
     def __init__(self) -> None:
+        self.root: str | None = None
         self.method: str | None = None
-        self.params: list[object] = []
+        self.params: list[object] | None = None
+        self.fault: object = _NOTHING
         self.path: list[str] = []  # open element names
         self.text: list[str] = []
         self.frames: list[_Frame] = []
@@ -72,6 +101,8 @@ class _CallParser:
         if not _allowed(parent, tag):
             where = f"inside <{parent}>" if parent else "as the document element"
             raise InvalidRequest(f"unexpected element <{tag}> {where}")
+        if parent is None:
+            self.root = tag
         self.path.append(tag)
         self.text = []
         if tag == "value":
@@ -79,7 +110,7 @@ class _CallParser:
             return
         if parent == "value" and self.value is not _NOTHING:
             raise InvalidRequest("a <value> holds more than one value")
-        if tag in ("params", "array", "struct"):
+        if tag in ("params", "array", "struct", "fault"):
             if len(self.frames) > MAX_DEPTH:
                 raise InvalidRequest(
                     f"values are nested deeper than {MAX_DEPTH} levels"
@@ -102,6 +133,10 @@ class _CallParser:
             self.value = frame.items
         elif tag == "params":
             self.params = self.frames.pop().items  # type: ignore[assignment]
+        elif tag == "fault":
+            items = self.frames.pop().items
+            assert isinstance(items, list)
+            self.fault = items[0] if items else None
         elif tag == "name":
             self.frames[-1].key = text
         elif tag == "value":
@@ -130,9 +165,7 @@ class _CallParser:
 
     @staticmethod
     def refuse_doctype(*_args: object) -> None:
-        raise InvalidRequest(
-            "DOCTYPE and entity declarations are not allowed in a request"
-        )
+        raise UnsafeXml("DOCTYPE and entity declarations are not allowed")
 
 
 class _Nothing:
@@ -142,8 +175,10 @@ class _Nothing:
 _NOTHING = _Nothing()
 
 _CHILDREN = {
-    None: {"methodCall"},
+    None: {"methodCall", "methodResponse"},
     "methodCall": {"methodName", "params"},
+    "methodResponse": {"params", "fault"},
+    "fault": {"value"},
     "params": {"param"},
     "param": {"value"},
     "value": _SCALARS | {"struct", "array"},
@@ -191,17 +226,16 @@ def _scalar(tag: str, text: str) -> object:
     return None  # nil
 
 
-def parse_call(data: bytes | str) -> tuple[str, list[object]]:
-    """The method name and the parameters of one XML-RPC methodCall."""
+def _parse(data: bytes | str, what: str, limit: int) -> _Parser:
     if isinstance(data, str):
         data = data.encode("utf-8", "surrogateescape")
-    if len(data) > MAX_REQUEST:
-        raise InvalidRequest(f"the request is larger than {MAX_REQUEST} bytes")
+    if len(data) > limit:
+        raise TooLarge(f"the {what} is larger than {limit} bytes")
     if not data.strip():
-        raise InvalidRequest("the request is empty (expected an XML-RPC methodCall)")
+        raise NotXml(f"the {what} is empty (expected an XML-RPC document)")
     from xml.parsers import expat
 
-    handler = _CallParser()
+    handler = _Parser()
     parser = expat.ParserCreate()
     parser.buffer_text = True
     parser.StartElementHandler = handler.start
@@ -214,19 +248,49 @@ def parse_call(data: bytes | str) -> tuple[str, list[object]]:
     try:
         parser.Parse(data, True)
     except expat.ExpatError as e:
-        raise InvalidRequest(
-            f"the request is not well-formed XML: {expat.ErrorString(e.code)} "
+        raise NotXml(
+            f"the {what} is not well-formed XML: {expat.ErrorString(e.code)} "
             f"at line {e.lineno}, column {e.offset}"
         ) from None
     except RecursionError:
-        raise InvalidRequest("the request is nested too deeply") from None
+        raise InvalidRequest(f"the {what} is nested too deeply") from None
+    return handler
+
+
+def parse_call(data: bytes | str, limit: int = MAX_REQUEST) -> tuple[str, list[object]]:
+    """The method name and the parameters of one XML-RPC methodCall."""
+    handler = _parse(data, "request", limit)
+    if handler.root != "methodCall":
+        raise InvalidRequest(
+            f"the request is a <{handler.root}>, not a <methodCall>"
+        )
     if handler.method is None:
         raise InvalidRequest(
             "the request is not an XML-RPC methodCall (no <methodName>)"
         )
     if not handler.method:
         raise InvalidRequest("the request's <methodName> is empty")
-    return handler.method, handler.params
+    return handler.method, handler.params or []
+
+
+def parse_response(data: bytes | str, limit: int = MAX_REQUEST) -> Reply:
+    """The one value (or the fault) of an XML-RPC methodResponse."""
+    handler = _parse(data, "response", limit)
+    if handler.root != "methodResponse":
+        raise InvalidRequest(
+            f"the response is a <{handler.root}>, not a <methodResponse>"
+        )
+    if handler.fault is not _NOTHING:
+        fault = handler.fault
+        code = fault.get("faultCode") if isinstance(fault, dict) else None
+        text = fault.get("faultString") if isinstance(fault, dict) else None
+        if not isinstance(code, int) or isinstance(code, bool) or not isinstance(text, str):
+            raise InvalidRequest("the response's <fault> is not {faultCode, faultString}")
+        return Reply(fault=(code, text))
+    params = handler.params or []
+    if len(params) != 1:
+        raise InvalidRequest(f"the response holds {len(params)} values, not 1")
+    return Reply(value=params[0])
 
 
 # --- responses ---------------------------------------------------------------
@@ -319,7 +383,8 @@ def _marshal_any(out: list[str], value: object) -> None:
     elif isinstance(value, bool):
         out.append(f"<value><boolean>{int(value)}</boolean></value>")
     elif isinstance(value, int):
-        out.append(f"<value><i8>{value}</i8></value>")
+        tag = "int" if -(2**31) <= value < 2**31 else "i8"
+        out.append(f"<value><{tag}>{value}</{tag}></value>")
     elif isinstance(value, float):
         out.append(f"<value><double>{value!r}</double></value>")
     elif isinstance(value, str):
@@ -375,11 +440,28 @@ def failure(description: list[str]) -> bytes:
     return _response(out)
 
 
-def build_call(method: str, params: dict[str, object]) -> bytes:
-    """A methodCall with one struct argument (the by-hand form and tests use it)."""
-    out = [
-        f"<?xml version='1.0'?>\n<methodCall><methodName>{escape(method)}</methodName><params><param>"
-    ]
-    _marshal_any(out, params)
-    out.append("</param></params></methodCall>\n")
+def dumps_call(method: str, *params: object) -> bytes:
+    """A methodCall of plain Python values (SMAPI calls take one struct)."""
+    out = [f"<?xml version='1.0'?>\n<methodCall><methodName>{escape(method)}</methodName><params>"]
+    for p in params:
+        out.append("<param>")
+        _marshal_any(out, p)
+        out.append("</param>")
+    out.append("</params></methodCall>\n")
+    return "".join(out).encode("utf-8", "replace")
+
+
+def dumps_response(value: object) -> bytes:
+    """A methodResponse holding one plain Python value."""
+    out = ["<?xml version='1.0' encoding='UTF-8'?>\n<methodResponse><params><param>"]
+    _marshal_any(out, value)
+    out.append("</param></params></methodResponse>\n")
+    return "".join(out).encode("utf-8", "replace")
+
+
+def dumps_fault(code: int, message: str) -> bytes:
+    """A methodResponse holding a fault."""
+    out = ["<?xml version='1.0' encoding='UTF-8'?>\n<methodResponse><fault>"]
+    _marshal_any(out, {"faultCode": int(code), "faultString": message})
+    out.append("</fault></methodResponse>\n")
     return "".join(out).encode("utf-8", "replace")

@@ -24,10 +24,10 @@ import http.client
 import os
 import stat
 import urllib.parse
-import xmlrpc.client
 from pathlib import Path
 from typing import Any
 
+from smcommon import rpc
 from smcommon.errors import BackendError, InvalidRequest
 from smcommon.paths import Paths, safe_name
 
@@ -73,9 +73,7 @@ class _Remote:
 
     def call(self, method: str, args: dict[str, Any]) -> Any:
         """The Value of a successful call; BackendError otherwise."""
-        from smcommon import rpc
-
-        body = rpc.build_call(method, args)
+        body = rpc.dumps_call(method, args)
         conn = self._conn()
         try:
             conn.request("POST", self.base + "/", body, {"Content-Type": "text/xml"})
@@ -121,14 +119,13 @@ def _fail(what: str) -> BackendError:
 
 
 def _value(method: str, data: bytes) -> Any:
-    if len(data) > MAX_REPLY or b"<!DOCTYPE" in data.upper():
-        raise _fail(f"{method}: the remote's reply is not a plain XML-RPC response")
     try:
-        (reply,), _ = xmlrpc.client.loads(data)
-    except xmlrpc.client.Fault as f:
-        raise _fail(f"{method} faulted: {f.faultString}") from None
-    except Exception as e:  # noqa: BLE001 - any parse problem is the remote's
-        raise _fail(f"{method}: unreadable reply ({e})") from None
+        parsed = rpc.parse_response(data, MAX_REPLY)
+    except InvalidRequest as e:
+        raise _fail(f"{method}: unreadable reply ({e.reason})") from None
+    if parsed.fault is not None:
+        raise _fail(f"{method} faulted: {parsed.fault[1]}")
+    reply = parsed.value
     if not isinstance(reply, dict) or reply.get("Status") not in ("Success", "Failure"):
         raise _fail(f"{method}: the reply is no {{Status: ...}} struct")
     if reply["Status"] == "Failure":

@@ -11,11 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from smcommon import sizes
 from smcommon.errors import Error
 from smcommon.vhd import ops, transfer
 from smcommon.vhd.check import check as check_image
@@ -27,25 +27,6 @@ from smcommon.vhd.image import Info, open_image
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PROBLEMS = 0, 1, 2, 3
 CHUNK = 8 * 1024 * 1024
-_UNITS = {"": 1, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
-_SIZE_RE = re.compile(r"(\d+)\s*([KMGT]?)(?:I?B)?", re.IGNORECASE)
-
-
-def parse_size(text: str) -> int:
-    """``10G`` -> 10737418240; plain digits are bytes."""
-    m = _SIZE_RE.fullmatch(text.strip())
-    if not m:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r} (examples: 4096, 512M, 10G)")
-    return int(m.group(1)) * _UNITS[m.group(2).upper()]
-
-
-def human(n: int) -> str:
-    for unit in ("T", "G", "M", "K"):
-        if n >= _UNITS[unit] and n % _UNITS[unit] == 0:
-            return f"{n // _UNITS[unit]}{unit}"
-    return str(n)
-
-
 def _print_info(info: Info, as_json: bool) -> None:
     if as_json:
         print(json.dumps(info.to_dict(), indent=2))
@@ -53,7 +34,7 @@ def _print_info(info: Info, as_json: bool) -> None:
     d = info.to_dict()
     for key in ("virtual_size", "physical_size", "block_size"):
         value = int(d[key])  # type: ignore[call-overload]
-        d[key] = f"{value} ({human(value)})"
+        d[key] = f"{value} ({sizes.format(value)})"
     width = max(len(k) for k in d)
     for key, value in d.items():
         print(f"{key:<{width}}  {'-' if value is None else value}")
@@ -208,9 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("create", cmd_create, "create an empty image (size rounded up to 2 MiB)", False)
     sp.add_argument("path")
-    sp.add_argument("size", type=parse_size, help="virtual size, e.g. 10G")
+    sp.add_argument("size", type=sizes.arg, help="virtual size, e.g. 10G")
     sp.add_argument("--fixed", action="store_true", help="a fixed (preallocated) image")
-    sp.add_argument("--max-size", type=parse_size, help="reserve BAT room up to this size")
+    sp.add_argument("--max-size", type=sizes.arg, help="reserve BAT room up to this size")
     sp = add("snapshot", cmd_snapshot, "create an empty differencing child of PARENT")
     sp.add_argument("parent")
     sp.add_argument("child")
@@ -220,12 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("path")
     sp = add("read", cmd_read, "read bytes of the virtual disk (whole chain)")
     sp.add_argument("path")
-    sp.add_argument("--offset", type=parse_size, default=0)
-    sp.add_argument("--length", type=parse_size, help="default: to the end of the disk")
+    sp.add_argument("--offset", type=sizes.arg, default=0)
+    sp.add_argument("--length", type=sizes.arg, help="default: to the end of the disk")
     sp.add_argument("--output", "-o", help="file to write to (default: stdout)")
     sp = add("write", cmd_write, "write bytes from a file or stdin into the disk")
     sp.add_argument("path")
-    sp.add_argument("--offset", type=parse_size, default=0)
+    sp.add_argument("--offset", type=sizes.arg, default=0)
     sp.add_argument("--input", "-i", help="file to read from (default: stdin)")
     sp = add("set-hidden", cmd_set_hidden, "set or clear the hidden flag", False)
     sp.add_argument("path")
@@ -238,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("child")
     sp = add("resize", cmd_resize, "grow (or shrink, if no data is lost) the virtual size")
     sp.add_argument("path")
-    sp.add_argument("size", type=parse_size)
+    sp.add_argument("size", type=sizes.arg)
     sp = add("check", cmd_check, "check every structural rule; exit 3 if problems")
     sp.add_argument("path")
     sp = add("repair", cmd_repair, "restore a damaged footer from its copy", False)

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import json
-import shutil
+import os
 import subprocess
 import sys
 import time
@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from dispatcher_testlib import REPO, Daemon
+from testenv import CI_PATH, venv_script
 
 pytestmark = pytest.mark.integration
 
@@ -30,13 +31,17 @@ def smctl(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_entry_point_is_installed() -> None:
-    assert shutil.which("smctl"), "smctl is not on PATH (pip install -e .)"
-    assert shutil.which("sm-dispatcher"), (
-        "sm-dispatcher is not on PATH (pip install -e .)"
-    )
+def test_entry_points_are_installed_beside_the_interpreter() -> None:
+    """The venv's scripts work without the venv on PATH (as README runs them)."""
+    for name in ("smctl", "sm-dispatcher", "vhd"):
+        assert venv_script(name).is_file(), f"{name}: pip install -e . (scripts/setup)"
+    assert os.environ["PATH"] == CI_PATH
     r = subprocess.run(
-        ["smctl", "--help"], check=False, capture_output=True, text=True, timeout=60
+        [str(venv_script("smctl")), "--help"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert r.returncode == 0
     assert "cancel TASK" in r.stdout and "exit codes" in r.stdout

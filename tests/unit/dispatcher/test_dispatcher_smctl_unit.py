@@ -1,41 +1,8 @@
-"""smctl's pure parts: sizes, argument building, error lines, tables."""
+"""smctl's pure parts: argument building, error lines, tables (sizes: test_sizes)."""
 
 from __future__ import annotations
 
-import argparse
-
-import pytest
-
 from dispatcher import smctl, smctl_show
-
-
-@pytest.mark.parametrize(
-    ("text", "value"),
-    [
-        ("10G", 10 << 30),
-        ("512M", 512 << 20),
-        ("1.5G", 3 << 29),
-        ("4096", 4096),
-        ("2TiB", 2 << 40),
-        ("1k", 1024),
-    ],
-)
-def test_parse_size(text: str, value: int) -> None:
-    assert smctl.parse_size(text) == value
-
-
-@pytest.mark.parametrize("text", ["", "G", "10Q", "-1G", "1.3"])
-def test_parse_size_refuses(text: str) -> None:
-    with pytest.raises(argparse.ArgumentTypeError):
-        smctl.parse_size(text)
-
-
-@pytest.mark.parametrize(
-    ("n", "text"),
-    [(10 << 30, "10G"), (3 << 19, "1.5M"), (0, "0"), (1023, "1023"), ("x", "x")],
-)
-def test_human_size(n: object, text: str) -> None:
-    assert smctl_show.human_size(n) == text
 
 
 def call(*argv: str) -> tuple[str, dict[str, object]]:
@@ -80,8 +47,8 @@ def test_other_commands_arguments() -> None:
     assert call("vdi-snapshot", "s", "v", "--name", "n")[1] == {
         "dbg": "dbg1", "sr": "s", "vdi_info": {"vdi": "v", "name_label": "n"},
     }  # fmt: skip
-    assert call("vdi-copy", "s", "v", "--url", "local", "--dest", "d")[1] == {
-        "dbg": "dbg1", "sr": "s", "vdi": "v", "url": "local", "dest": "d",
+    assert call("vdi-copy", "s", "v", "--dest", "d")[1] == {
+        "dbg": "dbg1", "sr": "s", "vdi": "v", "url": "", "dest": "d",
     }  # fmt: skip
     assert call("vdi-get-by-name", "s", "d0")[1] == {
         "dbg": "dbg1",
@@ -108,9 +75,18 @@ def test_every_command_builds() -> None:
         if "vdi-new" in kinds:
             argv += ["--name", "x", "--size", "1M"]
         if "copy" in kinds:
-            argv += ["--url", "local", "--dest", "d"]
+            argv += ["--dest", "d"]
         got, args = call(*argv)
         assert got == method and args["dbg"] == "dbg1"
+
+
+def test_vdi_copy_remote_is_not_the_dispatcher_url() -> None:
+    """The dispatcher's --url and the copy's remote are two different things."""
+    argv = ["--url", "http://127.0.0.1:1/", "vdi-copy", "s", "v", "--dest", "d",
+            "--remote", "http://host2:8089/"]  # fmt: skip
+    ns = smctl.build_parser().parse_args(argv)
+    assert ns.url == "http://127.0.0.1:1/"
+    assert smctl.build_call(ns, "dbg1")[1]["url"] == "http://host2:8089/"
 
 
 def test_explain() -> None:

@@ -82,16 +82,16 @@ def test_nil_values_are_read() -> None:
                 b"</param></params></methodCall>"
             ),
             wire.FAULT_INVALID,
-            "malformed XML-RPC value",
+            "<int> holds 'zz', not an integer",
         ),
-        (  # a <member> without a <name>: IndexError inside xmlrpc's unmarshaller
+        (  # a <member> without a <name>
             (
                 b"<methodCall><methodName>a</methodName><params><param><value><struct>"
                 b"<member><value><int>1</int></value></member>"
                 b"</struct></value></param></params></methodCall>"
             ),
             wire.FAULT_INVALID,
-            "malformed XML-RPC value",
+            "struct member has no <name>",
         ),
         (
             b"<methodCall><methodName>&x;</methodName><params/></methodCall>",

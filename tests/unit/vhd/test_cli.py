@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from smcommon import vhd
+from smcommon import sizes, vhd
 from smcommon.vhd import cli
 from vhd_unit_helpers import MIB
 
@@ -21,14 +21,14 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
                                              ("10G", 10 * 2**30), ("2T", 2 * 2**40),
                                              ("1k", 1024), ("3MiB", 3 * MIB)])
 def test_parse_size(text: str, value: int) -> None:
-    assert cli.parse_size(text) == value
+    assert sizes.arg(text) == value
 
 
 def test_bad_size_is_a_usage_error(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as exc:
         cli.main(["create", str(tmp_path / "a.vhd"), "ten"])
     assert exc.value.code == 2
-    assert "invalid size 'ten'" in capsys.readouterr().err
+    assert "'ten' is not a size: give bytes" in capsys.readouterr().err
 
 
 def test_every_subcommand(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
