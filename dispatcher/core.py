@@ -252,13 +252,15 @@ class Dispatcher:
         if not isinstance(sr, str) or not sr:
             return _backend(
                 "INVALID_REQUEST",
-                f"{call.method} has no sr argument to route by: send it to /<type> instead",
+                f"{call.method} has no sr argument to route by: name the SR type "
+                "(smctl --type TYPE; POST /<type>)",
             )
         sr_type = self.routes.get(sr)
         if sr_type is None:
             return _backend(
                 "UNKNOWN_SR",
-                f"SR {sr} is not known to this dispatcher: create or attach it through /<type> first",
+                f"SR {sr} is not attached on this host: attach it first "
+                f"(smctl sr-attach {sr} --type TYPE --path DIR), or create one (smctl sr-create TYPE ...)",
             )
         fields["plugin"] = sr_type
         return self._to_type(call, sr_type, body, fields)

@@ -8,7 +8,11 @@ Owns ``RouteTable``, kept as one JSON file under the host's state dir
      "default_srs": {"<absolute dir>": "<sr uuid>", ...}}
 
 An SR is learnt when SR.create or SR.attach succeeded through ``POST /<type>``
-and forgotten when SR.destroy succeeded.  Every change is written to a
+and forgotten when SR.destroy succeeded.  SRs attached on this host without
+the dispatcher (a plugin run by hand, ``smctl --direct``) are found in the
+host's registry of attached SRs (``smcommon.engine.host``), which every
+plugin keeps: ``get`` and ``srs`` answer for them too, so every SR attached
+on this host is routed and listed, however it was attached.  Every change is written to a
 temporary file, fsync'd, renamed over the table and the directory fsync'd
 before the call's response is sent, so a dispatcher killed at any instant
 keeps every route it acknowledged.  A table that cannot be read is moved
@@ -25,16 +29,23 @@ import time
 from pathlib import Path
 from typing import Any
 
+from smcommon.engine.host import HostRegistry
 from smcommon.fileio import atomic_write
+from smcommon.paths import Paths
 
 log = logging.getLogger(__name__)
 
 VERSION = 1
 
 
+def routes_path(paths: Paths) -> Path:
+    return paths.state_dir / "dispatcher" / "routes.json"
+
+
 class RouteTable:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, host: HostRegistry | None = None) -> None:
         self.path = path
+        self.host = host
         self._lock = threading.Lock()
         self._srs: dict[str, str] = {}
         self._defaults: dict[str, str] = {}
@@ -64,13 +75,26 @@ class RouteTable:
         self._srs = srs
         self._defaults = defaults
 
+    @classmethod
+    def for_host(cls, paths: Paths) -> RouteTable:
+        """The table of this host: learnt routes plus the host's attached SRs."""
+        return cls(routes_path(paths), HostRegistry(paths))
+
     def get(self, sr: str) -> str | None:
         with self._lock:
-            return self._srs.get(sr)
+            learnt = self._srs.get(sr)
+        if learnt is not None or self.host is None:
+            return learnt
+        try:
+            entry = self.host.get(sr)
+        except Exception:  # noqa: BLE001 -- a bad name or an unreadable entry: unknown
+            return None
+        return entry.type if entry is not None else None
 
     def srs(self) -> dict[str, str]:
+        attached = {e.sr: e.type for e in self.host.entries()} if self.host else {}
         with self._lock:
-            return dict(self._srs)
+            return attached | self._srs
 
     def default_for(self, directory: str) -> str | None:
         with self._lock:

@@ -26,6 +26,7 @@ import argparse
 import http.server
 import logging
 import os
+import shutil
 import signal
 import socket
 import socketserver
@@ -54,10 +55,6 @@ DEFAULT_SR_TYPE = "ext"
 
 def default_plugins_dir() -> Path:
     return Path(os.environ.get(PLUGINS_ENV) or REPO_PLUGINS)
-
-
-def routes_path(paths: Paths) -> Path:
-    return paths.state_dir / "dispatcher" / "routes.json"
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -468,7 +465,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         env=dict(os.environ),
         import_dir=paths.run_dir / "import",
     )
-    dispatcher = Dispatcher(config, RouteTable(routes_path(paths)))
+    dispatcher = Dispatcher(config, RouteTable.for_host(paths))
     upload.clean_spool(config.import_dir)
     stop = threading.Event()
 
@@ -546,6 +543,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _smctl_command() -> str:
+    """How a person types smctl here: ``smctl`` if PATH finds this one, else its path."""
+    mine = Path(sys.executable).parent / "smctl"
+    found = shutil.which("smctl")
+    if found and os.path.realpath(found) == os.path.realpath(mine):
+        return "smctl"
+    try:
+        return os.path.relpath(mine) if mine.resolve().is_relative_to(Path.cwd()) else str(mine)
+    except (OSError, ValueError):
+        return str(mine)
+
+
 def _announce(
     dispatcher: Dispatcher,
     sock_path: Path | None,
@@ -554,6 +563,7 @@ def _announce(
     args: argparse.Namespace,
 ) -> None:
     plugins = dispatcher.plugin_types()
+    smctl = _smctl_command()
     lines = [f"sm-dispatcher ready (pid {os.getpid()})"]
     lines.append(
         f"  plugins: {', '.join(plugins) or 'none'} (from {dispatcher.config.plugins_dir})"
@@ -572,11 +582,11 @@ def _announce(
     if default_sr:
         lines.append(f"  default SR: {default_sr} (ext on {args.default_sr.resolve()})")
         lines.append(
-            f"  try: smctl {address} vdi-create {default_sr} --name d0 --size 10M"
+            f"  try: {smctl} {address} vdi-create {default_sr} --name d0 --size 10M"
         )
-        lines.append(f"       smctl {address} vdi-list {default_sr}")
+        lines.append(f"       {smctl} {address} vdi-list {default_sr}")
     else:
-        lines.append(f"  try: smctl {address} sr-ls")
+        lines.append(f"  try: {smctl} {address} sr-ls")
     target = (
         repr(str(sock_path)) if sock_path is not None else repr(address.split()[-1])
     )

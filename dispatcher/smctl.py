@@ -47,7 +47,7 @@ Give your own calls a dbg with --dbg to be able to cancel them.
 
 examples:
   smctl sr-create ext --path /srv/sr1
-  smctl vdi-create <sr> --name d0 --size 10G
+  VDI=$(smctl -q vdi-create <sr> --name d0 --size 10G)
   smctl vdi-list <sr>
   smctl --json vdi-stat <sr> <vdi>
 """
@@ -174,6 +174,11 @@ COMMANDS: dict[str, Spec] = {
         "VDI.get_by_name",
         "find a VDI by name",
         ["sr", "name", "type-opt"],
+    ),
+    "sr-stat": (
+        "SR.stat",
+        "an SR's space: total, free, used by VDIs, hidden parents and garbage",
+        ["sr", "type-opt"],
     ),
     "gc": ("SR.gc", "collect garbage in an SR now (ext)", ["sr", "type-opt"]),
     "status": (
@@ -306,6 +311,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="print only the key of the result (the new VDI's or SR's uuid), for scripts",
+    )
+    p.add_argument(
         "--dbg",
         default=None,
         help="the call's debug id (default smctl-<pid>); cancel it by this",
@@ -392,13 +403,13 @@ class Target:
 
             from dispatcher.core import Config, Dispatcher
             from dispatcher.routes import RouteTable
-            from dispatcher.server import default_plugins_dir, routes_path
+            from dispatcher.server import default_plugins_dir
 
             plugins = (ns.plugins_dir or default_plugins_dir()).resolve()
             config = Config(
                 plugins_dir=plugins, timeout=ns.timeout or 300.0, env=dict(os.environ)
             )
-            self._local = Dispatcher(config, RouteTable(routes_path(Paths.from_env())))
+            self._local = Dispatcher(config, RouteTable.for_host(Paths.from_env()))
         else:
             self._client = client.Client(ns.url or ns.socket, timeout=ns.timeout)
 
@@ -495,6 +506,11 @@ def report(
         value = args["sr"]
     if ns.json:
         print(json.dumps(value, indent=1, sort_keys=True, default=str))
+    elif ns.quiet:
+        for item in value if isinstance(value, list) else [value]:
+            key = item.get("vdi", "") if isinstance(item, dict) else item
+            if key not in (None, ""):
+                print(key)
     else:
         text = show(ns.command, value)
         if text:

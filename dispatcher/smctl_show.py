@@ -26,6 +26,10 @@ _VDI_COLUMNS: list[tuple[str, str, Callable[[Any], str]]] = [
 ]
 
 
+def _name_label(v: Any) -> str:
+    return str(v.get("name_label", "")) if isinstance(v, dict) else ""
+
+
 def table(rows: list[list[str]], headers: list[str]) -> str:
     widths = [
         max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
@@ -44,15 +48,16 @@ def vdi_table(vdis: list[Any]) -> str:
     return table(rows, [h for h, _k, _f in _VDI_COLUMNS])
 
 
+_SIZE_KEYS = {
+    "virtual_size", "physical_utilisation", "physical_size", "total", "free", "used",
+}  # fmt: skip
+
+
 def key_values(d: dict[str, Any]) -> str:
     width = max((len(k) for k in d), default=0)
     lines = []
     for k, v in d.items():
-        if k in (
-            "virtual_size",
-            "physical_utilisation",
-            "physical_size",
-        ) and isinstance(v, int):
+        if (k in _SIZE_KEYS or k.endswith("_bytes")) and isinstance(v, int):
             v = f"{v} ({human_size(v)})"
         elif isinstance(v, (dict, list)):
             v = json.dumps(v, sort_keys=True)
@@ -61,10 +66,11 @@ def key_values(d: dict[str, Any]) -> str:
 
 
 def show(command: str, value: Any) -> str:
-    if command in ("sr-scan", "vdi-list", "vdi-similar-content") and isinstance(
-        value, list
-    ):
-        return vdi_table(value)
+    if command in ("sr-scan", "vdi-list") and isinstance(value, list):
+        # by name; SR.scan lists oldest first, so equal names stay in that order
+        return vdi_table(sorted(value, key=_name_label))
+    if command == "vdi-similar-content" and isinstance(value, list):
+        return vdi_table(value)  # most similar first, as the plugin ranked them
     if command == "status" and isinstance(value, dict):
         head = key_values(
             {k: v for k, v in value.items() if k not in ("running", "srs")}
@@ -119,6 +125,9 @@ def explain(err: list[str]) -> tuple[str, list[str]]:
         "Cancelled": f"the call {a[0]} was cancelled",
         "Redirect": f"resend the call to {a[0]}",
     }
+    if name == "Sr_not_attached":
+        hint = f"attach it first: smctl sr-attach {a[0]} --type TYPE --path DIR (or -o KEY=VALUE)"
+        return f"{name}: {sentences[name]}", [hint]
     if name == "Backend_error":
         code = args[0] if args else "?"
         first = args[1] if len(args) > 1 else ""

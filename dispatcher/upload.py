@@ -19,10 +19,11 @@ spool), 502/503.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import uuid
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from smcommon.errors import InvalidRequest
 from smcommon.paths import safe_name
@@ -33,7 +34,7 @@ CHUNK = 2 << 20  # the VHD block size: an all-zero chunk is a block left unalloc
 
 
 def put(
-    disp: Any, path: str, headers: Any, rfile: BinaryIO, dbg: str = "put"
+    disp: Any, path: str, headers: Any, rfile: io.BufferedIOBase, dbg: str = "put"
 ) -> tuple[int, bytes, str]:
     """The HTTP status, body and content type answering one PUT."""
     length: int | None = None
@@ -109,7 +110,7 @@ def clean_spool(import_dir: Path | None) -> None:
             f.unlink()
 
 
-def _receive(rfile: BinaryIO, spool: os.PathLike[str], length: int) -> int:
+def _receive(rfile: io.BufferedIOBase, spool: os.PathLike[str], length: int) -> int:
     """Copy ``length`` body bytes into a new sparse file; the bytes received."""
     fd = os.open(spool, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     got = 0

@@ -1,6 +1,6 @@
 """The SMAPI as data: every method, its ordered inputs, its output, and the types.
 
-This module owns the description of the storage interface (shared/API.md) and
+This module owns the description of the storage interface (docs/api.md is generated from it) and
 request validation.  ``METHODS`` maps a wire name (``"VDI.create"``) to a
 ``Method``; ``Method.validate(params)`` turns the single struct argument of a
 request into the keyword arguments a driver method receives, or raises
@@ -404,7 +404,12 @@ _ALL = [
         [
             _SR,
             _DEVICE_CONFIG,
-            Arg("physical_size", INT64, "Requested maximum size of the SR (bytes)"),
+            Arg(
+                "physical_size",
+                INT64,
+                "Requested maximum size of the SR (bytes; 0: none). File SRs report it as "
+                "the SR's total (SR.stat) but do not enforce it: VDIs are thin",
+            ),
         ],
         UNIT,
         "Creates a fresh SR (Sr_attached if that SR is attached)",
@@ -569,6 +574,24 @@ _ALL = [
 ]
 
 METHODS: dict[str, Method] = {m.name: m for m in _ALL}
+
+# Served by the dispatcher itself, on any of its endpoints (dispatcher/__init__.py).
+DISPATCHER_METHODS = [
+    Method(
+        "Dispatcher.status",
+        [],
+        ANY,
+        "The dispatcher's plugins, pool slots, SRs of this host and running calls",
+        "status",
+    ),
+    Method(
+        "Dispatcher.cancel",
+        [Arg("task", STRING, "The dbg of the running (or queued) call to cancel")],
+        UNIT,
+        "Cancel a call: SIGTERM, then SIGKILL after a grace period; its caller gets "
+        "Cancelled (Does_not_exist task if no such call runs)",
+    ),
+]
 
 
 def lookup(name: str, extra: Iterable[Method] = ()) -> Method:

@@ -1,7 +1,7 @@
 """The error tree of the storage manager, and how an error looks on the wire.
 
     Error                         root: every error this library raises on purpose
-     +-- SmapiError               the errors of the SMAPI interface (shared/API.md)
+     +-- SmapiError               the errors of the SMAPI interface (docs/api.md)
      |    +-- SrNotAttached       Sr_not_attached(sr)
      |    +-- VdiDoesNotExist     Vdi_does_not_exist(vdi)
      |    +-- IllegalTransition   Illegal_transition(from, to)
@@ -50,12 +50,14 @@ class SmapiError(Error):
     """An error of the SMAPI interface: ``wire_name`` and ``wire_args()``."""
 
     wire_name = ""
+    when = ""  # one line for the API reference (docs/api.md)
 
     def wire_args(self) -> list[str]:
         raise NotImplementedError
 
 
 class SrNotAttached(SmapiError):
+    when = "the SR must be attached (on this host) to access its VDIs"
     wire_name = "Sr_not_attached"
     msg = "SR {self.sr} is not attached"
 
@@ -68,6 +70,7 @@ class SrNotAttached(SmapiError):
 
 
 class SrAttached(SmapiError):
+    when = "the operation needs the SR detached"
     wire_name = "Sr_attached"
     msg = "SR {self.sr} is attached"
 
@@ -80,6 +83,7 @@ class SrAttached(SmapiError):
 
 
 class VdiDoesNotExist(SmapiError):
+    when = "the VDI is not in the SR"
     wire_name = "Vdi_does_not_exist"
     msg = "VDI {self.vdi} does not exist"
 
@@ -92,6 +96,7 @@ class VdiDoesNotExist(SmapiError):
 
 
 class IllegalTransition(SmapiError):
+    when = "a datapath state change that the lifecycle forbids"
     wire_name = "Illegal_transition"
     msg = "illegal datapath transition from {self.from_state} to {self.to_state}"
 
@@ -106,6 +111,8 @@ class IllegalTransition(SmapiError):
 
 class BackendError(SmapiError):
     """A backend failure with a stable ``code`` and a list of details."""
+
+    when = "a backend failure: a command failed, disk full, corrupt image ... (the code is stable)"
 
     wire_name = "Backend_error"
     msg = "{self.code}: {self.detail_text}"
@@ -124,6 +131,7 @@ class BackendError(SmapiError):
 
 
 class Unimplemented(SmapiError):
+    when = "the plugin does not implement this method"
     wire_name = "Unimplemented"
     msg = "method {self.method} is not implemented"
 
@@ -136,6 +144,7 @@ class Unimplemented(SmapiError):
 
 
 class DoesNotExist(SmapiError):
+    when = "some other object (a task, ...) does not exist"
     wire_name = "Does_not_exist"
     msg = "{self.kind} {self.id} does not exist"
 
@@ -149,6 +158,7 @@ class DoesNotExist(SmapiError):
 
 
 class Cancelled(SmapiError):
+    when = "the call was cancelled (Dispatcher.cancel)"
     wire_name = "Cancelled"
     msg = "task {self.task} was cancelled"
 
@@ -161,6 +171,7 @@ class Cancelled(SmapiError):
 
 
 class Redirect(SmapiError):
+    when = "resend the request to this address"
     wire_name = "Redirect"
     msg = "resend the request to {self.address}"
 
@@ -206,6 +217,8 @@ class CommandError(Error):
 
 
 class CommandTimeout(Error):
+    """An outside command ran past its timeout and was killed."""
+
     code = "COMMAND_TIMEOUT"
     msg = "command {self.cmd} did not finish within {self.timeout}s and was killed"
 
@@ -220,6 +233,8 @@ class CommandTimeout(Error):
 
 
 class LockTimeout(Error):
+    """A lock (SR, VDI) was held by another operation for longer than the wait allowed."""
+
     code = "LOCK_TIMEOUT"
     msg = "could not take lock {self.name} within {self.timeout}s (held by another operation)"
 

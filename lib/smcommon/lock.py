@@ -162,21 +162,32 @@ def _open(path: str) -> int:
         return os.open(path, flags, 0o600)
 
 
-def _flock(fd: int, shared: bool, timeout: float, name: str) -> None:
+def flock_wait(fd: int, *, shared: bool, timeout: float) -> bool:
+    """flock ``fd`` (shared or exclusive), polling for at most ``timeout`` seconds.
+
+    The project's one bounded flock wait (SR/VDI locks here, image locks in
+    ``smcommon.vhd.locks``): True once held, False when the time is up.
+    OSErrors other than "would block" propagate.
+    """
     op = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB
     deadline = time.monotonic() + timeout
     pause = FIRST_POLL
     while True:
         try:
             fcntl.flock(fd, op)
-            return
+            return True
         except BlockingIOError:
             pass
         left = deadline - time.monotonic()
         if left <= 0:
-            raise LockTimeout(name, timeout)
+            return False
         time.sleep(min(pause, left))
         pause = min(pause * 2, MAX_POLL)
+
+
+def _flock(fd: int, shared: bool, timeout: float, name: str) -> None:
+    if not flock_wait(fd, shared=shared, timeout=timeout):
+        raise LockTimeout(name, timeout)
 
 
 def sr_lock(

@@ -509,6 +509,12 @@ def _by_hand(
         )
     elif outcome.error is not None:
         stderr.write(f"{call.prog}: {name}: {' '.join(outcome.error)}\n")
+        if outcome.error[0] == "Sr_not_attached" and len(outcome.error) > 1:
+            sr = outcome.error[1]
+            stderr.write(
+                f"  attach it first: {call.prog} SR.attach sr={sr} device_config='{{...}}'"
+                " (the device_config it was created with)\n"
+            )
     else:
         _write(stdout, _pretty(outcome.value))
     return EXIT_OK if outcome.ok else EXIT_FAILURE

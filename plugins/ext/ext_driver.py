@@ -4,8 +4,9 @@ device_config (one of):
   device   a block device: SR.create runs mkfs.ext4 on it; SR.attach mounts it
            at ``Paths.sr_mount(sr)``; SR.detach unmounts; SR.destroy wipes
            the filesystem signature (wipefs) so it is not found again.
-  path     an existing directory used as it is (the unprivileged, embedded
-           form): the SR's volumes and metadata live in it.
+  path     a directory used as it is (the unprivileged, embedded form): the
+           SR's volumes and metadata live in it; SR.create makes it (and its
+           parents) when it does not exist.
 
 This module is imported by every call of EXTSR, so it imports nothing heavy:
 ``factory`` returns a small object that answers Query.query itself and hands
@@ -33,7 +34,8 @@ MOUNT_TIMEOUT = 120.0
 CONFIGURATION = {
     "device": "a block device to format as ext4 and mount (needs root); "
     "SR.create formats it, destroying what it holds",
-    "path": "an existing directory to hold the SR as it is (no root needed)",
+    "path": "a directory to hold the SR as it is (no root needed); SR.create makes it "
+    "if it does not exist",
 }
 FEATURES = [
     "SR_ATTACH",
@@ -119,9 +121,20 @@ class ExtType:
 
         kind, value = self._which(device_config)
         if kind == "path":
+            if create and not os.path.lexists(value):
+                try:
+                    os.makedirs(value, mode=0o755)
+                except OSError as e:
+                    raise BackendError(
+                        "PATH_NOT_CREATED", [f"cannot create {value}: {e.strerror}"]
+                    ) from None
             if not os.path.isdir(value):
                 raise BackendError(
-                    "PATH_NOT_FOUND", [f"{value} is not an existing directory"]
+                    "PATH_NOT_FOUND",
+                    [
+                        f"{value} is not an existing directory"
+                        + ("" if create else " (SR.create makes it: mistyped, or destroyed?)")
+                    ],
                 )
             return Path(os.path.realpath(value)), False
         self._check_block_device(value)

@@ -117,3 +117,39 @@ def sr_report(eng: SrEngine) -> list[str]:
 
 def _short(doc: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(doc.items()))
+
+
+def space(eng: SrEngine) -> dict[str, Any]:
+    """SR.stat: where the SR's bytes go, by what holds them (reading only).
+
+    Every volume is counted once: a VDI's own volume, a hidden parent that
+    VDIs share (epoch bases included), or garbage (needed by nothing, for the
+    collector).  ``total`` is the SR.create's physical_size when one was
+    given (file SRs report it; VDIs are thin, so it is not enforced), else
+    the filesystem's size.
+    """
+    recs, _bad = eng.meta.all()
+    tree = eng.store.tree()
+    own = {r.volume for r in recs}
+    parents = {n.parent for n in tree.values() if n.parent}
+    used = {"vdi": 0, "parent": 0, "garbage": 0}
+    count = dict.fromkeys(used, 0)
+    for v, n in tree.items():
+        kind = "vdi" if v in own else "parent" if v in parents else "garbage"
+        used[kind] += n.physical_size
+        count[kind] += 1
+    fs_total, fs_free = eng.store.space()
+    requested = int((eng.meta.read_sr() or {}).get("physical_size") or 0)
+    total_used = sum(used.values())
+    return {
+        "sr": eng.sr,
+        "total": requested or fs_total,
+        "free": max(0, min(fs_free, requested - total_used)) if requested else fs_free,
+        "used": total_used,
+        "vdis": len(recs),
+        "vdi_bytes": used["vdi"],
+        "hidden_parents": count["parent"],
+        "hidden_parent_bytes": used["parent"],
+        "garbage_volumes": count["garbage"],
+        "garbage_bytes": used["garbage"],
+    }

@@ -7,7 +7,8 @@ what Query.query says) is the ``SrType`` object; everything else (records,
 trees, datapaths, GC, host registry) is here and in the engine modules.
 
 Extra methods (``extra_methods``): ``SR.gc`` runs the collector now and
-answers its report.
+answers its report; ``SR.stat`` answers the SR's space (total, free, used by
+VDIs, shared hidden parents and garbage).
 
 ``VDI.import_raw {sr, vdi, path}`` writes a raw file the dispatcher
 spooled under ``<run_dir>/import`` into an empty VDI (the receiving end of a
@@ -25,10 +26,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import time
 from pathlib import Path
 from typing import Any, Protocol
 
+from smcommon import timestamps
 from smcommon.engine import locks, vdipath
 from smcommon.engine.host import Attached, HostRegistry, public_config
 from smcommon.engine.meta import Metadata
@@ -57,8 +58,38 @@ class SrType(Protocol):
     def wipe(self, sr: str, device_config: dict[str, str]) -> None: ...
 
 
-def _stamp() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+def extra_methods() -> list[Any]:
+    """The methods every engine-based plugin serves beyond the SMAPI."""
+    from smcommon import api
+
+    return [
+        api.Method(
+            "SR.gc",
+            [api.Arg("sr", api.KEY, "The Storage Repository to collect")],
+            api.STRING,
+            "Run the garbage collector of the SR now; returns its report",
+            "report",
+        ),
+        api.Method(
+            "SR.stat",
+            [api.Arg("sr", api.KEY, "The Storage Repository")],
+            api.ANY,
+            "The SR's space: total, free, used, and how much of it VDIs, "
+            "their shared hidden parents and garbage hold",
+            "sr_stat",
+        ),
+        api.Method(
+            "VDI.import_raw",
+            [
+                api.Arg("sr", api.KEY, "The Storage Repository of the VDI"),
+                api.Arg("vdi", api.KEY, "The empty VDI to fill"),
+                api.Arg("path", api.STRING, "A raw file under <run_dir>/import"),
+            ],
+            api.INT64,
+            "Write a raw file's non-zero blocks into an empty VDI; returns the bytes written",
+            "written",
+        ),
+    ]
 
 
 class Driver:
@@ -72,28 +103,7 @@ class Driver:
 
     @property
     def extra_methods(self) -> list[Any]:
-        from smcommon import api
-
-        return [
-            api.Method(
-                "SR.gc",
-                [api.Arg("sr", api.KEY, "The Storage Repository to collect")],
-                api.STRING,
-                "Run the garbage collector of the SR now; returns its report",
-                "report",
-            ),
-            api.Method(
-                "VDI.import_raw",
-                [
-                    api.Arg("sr", api.KEY, "The Storage Repository of the VDI"),
-                    api.Arg("vdi", api.KEY, "The empty VDI to fill"),
-                    api.Arg("path", api.STRING, "A raw file under <run_dir>/import"),
-                ],
-                api.INT64,
-                "Write a raw file's non-zero blocks into an empty VDI; returns the bytes written",
-                "written",
-            ),
-        ]
+        return extra_methods()
 
     def engine(self, sr: str, check_dir: bool = True) -> SrEngine:
         entry = self.registry.require(safe_name("sr", sr))
@@ -161,7 +171,7 @@ class Driver:
                     {
                         "sr": sr,
                         "type": self.type.name,
-                        "created": _stamp(),
+                        "created": timestamps.now(),
                         "physical_size": int(physical_size),
                         "format": 1,
                     }
@@ -193,7 +203,7 @@ class Driver:
                     sr_dir=str(sr_dir),
                     device_config=public_config(device_config),
                     mounted=mounted,
-                    attached=_stamp(),
+                    attached=timestamps.now(),
                 )
             )
             eng = SrEngine(self.paths, sr, sr_dir, vhd=self.vhd)
@@ -261,6 +271,11 @@ class Driver:
 
     def sr_scan(self, dbg: str, sr: str) -> list[dict[str, Any]]:
         return self.engine(sr).scan()
+
+    def sr_stat(self, dbg: str, sr: str) -> dict[str, Any]:
+        from smcommon.engine.diagnostics import space
+
+        return space(self.engine(sr))
 
     def sr_gc(self, dbg: str, sr: str) -> str:
         from smcommon.engine.gc import Collector

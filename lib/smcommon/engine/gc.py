@@ -47,6 +47,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from smcommon import timestamps
 from smcommon.engine.meta import read_json
 from smcommon.errors import Error, LockTimeout
 from smcommon.fileio import atomic_write_json, unlink_durable
@@ -89,10 +90,6 @@ class Report:
         if self.errors:
             parts.append(f"errors {len(self.errors)}")
         return ", ".join(parts)
-
-
-def _stamp() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 class Collector:
@@ -170,7 +167,7 @@ class Collector:
 
     def run(self) -> Report:
         start = time.monotonic()
-        rep = Report(started=_stamp())
+        rep = Report(started=timestamps.now())
         try:
             self.resume(rep)
             self._collect(rep)
@@ -179,7 +176,7 @@ class Collector:
             log.warning("gc of SR %s: %s", self.eng.sr, e)
             raise
         finally:
-            rep.finished = _stamp()
+            rep.finished = timestamps.now()
             rep.seconds = round(time.monotonic() - start, 3)
             with contextlib.suppress(OSError):
                 atomic_write_json(self.last_path, rep.to_dict())
@@ -338,7 +335,7 @@ class Collector:
             "child": c,
             "grandchildren": sorted(children.get(c, [])),
             "hidden": tree[c].hidden,
-            "started": _stamp(),
+            "started": timestamps.now(),
         }
         atomic_write_json(self.journal_path, j)
         rep.bytes_coalesced += self.store.coalesce(c)

@@ -47,12 +47,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from smcommon import timestamps
 from smcommon.engine import locks
 from smcommon.engine.meta import Metadata, VdiRecord
 from smcommon.engine.store import FileStore, VolumeStore
@@ -63,21 +63,6 @@ log = logging.getLogger(__name__)
 
 VDI_FIELDS_STR = ("name_label", "name_description", "ty", "metadata_of_pool")
 MAX_TEXT = 4096
-
-
-def now_stamp() -> str:
-    """A timestamp in the toolstack's format, e.g. 20261125T16:02:03Z."""
-    return time.strftime("%Y%m%dT%H:%M:%SZ", time.gmtime())
-
-
-def created_stamp() -> str:
-    """When a VDI record was made, to the microsecond: "oldest first" orders
-    (get_by_name, similar_content) must not fall back on random keys for VDIs
-    made in the same second."""
-    t = time.time()
-    return (
-        time.strftime("%Y%m%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1e6):06d}Z"
-    )
 
 
 def _text(info: dict[str, Any], key: str, default: str = "") -> str:
@@ -160,7 +145,9 @@ class SrEngine:
         return self.vdi_info(self.get(vdi))
 
     def scan(self) -> list[dict[str, Any]]:
-        return [self.vdi_info(r) for r in self.meta.records()]
+        """Every VDI's vdi_info, oldest first."""
+        recs = sorted(self.meta.records(), key=lambda r: (r.created, r.vdi))
+        return [self.vdi_info(r) for r in recs]
 
     def get_by_name(self, name: str) -> dict[str, Any]:
         """The VDI whose name_label (or key) is ``name``; the oldest if several."""
@@ -209,7 +196,7 @@ class SrEngine:
             metadata_of_pool=_text(vdi_info, "metadata_of_pool"),
             read_only=bool(vdi_info.get("read_only", False)),
             sm_config={**_sm_config(vdi_info), "vdi_type": "vhd"},
-            created=created_stamp(),
+            created=timestamps.now(precise=True),
         )
         with self.tree_lock():
             volume, info = self.store.create(size, rec.vdi)
@@ -291,7 +278,7 @@ class SrEngine:
                     content_id=src.content_id,
                     metadata_of_pool=src.metadata_of_pool,
                     is_a_snapshot=snapshot,
-                    snapshot_time=(_text(vdi_info, "snapshot_time") or now_stamp())
+                    snapshot_time=(_text(vdi_info, "snapshot_time") or timestamps.now())
                     if snapshot
                     else "",
                     snapshot_of=src.vdi if snapshot else "",
@@ -303,7 +290,7 @@ class SrEngine:
                         **_sm_config(vdi_info),
                         "vdi_type": "vhd",
                     },
-                    created=created_stamp(),
+                    created=timestamps.now(precise=True),
                 )
                 self.meta.put(new)
                 self.store.set_hidden(base, True)
@@ -447,7 +434,7 @@ class SrEngine:
                 read_only=template.read_only,
                 virtual_size=int(info.virtual_size),
                 sm_config={**template.sm_config, "vdi_type": "vhd"},
-                created=created_stamp(),
+                created=timestamps.now(precise=True),
             )
             self.meta.put(rec)
         return self.vdi_info(rec)

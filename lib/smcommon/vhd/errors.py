@@ -27,67 +27,99 @@ from smcommon.errors import Error
 
 
 class VhdError(Error):
+    """Any other failure of the VHD library."""
+
     code = "VHD_ERROR"
     msg = "{self.reason}"
 
 
 class NotFound(VhdError):
+    """The image (or a file named) does not exist."""
+
     code = "VHD_NOT_FOUND"
 
 
 class AlreadyExists(VhdError):
+    """Refusing to overwrite an existing file."""
+
     code = "VHD_EXISTS"
 
 
 class InvalidArgument(VhdError):
+    """A bad size, offset, length, option."""
+
     code = "VHD_INVALID_ARGUMENT"
 
 
 class TooLarge(VhdError):
+    """A size above MAX_VIRTUAL_SIZE."""
+
     code = "VHD_TOO_LARGE"
 
 
 class Corrupt(VhdError):
+    """The image breaks a structural rule (named)."""
+
     code = "VHD_CORRUPT"
 
 
 class Unsupported(VhdError):
+    """A valid image this operation does not handle."""
+
     code = "VHD_UNSUPPORTED"
 
 
 class ParentMissing(VhdError):
+    """No parent locator leads to a file."""
+
     code = "VHD_PARENT_MISSING"
 
 
 class ParentMismatch(VhdError):
+    """The parent's UUID is not the one recorded."""
+
     code = "VHD_PARENT_MISMATCH"
 
 
 class ParentNotAllowed(VhdError):
+    """The parent resolves outside allowed dirs."""
+
     code = "VHD_PARENT_NOT_ALLOWED"
 
 
 class ParentLoop(VhdError):
+    """An image is its own ancestor."""
+
     code = "VHD_PARENT_LOOP"
 
 
 class ChainTooDeep(VhdError):
+    """More than MAX_CHAIN_DEPTH images."""
+
     code = "VHD_CHAIN_TOO_DEEP"
 
 
 class DataBeyondEnd(VhdError):
+    """A shrink would drop allocated data."""
+
     code = "VHD_DATA_BEYOND_END"
 
 
 class Busy(VhdError):
+    """Another process holds the image's lock too long."""
+
     code = "VHD_BUSY"
 
 
 class ReadOnly(VhdError):
+    """A write through an image opened read-only."""
+
     code = "VHD_READ_ONLY"
 
 
 class VhdIOError(VhdError):
+    """The operating system refused an I/O (errno)."""
+
     code = "VHD_IO_ERROR"
 
 

@@ -7,13 +7,10 @@ its lock from open to close (coalesce releases the parent's between batches).
 
 from __future__ import annotations
 
-import fcntl
-import time
-
+from smcommon.lock import flock_wait
 from smcommon.vhd.errors import Busy, from_os_error
 
 LOCK_TIMEOUT = 60.0
-LOCK_POLL = 0.005
 
 
 def lock_file(fd: int, path: str, *, exclusive: bool, timeout: float | None = None) -> None:
@@ -24,17 +21,12 @@ def lock_file(fd: int, path: str, *, exclusive: bool, timeout: float | None = No
     the open file: two Image objects on one file in one process exclude each
     other too.
     """
-    mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
-    deadline = time.monotonic() + (LOCK_TIMEOUT if timeout is None else timeout)
-    while True:
-        try:
-            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+    bound = LOCK_TIMEOUT if timeout is None else timeout
+    try:
+        if flock_wait(fd, shared=not exclusive, timeout=bound):
             return
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                kind = "writing" if exclusive else "reading"
-                raise Busy(f"{path}: in use by another process; could not lock it for "
-                           f"{kind} within {LOCK_TIMEOUT if timeout is None else timeout:g}s") from None
-            time.sleep(LOCK_POLL)
-        except OSError as exc:
-            raise from_os_error(path, exc, "locking") from None
+    except OSError as exc:
+        raise from_os_error(path, exc, "locking") from None
+    kind = "writing" if exclusive else "reading"
+    raise Busy(f"{path}: in use by another process; could not lock it for "
+               f"{kind} within {bound:g}s")

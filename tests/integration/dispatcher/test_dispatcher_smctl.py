@@ -202,3 +202,76 @@ def test_a_session_with_the_ext_plugin(
     assert smctl(*where, "sr-detach", sr).returncode == 0
     r = smctl(*where, "vdi-list", sr)
     assert r.returncode == 1 and "Sr_not_attached" in r.stderr
+
+
+def test_an_sr_attached_by_hand_is_known_to_the_dispatcher(
+    start_daemon: Callable[..., Daemon], tmp_path: Path, sm_root: Path
+) -> None:
+    """Issue 7 item 5: the plugin run by hand on this host (same SM_ROOT)
+    attaches an SR; the dispatcher routes, lists and reports it."""
+    d = start_daemon(plugins=REPO / "plugins")
+    where = ["--socket", str(d.socket)]
+    sr = "0c1e7bd4-64f4-4e9e-9a3c-3f8b1b7f0a11"
+    dc = json.dumps({"path": str(tmp_path / "made-by-create" / "sr1")})
+    for method, args in (
+        ("SR.create", [f"sr={sr}", f"device_config={dc}", "physical_size=1G"]),
+        ("SR.attach", [f"sr={sr}", f"device_config={dc}"]),
+    ):
+        r = subprocess.run(
+            [str(EXTSR), method, *args], capture_output=True, text=True, timeout=120,
+            check=False,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+    for name in ("b", "a", "a"):
+        r = smctl(*where, "vdi-create", sr, "--name", name, "--size", "4M")
+        assert r.returncode == 0, r.stderr
+    r = smctl(*where, "--json", "vdi-list", sr)
+    created = [v["vdi"] for v in json.loads(r.stdout)]  # SR.scan: oldest first
+    r = smctl(*where, "vdi-list", sr)
+    assert r.returncode == 0, r.stderr
+    rows = [line.split() for line in r.stdout.splitlines()[1:]]
+    # by name, then creation time
+    assert [(row[1], row[0]) for row in rows] == [
+        ("a", created[1]), ("a", created[2]), ("b", created[0]),
+    ]  # fmt: skip
+    r = smctl(*where, "--json", "status")
+    assert {"sr": sr, "type": "ext"} in json.loads(r.stdout)["srs"]
+    # item 3: a local copy needs no URL, and the global --url is not the copy's
+    r = smctl(*where, "-q", "sr-create", "ext", "--path", str(tmp_path / "sr2"))
+    assert r.returncode == 0, r.stderr
+    sr2 = r.stdout.strip()
+    r = smctl(*where, "vdi-copy", sr, created[0], "--dest", sr2)
+    assert r.returncode == 0, r.stderr
+    copy = r.stdout.strip()
+    r = smctl(*where, "--json", "vdi-stat", sr2, copy)
+    assert r.returncode == 0 and json.loads(r.stdout)["name_label"] == "b", r.stderr
+    elsewhere = "5b0d0c1e-0000-4000-8000-000000000000"  # an SR of the remote, not here
+    r = smctl(*where, "vdi-copy", sr, created[0], "--dest", elsewhere,
+              "--remote", "http://127.0.0.1:9/")  # fmt: skip
+    assert r.returncode == 1 and "REMOTE_COPY_FAILED" in r.stderr and "127.0.0.1" in r.stderr
+    r = smctl(*where, "sr-stat", sr)
+    assert r.returncode == 0, r.stderr
+    stat = dict(line.split(None, 1) for line in r.stdout.splitlines())
+    assert stat["total"] == "1073741824 (1G)"  # SR.create's physical_size, reported
+    assert stat["vdis"] == "3"
+    r = smctl(*where, "--json", "vdi-stat", "0c1e7bd4-0000-4e9e-9a3c-3f8b1b7f0a11", "x")
+    assert r.returncode == 1
+    r = smctl(*where, "vdi-stat", "0c1e7bd4-0000-4e9e-9a3c-3f8b1b7f0a11", "x")
+    assert "UNKNOWN_SR" in r.stderr and "smctl sr-attach" in r.stderr
+    assert "/<type>" not in r.stderr
+
+
+def test_sr_stat_counts_vdis_hidden_parents_and_garbage(tmp_path: Path, sm_root: Path) -> None:
+    where = ["--direct"]
+    r = smctl(*where, "sr-create", "ext", "--path", str(tmp_path / "sr"))
+    assert r.returncode == 0, r.stderr
+    sr = r.stdout.strip()
+    r = smctl(*where, "--json", "vdi-create", sr, "--name", "d", "--size", "8M")
+    vdi = json.loads(r.stdout)["vdi"]
+    assert smctl(*where, "vdi-snapshot", sr, vdi).returncode == 0
+    r = smctl(*where, "--json", "sr-stat", sr)
+    assert r.returncode == 0, r.stderr
+    st = json.loads(r.stdout)
+    assert (st["vdis"], st["hidden_parents"], st["garbage_volumes"]) == (2, 1, 0)
+    assert st["used"] == st["vdi_bytes"] + st["hidden_parent_bytes"] + st["garbage_bytes"]
+    assert 0 < st["free"] <= st["total"]

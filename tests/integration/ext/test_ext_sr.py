@@ -92,14 +92,23 @@ def test_sr_create_errors(ext: Ext, tmp_path: Path) -> None:
     assert err[0] == "Backend_error" and any(
         "device" in e or "path" in e for e in err
     ), err
-    # a path that does not exist
+    # a path that is not a directory
+    (tmp_path / "nope").write_text("a file")
     err = ext.err(
         "SR.create",
         sr=sr,
         device_config={"path": str(tmp_path / "nope")},
         physical_size="0",
     )
-    assert err[0] == "Backend_error" and any("nope" in e for e in err), err
+    assert err[:2] == ["Backend_error", "PATH_NOT_FOUND"] and any("nope" in e for e in err), err
+    # a directory that cannot be made (its parent is a file)
+    err = ext.err(
+        "SR.create",
+        sr=sr,
+        device_config={"path": str(tmp_path / "nope" / "sr")},
+        physical_size="0",
+    )
+    assert err[:2] == ["Backend_error", "PATH_NOT_CREATED"], err
     # a device that is not a block device
     (tmp_path / "plain").write_bytes(b"\0" * 4096)
     err = ext.err(

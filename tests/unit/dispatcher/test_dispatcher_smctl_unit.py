@@ -92,7 +92,7 @@ def test_vdi_copy_remote_is_not_the_dispatcher_url() -> None:
 def test_explain() -> None:
     assert smctl_show.explain(["Sr_not_attached", "s1"]) == (
         "Sr_not_attached: SR s1 is not attached",
-        [],
+        ["attach it first: smctl sr-attach s1 --type TYPE --path DIR (or -o KEY=VALUE)"],
     )
     assert smctl_show.explain(
         ["Backend_error", "PLUGIN_FAILED", "it failed", "tail"]

@@ -85,8 +85,15 @@ def test_sr_create_errors(drv: Driver, tmp_path: Path) -> None:
         drv.sr_create(D, sr, {}, 0)
     with pytest.raises(BackendError, match="DEVICE_CONFIG_INVALID"):
         drv.sr_create(D, sr, {"path": "relative/dir"}, 0)
-    with pytest.raises(BackendError, match="nope"):
-        drv.sr_create(D, sr, {"path": str(tmp_path / "nope")}, 0)
+    # a missing directory is made (with its parents); a file is refused
+    made = tmp_path / "made" / "sr"
+    drv.sr_create(D, str(uuid.uuid4()), {"path": str(made)}, 0)
+    assert made.is_dir()
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(BackendError, match="PATH_NOT_FOUND"):
+        drv.sr_create(D, sr, {"path": str(tmp_path / "afile")}, 0)
+    with pytest.raises(BackendError, match="nope is not an existing directory .*mistyped"):
+        drv.sr_attach(D, sr, {"path": str(tmp_path / "nope")})
     (tmp_path / "plain").write_bytes(b"\0" * 4096)
     with pytest.raises(BackendError, match="NOT_A_BLOCK_DEVICE"):
         drv.sr_create(D, sr, {"device": str(tmp_path / "plain")}, 0)
@@ -187,7 +194,7 @@ def test_gc_method_and_diagnostics(drv: Driver, tmp_path: Path) -> None:
     drv.vdi_destroy(D, sr, s)
     assert "deleted" in drv.sr_gc(D, sr)
     assert "gc last run" in drv.query_diagnostics(D)
-    assert [m.name for m in drv.extra_methods] == ["SR.gc", "VDI.import_raw"]
+    assert [m.name for m in drv.extra_methods] == ["SR.gc", "SR.stat", "VDI.import_raw"]
 
 
 def test_query_without_the_engine(paths: Paths) -> None:

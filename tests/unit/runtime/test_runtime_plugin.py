@@ -50,6 +50,8 @@ class Driver:
     def vdi_stat(self, dbg, sr, vdi):
         if vdi == "missing":
             raise errors.VdiDoesNotExist(vdi)
+        if sr == "detached":
+            raise errors.SrNotAttached(sr)
         if vdi == "bug":
             raise KeyError("oops")
         if vdi == "badresult":
@@ -372,6 +374,16 @@ def test_by_hand_json_and_xml():
     }
     r = run(["VDI.stat", "sr=s", "vdi=v", "--xml"])
     assert r.code == 0 and r.body()["Value"]["virtual_size"] == 10 * GiB
+
+
+def test_by_hand_sr_not_attached_says_how_to_attach():
+    r = run(["VDI.stat", "sr=detached", "vdi=v"])
+    assert r.code == 1
+    assert r.err.splitlines() == [
+        "TOYSR: VDI.stat: Sr_not_attached detached",
+        "  attach it first: TOYSR SR.attach sr=detached device_config='{...}' "
+        "(the device_config it was created with)",
+    ]
 
 
 def test_by_hand_dbg_defaults_to_cli_pid(root):
