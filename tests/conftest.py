@@ -2,6 +2,8 @@
 
 - ``sm_root`` points SM_ROOT (every host path of the storage manager) at a
   fresh tmp directory, so no test touches /run, /var/lib or /var/log.
+- ``corpus`` is a fresh copy of the blktap corpus (``tests/vhdcorpus.py``);
+  the shared helper modules of tests/ (vhdcorpus, libvhd_style) import.
 - The run sees the PATH a fresh machine's CI has (``CI_PATH``), whatever the
   caller's PATH: a test that needs a tool installed by hand, or a script of
   the venv found through PATH, fails here as it would on a fresh machine.
@@ -37,6 +39,14 @@ def sm_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture
 def repo() -> Path:
     return REPO
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    """A directory holding fresh copies of the five blktap corpus images."""
+    import vhdcorpus
+
+    return vhdcorpus.extract(tmp_path / "corpus")
 
 
 _skipped: list[str] = []

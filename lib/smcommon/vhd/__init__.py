@@ -20,7 +20,7 @@ Rules every function keeps:
 
 from __future__ import annotations
 
-from smcommon.vhd.check import check, repair
+from smcommon.vhd.check import check
 from smcommon.vhd.create import create, snapshot
 from smcommon.vhd.errors import (
     AlreadyExists,
@@ -54,6 +54,7 @@ from smcommon.vhd.ops import (
     set_parent,
     write,
 )
+from smcommon.vhd.repair import repair
 from smcommon.vhd.transfer import convert, export_raw, import_raw
 
 __all__ = [

@@ -19,11 +19,11 @@ from smcommon import sizes
 from smcommon.errors import Error
 from smcommon.vhd import ops, transfer
 from smcommon.vhd.check import check as check_image
-from smcommon.vhd.check import repair as repair_image
 from smcommon.vhd.create import create as create_image
 from smcommon.vhd.create import snapshot as snapshot_image
 from smcommon.vhd.errors import InvalidArgument
 from smcommon.vhd.image import Info, open_image
+from smcommon.vhd.repair import repair as repair_image
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PROBLEMS = 0, 1, 2, 3
 CHUNK = 8 * 1024 * 1024

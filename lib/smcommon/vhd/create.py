@@ -1,9 +1,14 @@
 """Creating new images: dynamic, fixed, differencing (snapshot), and the parent locators.
 
-Owns the layout of new files (see ``smcommon.vhd.image``'s docstring) and the
-all-or-nothing creation of a file: an image is built under a temporary name in
-the destination directory, fsync'd, then linked to its name (never replacing
-an existing file), so an error or a kill leaves no half-made image behind.
+Owns the layout of new files (see ``smcommon.vhd.image``'s docstring), with
+the batmap libvhd requires, and the all-or-nothing creation of a file: an
+image is built under a temporary name in the destination directory, fsync'd,
+then linked to its name (never replacing an existing file), so an error or a
+kill leaves no half-made image behind.  Parent locators are written as libvhd
+writes them: the parent's path relative to the child's directory in all
+three (W2RU and W2KU ``.\\name`` in UTF-16LE, MACX ``file://./name``), each
+in the whole sectors its data needs, ``data_space`` counted in sectors (a
+value below 512, which libvhd, libvhdi and the specification read alike).
 """
 
 from __future__ import annotations
@@ -13,8 +18,10 @@ import errno
 import os
 import uuid as uuidlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from smcommon.vhd import format as fmt
+from smcommon.vhd.batmap import Batmap
 from smcommon.vhd.errors import (
     AlreadyExists,
     InvalidArgument,
@@ -23,10 +30,11 @@ from smcommon.vhd.errors import (
     VhdError,
     from_os_error,
 )
-from smcommon.vhd.image import LOCATOR_ORDER, LOCATOR_SLOT, Image, Info, open_image
+from smcommon.vhd.image import LOCATOR_AREA, LOCATOR_ORDER, Image, Info, open_image
 
 HEADER_AT = fmt.FOOTER_SIZE
 AFTER_HEADER = HEADER_AT + fmt.HEADER_SIZE
+MAX_LOCATOR = 8192          # bytes of one locator's data
 
 
 def check_size(size: object, what: str = "size") -> int:
@@ -137,6 +145,37 @@ def _pwrite_all(fd: int, data: bytes, pos: int) -> None:
         pos += done
 
 
+@dataclass(frozen=True)
+class NewLayout:
+    """Where a freshly written dynamic/differencing image put things."""
+
+    end: int                 # the tail footer's offset: the first block goes here
+    table_offset: int
+    batmap: Batmap
+    footer: fmt.Footer
+
+
+def place_locators(payloads: list[tuple[bytes, bytes]], at: int) -> list[fmt.Locator]:
+    """Locator entries for (code, data) laid one after another from ``at``, each
+    in the whole sectors its data needs (at least one), data_space in sectors."""
+    out: list[fmt.Locator] = []
+    for code, data in payloads:
+        space = locator_space_for(data)
+        out.append(fmt.Locator(code, space // fmt.SECTOR, len(data), 0, at))
+        at += space
+    return out
+
+
+def locator_space_for(data: bytes) -> int:
+    return max(fmt.SECTOR, fmt.round_up(len(data), fmt.SECTOR))
+
+
+def locator_bytes(locators: list[fmt.Locator], payloads: list[tuple[bytes, bytes]]) -> bytes:
+    """The locators' data as one run (each padded with zeros to its space)."""
+    return b"".join(data + bytes(loc.data_space * fmt.SECTOR - len(data))
+                    for loc, (_, data) in zip(locators, payloads, strict=True))
+
+
 def write_dynamic_layout(
     fd: int,
     size: int,
@@ -144,26 +183,31 @@ def write_dynamic_layout(
     *,
     disk_type: int = fmt.DISK_DYNAMIC,
     block_size: int = fmt.BLOCK_SIZE,
-    parent: tuple[bytes, int, str, list[fmt.Locator], list[bytes]] | None = None,
+    parent: tuple[bytes, int, str, list[tuple[bytes, bytes]]] | None = None,
     uuid: bytes | None = None,
-) -> int:
-    """Write a new empty dynamic/differencing image into ``fd``; return the footer offset."""
+) -> NewLayout:
+    """Write a new empty dynamic/differencing image into ``fd`` (``parent`` is
+    (uuid, timestamp, name, [(locator code, data)])): footer copy, header,
+    locators (differencing), BAT, empty batmap, footer."""
     if parent is not None:
-        table_offset = AFTER_HEADER + len(LOCATOR_ORDER) * LOCATOR_SLOT
-        puuid, pts, pname, locators, datas = parent
+        table_offset = AFTER_HEADER + LOCATOR_AREA
+        puuid, pts, pname, payloads = parent
+        locators = place_locators(payloads, AFTER_HEADER)
         header = fmt.Header.new(table_offset, entries, block_size, puuid, pts, pname, locators)
-        for loc, data in zip(locators, datas, strict=True):
-            _pwrite_all(fd, data + bytes(LOCATOR_SLOT - len(data)), loc.data_offset)
+        _pwrite_all(fd, locator_bytes(locators, payloads), AFTER_HEADER)
     else:
         table_offset = AFTER_HEADER
         header = fmt.Header.new(table_offset, entries, block_size)
     footer = fmt.Footer.new(size, disk_type, uuid or uuidlib.uuid4().bytes, HEADER_AT)
-    end = table_offset + fmt.bat_bytes(entries)
+    batmap = Batmap.new(table_offset, entries)
+    end = batmap.map_offset + batmap.map_bytes
     _pwrite_all(fd, footer.to_bytes(), 0)
     _pwrite_all(fd, header.to_bytes(), HEADER_AT)
     _pwrite_all(fd, fmt.Bat.empty(entries).to_bytes(), table_offset)
+    for at, raw in batmap.whole(size):
+        _pwrite_all(fd, raw, at)
     _pwrite_all(fd, footer.to_bytes(), end)
-    return end
+    return NewLayout(end, table_offset, batmap, footer)
 
 
 def create(
@@ -203,24 +247,25 @@ def info_of(path: str, search_dirs: list[str] | None = None) -> Info:
 
 
 def parent_locators(
-    child: str, parent: str, slot_offsets: list[int]
-) -> tuple[str, list[fmt.Locator], list[bytes]]:
-    """The parent name and the W2RU, W2KU, MACX locators (with data) as blktap writes them."""
+    child: str, parent: str, codes: tuple[bytes, ...] = LOCATOR_ORDER
+) -> tuple[str, list[tuple[bytes, bytes]]]:
+    """The parent's name and (code, data) of each locator, as libvhd writes them:
+    the path relative to the child's directory (W2RU/W2KU ``.\\a.vhd``, MACX
+    ``file://./a.vhd``)."""
     child_dir = os.path.dirname(os.path.realpath(child))
     parent_abs = os.path.realpath(parent)
     rel = os.path.relpath(parent_abs, child_dir)
     if not rel.startswith("../"):
         rel = "./" + rel
-    locators: list[fmt.Locator] = []
-    datas: list[bytes] = []
-    for code, text, at in zip(LOCATOR_ORDER, (rel, parent_abs, parent_abs), slot_offsets, strict=True):
+    out: list[tuple[bytes, bytes]] = []
+    for code in codes:
+        text = rel if code == fmt.LOC_MACX else ".\\" + rel.removeprefix("./").replace("/", "\\")
         data = fmt.encode_locator(code, text)
-        if len(data) > LOCATOR_SLOT:
+        if len(data) > MAX_LOCATOR:
             raise InvalidArgument(f"{parent}: path too long for a parent locator "
-                                  f"({len(data)} bytes, at most {LOCATOR_SLOT})")
-        locators.append(fmt.Locator(code, LOCATOR_SLOT // fmt.SECTOR, len(data), 0, at))
-        datas.append(data)
-    return os.path.basename(parent_abs), locators, datas
+                                  f"({len(data)} bytes, at most {MAX_LOCATOR})")
+        out.append((code, data))
+    return os.path.basename(parent_abs), out
 
 
 def check_parent_allowed(child: str, parent: str, search_dirs: list[str] | None) -> None:
@@ -250,9 +295,8 @@ def snapshot(
         else:
             entries, block_size = fmt.blocks_for(size, fmt.BLOCK_SIZE), fmt.BLOCK_SIZE
         entries = max(entries, fmt.blocks_for(size, block_size))
-        slots = [AFTER_HEADER + i * LOCATOR_SLOT for i in range(len(LOCATOR_ORDER))]
-        name, locators, datas = parent_locators(child, parent, slots)
-        parent_info = (pimg.footer.uuid, pimg.footer.timestamp, name, locators, datas)
+        name, payloads = parent_locators(child, parent)
+        parent_info = (pimg.footer.uuid, pimg.footer.timestamp, name, payloads)
         with new_file(child) as fd:
             write_dynamic_layout(fd, size, entries, disk_type=fmt.DISK_DIFFERENCING,
                                  block_size=block_size, parent=parent_info)

@@ -2,8 +2,8 @@
 
 Owns the footer (512 bytes, at the end of every image and copied at offset 0 of
 dynamic and differencing images), the dynamic header (1024 bytes), the parent
-locators inside it, the BAT (block allocation table) and the per-block sector
-bitmaps.  Each structure is a ``struct.Struct`` with its layout and a frozen
+locators inside it, the BAT (block allocation table), the per-block sector
+bitmaps and blktap's batmap (a header and a map of fully allocated blocks).  Each structure is a ``struct.Struct`` with its layout and a frozen
 dataclass whose ``from_bytes``/``to_bytes`` round-trip byte for byte;
 ``from_bytes`` checks cookie and checksum and raises ``Corrupt`` naming what it
 read.  All integers are big-endian, as the VHD specification says.
@@ -195,6 +195,11 @@ class Locator:
     reserved: int = 0
     data_offset: int = 0
 
+    @property
+    def space(self) -> int | None:
+        """Bytes reserved for the data, as libvhd reads ``data_space``: None if invalid."""
+        return locator_space(self.data_space)
+
     @classmethod
     def from_bytes(cls, data: bytes) -> Locator:
         return cls(*LOCATOR_STRUCT.unpack(bytes(data[: LOCATOR_STRUCT.size])))
@@ -207,6 +212,17 @@ class Locator:
     @property
     def used(self) -> bool:
         return self.code != LOC_NONE
+
+
+def locator_space(data_space: int) -> int | None:
+    """libvhd's rule for ``data_space``: below 512 it counts sectors (the
+    specification), a multiple of 512 counts bytes (what libvhd writes); any
+    other value, or 0, is invalid (None)."""
+    if 0 < data_space < SECTOR:
+        return data_space * SECTOR
+    if data_space and data_space % SECTOR == 0:
+        return data_space
+    return None
 
 
 def encode_locator(code: bytes, path: str) -> bytes:
@@ -462,6 +478,106 @@ def runs(bits: int) -> list[tuple[int, int]]:
         bits >>= count
         base += count
     return out
+
+
+# --- batmap (blktap) --------------------------------------------------------------
+
+# The batmap is blktap's map of fully allocated blocks (sector bitmap all ones):
+# a 512-byte header exactly at the end of the padded BAT, and the map (one bit
+# a block, most significant bit first) at ``batmap_offset``.  libvhd requires it
+# in every dynamic or differencing image whose creator is "tap" 1.2 or later.
+# cookie 8s | batmap offset Q (bytes) | batmap size I (sectors) | version I |
+# checksum I | marker B | keyhash: flag B, nonce 32s, hash 32s | zeros to 512
+BATMAP_COOKIE = b"tdbatmap"
+BATMAP_VERSION = 0x00010002
+BATMAP_VERSION_1_1 = 0x00010001       # its checksum sums the bytes as signed chars
+BATMAP_STRUCT = struct.Struct(">8sQIIIBB32s32s")
+BATMAP_HEADER_SIZE = SECTOR
+
+
+@dataclass(frozen=True)
+class BatmapHeader:
+    cookie: bytes
+    batmap_offset: int
+    batmap_size: int
+    version: int
+    checksum: int
+    marker: int
+    key_flag: int
+    key_nonce: bytes
+    key_hash: bytes
+    rest: bytes          # the header sector after the fields (zeros), kept as read
+
+    @classmethod
+    def from_bytes(cls, data: bytes | bytearray, where: str = "batmap header") -> BatmapHeader:
+        """Parse a header sector; Corrupt if short or the cookie is not ``tdbatmap``."""
+        if len(data) < BATMAP_HEADER_SIZE:
+            raise Corrupt(f"{where}: truncated ({len(data)} of {BATMAP_HEADER_SIZE} bytes)")
+        raw = bytes(data[:BATMAP_HEADER_SIZE])
+        cookie, offset, size, version, csum, marker, flag, nonce, khash = \
+            BATMAP_STRUCT.unpack_from(raw)
+        header = cls(cookie, offset, size, version, csum, marker, flag, nonce, khash,
+                     raw[BATMAP_STRUCT.size :])
+        if header.cookie != BATMAP_COOKIE:
+            raise Corrupt(f"{where}: bad cookie {header.cookie[:8]!r} (expected {BATMAP_COOKIE!r})")
+        return header
+
+    def to_bytes(self) -> bytes:
+        head = BATMAP_STRUCT.pack(
+            self.cookie, self.batmap_offset, self.batmap_size, self.version, self.checksum,
+            self.marker, self.key_flag, self.key_nonce, self.key_hash,
+        )
+        return head + self.rest
+
+    @classmethod
+    def new(cls, batmap_offset: int, batmap_size: int) -> BatmapHeader:
+        return cls(BATMAP_COOKIE, batmap_offset, batmap_size, BATMAP_VERSION, 0, 0, 0,
+                   bytes(32), bytes(32), bytes(BATMAP_HEADER_SIZE - BATMAP_STRUCT.size))
+
+
+def batmap_header_offset(table_offset: int, entries: int) -> int:
+    """Where libvhd looks for the batmap header: right after the padded BAT."""
+    return table_offset + bat_bytes(entries)
+
+
+def batmap_sectors(entries: int) -> int:
+    """Sectors of a map for ``entries`` blocks (libvhd: at least one)."""
+    return max(1, round_up(round_up(entries, 8) // 8, SECTOR) // SECTOR)
+
+
+def batmap_checksum_len(current_size: int) -> int:
+    """Bytes of the map the checksum covers: libvhd derives them from the disk
+    size, ``(current_size >> 24)`` bytes rounded up to whole sectors, at least one."""
+    return max(1, -(-(current_size >> 24) // SECTOR)) * SECTOR
+
+
+def batmap_checksum(bitmap: bytes | bytearray, current_size: int, version: int) -> int:
+    """One's complement of the sum of the map's first checksum_len bytes
+    (unsigned; signed chars for batmap version 1.1, as libvhd sums them)."""
+    data = bytes(bitmap[: batmap_checksum_len(current_size)])
+    total = sum(data)
+    if version == BATMAP_VERSION_1_1:
+        total -= 256 * (len(data) - len(data.translate(None, bytes(range(128, 256)))))
+    return (~total) & 0xFFFFFFFF
+
+
+def batmap_test(bitmap: bytes | bytearray, block: int) -> bool:
+    """Block ``block``'s bit: bit ``0x80 >> (block % 8)`` of byte ``block // 8``."""
+    i = block >> 3
+    return i < len(bitmap) and bool(bitmap[i] & (0x80 >> (block & 7)))
+
+
+def batmap_set(bitmap: bytearray, block: int, value: bool = True) -> None:
+    if value:
+        bitmap[block >> 3] |= 0x80 >> (block & 7)
+    else:
+        bitmap[block >> 3] &= ~(0x80 >> (block & 7)) & 0xFF
+
+
+def batmap_blocks(bitmap: bytes | bytearray) -> list[int]:
+    """The blocks whose bit is set, in order."""
+    bits = bitmap_to_int(bytes(bitmap))
+    return [f + i for f, c in runs(bits) for i in range(c)]
 
 
 def round_up(value: int, unit: int) -> int:

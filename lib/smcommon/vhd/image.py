@@ -9,30 +9,42 @@ Where an image ends (the tail footer's offset) is decided in one place,
 ``Image.end()``: a later logical-volume store, whose device is larger than the
 image, changes only that method and ``_set_end()``.
 
-Layout of the images this module creates (dynamic and differencing)::
+Layout of the images this library creates (dynamic and differencing), the
+layout libvhd (blktap's library, tapdisk's) makes, except where noted::
 
     0          footer copy (512)
     512        dynamic header (1024)
-    1536       differencing only: 3 parent locator slots of LOCATOR_SLOT bytes
-               (W2RU, W2KU, MACX).  They sit *before* the BAT on purpose: qemu's
-               VHD writer puts its first new block right after the BAT, and
-               would overwrite locators kept there.
-    BAT        max_table_entries * 4, padded to a sector: the last metadata
-    ...        data blocks: sector bitmap (512) + block (2 MiB), appended
+    1536       differencing only: LOCATOR_AREA (24 KiB) holding the W2RU, W2KU
+               and MACX parent locators, each in the sectors its path needs
+               (data_space in sectors), the rest free for the next re-link.
+               libvhd puts locators after the batmap instead; they sit *before*
+               the BAT here so that a BAT growth never has to move them and
+               qemu's writer (it puts its first block right after the BAT)
+               cannot reach them.
+    BAT        max_table_entries * 4, padded to a sector with 0xFF
+    BAT end    batmap header (512): where libvhd requires it; it moves when
+               the BAT grows
+    +512       the batmap's map (one bit a block, whole sectors)
+    ...        data blocks: sector bitmap (512) + block (2 MiB), appended, the
+               data on a 4 KiB boundary (as libvhd places it)
     end()      footer (512)
+
+Only the first ``ceil(current_size / block_size)`` BAT entries are read
+(libvhd reads no more): entries past the disk are ignored, which lets a BAT
+grow crash-safely (docs/design.md).  Writable opens also read the batmap;
+one that libvhd would refuse makes writes fail until ``repair``.
 """
 
 from __future__ import annotations
 
-import bisect
 import fcntl
-import itertools
-import operator
 import os
 import stat
 from typing import Self
 
+from smcommon.vhd import batmap as bmap
 from smcommon.vhd import format as fmt
+from smcommon.vhd import layout, parents
 from smcommon.vhd.errors import (
     ChainTooDeep,
     Corrupt,
@@ -40,23 +52,17 @@ from smcommon.vhd.errors import (
     NotFound,
     ParentLoop,
     ParentMismatch,
-    ParentMissing,
-    ParentNotAllowed,
     ReadOnly,
     VhdError,
     from_os_error,
 )
 from smcommon.vhd.info import Info, format_uuid
+from smcommon.vhd.layout import first_block_problem
 from smcommon.vhd.locks import lock_file
+from smcommon.vhd.parents import LOCATOR_ORDER
 
 MAX_CHAIN_DEPTH = 64
-LOCATOR_SLOT = 8192
-LOCATOR_ORDER = (fmt.LOC_W2RU, fmt.LOC_W2KU, fmt.LOC_MACX)
-
-
-def _within(path: str, roots: list[str]) -> bool:
-    return any(os.path.commonpath([path, root]) == root for root in roots)
-
+LOCATOR_AREA = 3 * 8192
 
 class Image:
     """One open VHD file and, for a differencing disk, its opened parent chain."""
@@ -72,7 +78,10 @@ class Image:
         self.depth = 1
         self.tail_damaged = False
         self._size = 0
-        self.meta_end = 0
+        self.batmap: bmap.Batmap | None = None
+        self.batmap_problem: str | None = None
+        self.repairing = False            # repair writes through a damaged batmap
+        self._filled: set[int] = set()    # blocks made full, their batmap bits not set yet
 
     # --- opening ---------------------------------------------------------------
 
@@ -161,7 +170,6 @@ class Image:
             if footer.current_size > self.end():
                 raise Corrupt(f"{path}: fixed disk of {footer.current_size} bytes in a "
                               f"file of {self._size} bytes (truncated)")
-            self.meta_end = 0
             return
         hoff = footer.data_offset
         if hoff < fmt.FOOTER_SIZE or hoff + fmt.HEADER_SIZE > self.end():
@@ -180,12 +188,31 @@ class Image:
             raise Corrupt(f"{path}: BAT of {header.max_table_entries} blocks cannot map "
                           f"the disk size {footer.current_size}")
         self.header = header
+        live = min(header.max_table_entries, fmt.blocks_for(footer.current_size, header.block_size))
         self.bat = fmt.Bat.from_bytes(
-            self._pread(4 * header.max_table_entries, header.table_offset, "the BAT"),
-            header.max_table_entries,
+            self._pread(4 * live, header.table_offset, "the BAT"), live
         )
-        self.meta_end = max(hoff + fmt.HEADER_SIZE, header.table_offset + bat_len)
         self._check_blocks()
+        if self.writable:
+            self._load_batmap()
+
+    def _load_batmap(self) -> None:
+        """Read the batmap (writers keep it); a problem libvhd would refuse is kept
+        in ``batmap_problem`` (writes then fail, reads do not need the batmap)."""
+        assert self.header is not None and self.bat is not None
+        found, problems = bmap.read(lambda n, at: self._pread(n, at, "the batmap"),
+                                    self.footer, self.header, self.end())
+        if found is not None:
+            span = self.header.bitmap_size + self.header.block_size
+            clash = first_block_problem(self.bat, span, self.end(), found.regions())
+            if clash:
+                problems.append(f"batmap: {clash}")
+            bat = self.bat
+            wrong = [b for b in found.blocks() if b < len(bat) and bat[b] == fmt.UNALLOCATED]
+            if wrong:
+                problems.append(f"batmap marks unallocated block(s) {wrong[:8]} full")
+        self.batmap = found if not problems else None
+        self.batmap_problem = "; ".join(problems) or None
 
     def _check_blocks(self) -> None:
         """Every BAT entry inside the file, after the metadata, no two overlapping."""
@@ -221,42 +248,7 @@ class Image:
 
     def find_parent(self, search_dirs: list[str] | None = None) -> str:
         """The parent's path from the locators: W2RU first, never outside the allowed roots."""
-        header = self.header_or_fail()
-        child_dir = os.path.dirname(os.path.realpath(self.path))   # where the file really is
-        roots = [os.path.realpath(d) for d in (search_dirs or [child_dir])]
-        candidates: list[tuple[str, str]] = []
-        by_code = {loc.code: loc for loc in header.locators if loc.used}
-        for code in LOCATOR_ORDER:
-            loc = by_code.get(code)
-            if loc is None:
-                continue
-            if loc.data_length > fmt.MAX_LOCATOR_DATA or loc.data_length == 0:
-                continue
-            if loc.data_offset + loc.data_length > self.end():
-                raise Corrupt(f"{self.path}: parent locator {code.decode()} data past the end")
-            text = fmt.decode_locator(code, self._pread(loc.data_length, loc.data_offset, "a locator"))
-            candidates.append((code.decode(), text))
-        if header.parent_name:
-            candidates.append(("parent name", header.parent_name))
-        rejected: list[str] = []
-        for label, text in candidates:
-            if not text:
-                continue
-            text = text.replace("\\", "/") if label in ("W2ru", "W2ku") else text
-            full = os.path.normpath(os.path.join(child_dir, text))
-            real = os.path.realpath(full)
-            if not _within(real, roots):
-                rejected.append(f"{label} {text!r}")
-                continue
-            if os.path.isfile(real):
-                return full
-        if rejected:
-            raise ParentNotAllowed(
-                f"{self.path}: parent {', '.join(rejected)} resolves outside the allowed "
-                f"directories ({', '.join(roots)})"
-            )
-        names = ", ".join(f"{label} {text!r}" for label, text in candidates) or "no locator"
-        raise ParentMissing(f"{self.path}: parent not found ({names})")
+        return parents.find_parent(self, search_dirs)
 
     def close(self) -> None:
         if self.parent is not None:
@@ -460,6 +452,8 @@ class Image:
             raise ReadOnly(f"{self.path}: image opened read-only")
         if self.tail_damaged:
             raise Corrupt(f"{self.path}: tail footer damaged; run repair before writing")
+        if self.batmap_problem and not self.repairing:
+            raise Corrupt(f"{self.path}: {self.batmap_problem}; run repair before writing")
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write ``data`` at ``offset`` of the virtual disk; durable when it returns."""
@@ -511,16 +505,46 @@ class Image:
             pos += n
         if dirty and sync:
             self.sync()
+            self._mark_filled()
 
     def _write_in_block(self, block: int, first: int, chunk: memoryview) -> None:
-        """Data first, then the bitmap bits; the caller fsyncs."""
+        """Data first, then the bitmap bits; the caller fsyncs (then marks the
+        block full in the batmap if this write filled its bitmap)."""
         bpos = self.block_pos(block)
         assert bpos is not None
+        self._check_writable()
         self._pwrite(chunk, bpos + self.bitmap_size + first * fmt.SECTOR, "data")
         bits = self.bitmap(block, bpos)
         add = fmt.sector_mask(first, len(chunk) // fmt.SECTOR)
         if bits != -1 and (bits | add) != bits:
             self._pwrite(fmt.int_to_bitmap(bits | add, self.bitmap_size), bpos, "a sector bitmap")
+        if self._is_full(bits | add) and self.batmap is not None and not self.batmap.test(block):
+            self._filled.add(block)       # full now (or already, its bit never set)
+
+    def _is_full(self, bits: int) -> bool:
+        n = self.block_size // fmt.SECTOR
+        return bits == -1 or bits & fmt.sector_mask(0, n) == fmt.sector_mask(0, n)
+
+    def _mark_filled(self) -> None:
+        """Set the batmap bits of the blocks made full since the last call (their
+        bitmaps and BAT entries are durable by now): one write, fdatasync."""
+        filled, self._filled = self._filled, set()
+        bm, bat = self.batmap, self.bat
+        if bm is None or bat is None or not filled:
+            return
+        full = [b for b in filled if b < len(bat) and bat[b] != fmt.UNALLOCATED]
+        writes = bm.change(self.virtual_size, self.block_size, full=full)
+        for at, raw in writes:
+            self._pwrite(raw, at, "the batmap")
+        if writes:
+            self.sync()
+
+    def write_batmap(self, writes: list[tuple[int, bytes]]) -> None:
+        """Persist batmap writes (from ``Batmap.change`` or ``whole``), fdatasync."""
+        for at, raw in writes:
+            self._pwrite(raw, at, "the batmap")
+        if writes:
+            self.sync()
 
     def allocate_block(self, block: int, first: int, chunk: memoryview) -> None:
         """Append a new block holding ``chunk`` at sector ``first``, crash-safely."""
@@ -538,17 +562,25 @@ class Image:
         means the sectors ``data`` covers; -1 means all.
         """
         base = self.reserve_blocks(len(items))
-        span = self.bitmap_size + self.block_size
+        stride = self.block_stride
         for i, (block, first, chunk, bits) in enumerate(items):
-            self.put_block(base + i * span, block, first, chunk, bits)
-        self.commit_blocks([(block, base + i * span) for i, (block, *_) in enumerate(items)])
+            self.put_block(base + i * stride, block, first, chunk, bits)
+        self.commit_blocks([(block, base + i * stride) for i, (block, *_) in enumerate(items)])
+
+    @property
+    def block_stride(self) -> int:
+        """Distance between consecutive new blocks (their data 4 KiB aligned)."""
+        return layout.block_stride(self.bitmap_size, self.block_size)
 
     def reserve_blocks(self, count: int) -> int:
-        """Step 1 of an allocation: move the tail footer past ``count`` new blocks."""
+        """Step 1 of an allocation: the offset of the first of ``count`` new blocks
+        (the others follow every ``block_stride`` bytes) after everything in the
+        file, data on a 4 KiB boundary; the tail footer moves past them."""
         self._check_writable()
-        span = self.header_or_fail().bitmap_size + self.header_or_fail().block_size
-        base = fmt.round_up(self.end(), fmt.SECTOR)
-        self._set_end(base + count * span)
+        header = self.header_or_fail()
+        base = layout.block_at(fmt.round_up(self.end(), fmt.SECTOR), header.bitmap_size)
+        self._set_end(base + (count - 1) * self.block_stride + header.bitmap_size
+                      + header.block_size if count else base)
         return base
 
     def put_block(self, bpos: int, block: int, first: int,
@@ -560,11 +592,13 @@ class Image:
             raise InvalidArgument(f"{self.path}: block {block} beyond the BAT or allocated")
         if bits is None:
             bits = fmt.sector_mask(first, len(chunk) // fmt.SECTOR)
-        if self.footer.disk_type == fmt.DISK_DIFFERENCING and bits != -1:
+        if self.footer.disk_type == fmt.DISK_DIFFERENCING and not self._is_full(bits):
             bitmap = fmt.int_to_bitmap(bits, header.bitmap_size)
+            self._filled.discard(block)
         else:
             # a dynamic disk's unwritten sectors are the hole's zeros: all present
             bitmap = _full_bitmap(header.bitmap_size)
+            self._filled.add(block)
         if first == 0:
             self._pwritev(bitmap, chunk, bpos)
         else:
@@ -572,15 +606,44 @@ class Image:
             self._pwrite(chunk, bpos + header.bitmap_size + first * fmt.SECTOR, "data")
 
     def commit_blocks(self, placed: list[tuple[int, int]]) -> None:
-        """Step 3: fdatasync the data, then point the BAT at it, fdatasync."""
+        """Step 3: fdatasync the data, then point the BAT at it, fdatasync; then
+        the batmap bits of the blocks now full (one write, fdatasync)."""
+        self.sync()
+        if placed:
+            header = self.header_or_fail()
+            assert self.bat is not None
+            for block, bpos in placed:
+                sector = bpos // fmt.SECTOR
+                self._pwrite(fmt.Bat.entry_bytes(sector), header.table_offset + 4 * block,
+                             "the BAT")
+                self.bat[block] = sector
+            self.sync()
+        self._mark_filled()
+
+    def relocate_block(self, block: int) -> None:
+        """Move a block to the end of the file (data 4 KiB aligned), crash-safely:
+        copy, fdatasync, point the BAT at the copy, fdatasync.  Its batmap bit
+        names the block, not the place: it stays."""
+        header = self.header_or_fail()
+        old = self.block_pos(block)
+        assert old is not None and self.bat is not None
+        new = self.reserve_blocks(1)
+        copy_range(self.fd, self.fd, old, new, header.bitmap_size + header.block_size, self.path)
+        self.sync()
+        self._pwrite(fmt.Bat.entry_bytes(new // fmt.SECTOR), header.table_offset + 4 * block,
+                     "the BAT")
+        self.sync()
+        self.bat[block] = new // fmt.SECTOR
+
+    def move_blocks_out(self, start: int, stop: int) -> None:
+        """Relocate every data block that overlaps [start, stop) to the end."""
         header = self.header_or_fail()
         assert self.bat is not None
-        self.sync()
-        for block, bpos in placed:
-            sector = bpos // fmt.SECTOR
-            self._pwrite(fmt.Bat.entry_bytes(sector), header.table_offset + 4 * block, "the BAT")
-            self.bat[block] = sector
-        self.sync()
+        span = header.bitmap_size + header.block_size
+        movers = sorted((self.bat[b], b) for b in self.bat.allocated()
+                        if layout.overlaps(self.bat[b] * fmt.SECTOR, span, start, stop - start))
+        for _, block in movers:
+            self.relocate_block(block)
 
     def relock(self, *, exclusive: bool) -> None:
         """Take the lock again and re-read the metadata (it may have changed meanwhile)."""
@@ -619,6 +682,31 @@ class Image:
         self.header = header
 
 
+def copy_range(src: int, dst: int, src_pos: int, dst_pos: int, length: int, path: str) -> None:
+    """Copy bytes in the kernel (copy_file_range), falling back to pread/pwrite."""
+    try:
+        while length > 0:
+            done = os.copy_file_range(src, dst, length, src_pos, dst_pos)
+            if done <= 0:
+                break
+            src_pos += done
+            dst_pos += done
+            length -= done
+    except OSError:
+        pass
+    try:
+        while length > 0:
+            chunk = os.pread(src, min(length, 8 * fmt.BLOCK_SIZE), src_pos)
+            if not chunk:
+                raise Corrupt(f"{path}: short read at {src_pos} while copying")
+            os.pwrite(dst, chunk, dst_pos)
+            src_pos += len(chunk)
+            dst_pos += len(chunk)
+            length -= len(chunk)
+    except OSError as exc:
+        raise from_os_error(path, exc, "copying data") from None
+
+
 def tail_offset(size: int) -> int:
     """Where the tail footer lies in a file of ``size`` bytes.
 
@@ -627,30 +715,6 @@ def tail_offset(size: int) -> int:
     changes this, not its callers.
     """
     return size - fmt.FOOTER_SIZE
-
-
-def first_block_problem(bat: fmt.Bat, span: int, end: int,
-                        regions: list[tuple[int, int]]) -> str | None:
-    """The first broken rule among the data blocks (past the end, overlapping each
-    other or metadata), or None; C-speed passes, no loop per block when sound."""
-    offsets = bat.offsets()
-    if not offsets:
-        return None
-    if offsets[-1] * fmt.SECTOR + span > end:
-        return (f"BAT entry {offsets[-1]} (offset {offsets[-1] * fmt.SECTOR}) points past "
-                f"the end of the image ({end})")
-    if len(offsets) > 1 and min(map(operator.sub, offsets[1:], offsets[:-1])) * fmt.SECTOR < span:
-        a, b = next((a, b) for a, b in itertools.pairwise(offsets) if (b - a) * fmt.SECTOR < span)
-        if a == b:
-            return f"two BAT entries point at the same block (sector {a})"
-        return f"data blocks at sectors {a} and {b} overlap"
-    for rstart, rlen in regions:
-        # only blocks starting in (rstart - span, rstart + rlen) can overlap the region
-        i = bisect.bisect_right(offsets, (rstart - span) // fmt.SECTOR)
-        if i < len(offsets) and offsets[i] * fmt.SECTOR < rstart + rlen and \
-                offsets[i] * fmt.SECTOR + span > rstart:
-            return f"data block at sector {offsets[i]} overlaps metadata at offset {rstart}"
-    return None
 
 
 def check_int(name: str, value: object) -> None:
@@ -679,4 +743,4 @@ def open_image(path: str | os.PathLike[str], *, writable: bool = False,
         raise Corrupt(f"{os.fspath(path)}: cannot be read as a VHD ({type(exc).__name__}: {exc})") from None
 
 
-__all__ = ["Image", "Info", "NotFound", "open_image"]
+__all__ = ["LOCATOR_ORDER", "Image", "Info", "NotFound", "open_image"]

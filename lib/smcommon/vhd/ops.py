@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 
 from smcommon.vhd import format as fmt
+from smcommon.vhd import relayout
 from smcommon.vhd.create import check_parent_allowed, check_size, parent_locators
 from smcommon.vhd.errors import (
     Corrupt,
@@ -63,16 +64,16 @@ def set_parent(
 ) -> None:
     """Re-link differencing ``child`` to ``parent``: its UUID, timestamp and locators.
 
-    Locator data goes into the child's existing locator slots first, then the
-    header (one write) switches to it.  Not atomic against a kill between the
-    two, but re-running it finishes the job.
+    The new locators go into free space (never into the space of a locator
+    in use, never past a locator's real space), then one header write
+    switches to them: killed at any instant, the child names its old parent
+    or its new one, whole (see ``relayout.relink``).
     """
     child, parent = os.fspath(child), os.fspath(parent)
     check_parent_allowed(child, parent, search_dirs)
     with Image.open(child, writable=True, parents=False) as img:
         if img.footer.disk_type != fmt.DISK_DIFFERENCING:
             raise Unsupported(f"{child}: a {img.footer.type_name} image has no parent to set")
-        header = img.header_or_fail()
         st = os.fstat(img.fd)
         # the child is locked exclusively: opening it again as an ancestor would wait
         # on ourselves, so it is excluded up front (ParentLoop)
@@ -84,36 +85,11 @@ def set_parent(
             if not pimg.is_fixed and pimg.block_size != img.block_size:
                 raise Unsupported(f"{parent}: block size {pimg.block_size} differs from the "
                                   f"child's {img.block_size}")
-            slots = _locator_slots(img, header)
-            name, locators, datas = parent_locators(child, parent, [s[0] for s in slots])
-            for (at, space), loc, data in zip(slots, locators, datas, strict=True):
-                if len(data) > space:
-                    raise Unsupported(f"{child}: no room for the parent locator "
-                                      f"{loc.code.decode()} ({len(data)} bytes, {space} reserved)")
-                img._pwrite(data + bytes(space - len(data)), at, "a parent locator")
-            locators = [fmt.Locator(loc.code, space // fmt.SECTOR, loc.data_length, 0, at)
-                        for loc, (at, space) in zip(locators, slots, strict=True)]
-            img.sync()
-            img.set_header(header.sealed(
-                parent_uuid=pimg.footer.uuid,
-                parent_timestamp=pimg.footer.timestamp,
-                parent_name_raw=fmt.encode_parent_name(name),
-                locators_raw=fmt.pack_locators(locators),
-            ))
-
-
-def _locator_slots(img: Image, header: fmt.Header) -> list[tuple[int, int]]:
-    """(offset, bytes) of the places for W2RU, W2KU, MACX: the child's used locator areas."""
-    areas = sorted(
-        (loc.data_offset, loc.data_space * fmt.SECTOR)
-        for loc in header.locators
-        if loc.used and loc.data_space and loc.data_offset >= fmt.FOOTER_SIZE
-        and loc.data_offset + loc.data_space * fmt.SECTOR <= img.end()
-    )
-    if len(areas) < len(LOCATOR_ORDER):
-        raise Unsupported(f"{img.path}: only {len(areas)} parent locator areas; "
-                          f"{len(LOCATOR_ORDER)} needed")
-    return areas[: len(LOCATOR_ORDER)]
+            header = img.header_or_fail()
+            codes = tuple(loc.code for loc in header.locators
+                          if loc.used and loc.code in LOCATOR_ORDER) or LOCATOR_ORDER
+            name, payloads = parent_locators(child, parent, codes)
+            relayout.relink(img, pimg.footer, name, payloads)
 
 
 def coalesce(child: str | os.PathLike[str], *, search_dirs: list[str] | None = None) -> int:
@@ -170,7 +146,7 @@ def _copy_blocks(img: Image, parent: Image) -> int:
 def _copy_batch(img: Image, parent: Image, blocks: list[int]) -> int:
     bs, bm_size, vsize = img.block_size, img.bitmap_size, img.virtual_size
     fresh = [b for b in blocks if not parent.is_fixed and parent.block_pos(b) is None]
-    span = parent.bitmap_size + parent.block_size
+    span = parent.block_stride
     base = parent.reserve_blocks(len(fresh)) if fresh else 0
     placed: list[tuple[int, int]] = []
     copied = 0
@@ -201,10 +177,7 @@ def _copy_batch(img: Image, parent: Image, blocks: list[int]) -> int:
         bpos = base + len(placed) * span
         parent.put_block(bpos, block, 0, data, bits)
         placed.append((block, bpos))
-    if placed:
-        parent.commit_blocks(placed)     # syncs the in-place writes too
-    else:
-        parent.sync()
+    parent.commit_blocks(placed)         # syncs the in-place writes too, then the batmap
     return copied
 
 
@@ -266,71 +239,11 @@ def _resize_dynamic(img: Image, size: int) -> None:
             raise DataBeyondEnd(f"{img.path}: {len(beyond)} allocated block(s) lie beyond the "
                                 f"new end {size} (first at {beyond[0] * bs})")
     elif need > header.max_table_entries:
-        _grow_bat(img, header, need)
+        relayout.grow_bat(img, need)
     if size != img.virtual_size:
+        relayout.prepare_size(img, size)
         img.set_footer(_resized_footer(img.footer, size))
-
-
-def _grow_bat(img: Image, header: fmt.Header, need: int) -> None:
-    """Make room for a BAT of ``need`` entries: relocate blocks in the way, crash-safely."""
-    assert img.bat is not None
-    old = header.max_table_entries
-    start = header.table_offset
-    bat_end = start + fmt.bat_bytes(need)
-    for loc in header.locators:
-        if loc.used and start < loc.data_offset < bat_end:
-            raise Unsupported(f"{img.path}: parent locator data after the BAT is in the way "
-                              "of a larger BAT")
-    span = header.bitmap_size + header.block_size
-    movers = sorted((img.bat[b], b) for b in img.bat.allocated()
-                    if img.bat[b] * fmt.SECTOR < bat_end)
-    for sector, block in movers:
-        _relocate_block(img, block, sector * fmt.SECTOR, span)
-    if bat_end > img.end():
-        img._set_end(fmt.round_up(bat_end, fmt.SECTOR))
-    # the new entries, unallocated, into the freed space; then the header uses them
-    img._pwrite(b"\xff" * (bat_end - start - 4 * old), start + 4 * old, "the BAT")
-    img.sync()
-    img.bat = fmt.Bat(img.bat.entries + fmt.Bat.empty(need - old).entries)
-    img.set_header(header.sealed(max_table_entries=need))
-
-
-def _relocate_block(img: Image, block: int, old_pos: int, span: int) -> None:
-    """Copy a block to the end, fdatasync, then point the BAT at the copy."""
-    assert img.header is not None and img.bat is not None
-    new_pos = fmt.round_up(img.end(), fmt.SECTOR)
-    img._set_end(new_pos + span)
-    copy_range(img.fd, img.fd, old_pos, new_pos, span, img.path)
-    img.sync()
-    img._pwrite(fmt.Bat.entry_bytes(new_pos // fmt.SECTOR), img.header.table_offset + 4 * block,
-                "the BAT")
-    img.sync()
-    img.bat[block] = new_pos // fmt.SECTOR
-
-
-def copy_range(src: int, dst: int, src_pos: int, dst_pos: int, length: int, path: str) -> None:
-    """Copy bytes in the kernel (copy_file_range), falling back to pread/pwrite."""
-    try:
-        while length > 0:
-            done = os.copy_file_range(src, dst, length, src_pos, dst_pos)
-            if done <= 0:
-                break
-            src_pos += done
-            dst_pos += done
-            length -= done
-    except OSError:
-        pass
-    try:
-        while length > 0:
-            chunk = os.pread(src, min(length, 8 * fmt.BLOCK_SIZE), src_pos)
-            if not chunk:
-                raise Corrupt(f"{path}: short read at {src_pos} while copying")
-            os.pwrite(dst, chunk, dst_pos)
-            src_pos += len(chunk)
-            dst_pos += len(chunk)
-            length -= len(chunk)
-    except OSError as exc:
-        raise from_os_error(path, exc, "copying data") from None
+        img.bat = relayout.live_bat(img)
 
 
 def allocation_map(path: str | os.PathLike[str], *,

@@ -16,10 +16,11 @@ import uuid
 from collections.abc import Callable
 
 from smcommon.vhd import format as fmt
+from smcommon.vhd import layout
 from smcommon.vhd.create import check_size, new_file, write_dynamic_layout
 from smcommon.vhd.errors import InvalidArgument, TooLarge, from_os_error
-from smcommon.vhd.image import Image, Info, open_image
-from smcommon.vhd.ops import copy_range, info
+from smcommon.vhd.image import Image, Info, copy_range, open_image
+from smcommon.vhd.ops import info
 
 BS = fmt.BLOCK_SIZE
 ZERO_BLOCK = bytes(BS)
@@ -193,16 +194,20 @@ def _build(path: str, size: int, reader: Callable[[int], bytes | None], *, fixed
             os.pwrite(fd, footer.to_bytes(), size)
             return
         entries = fmt.blocks_for(size, BS)
-        pos = write_dynamic_layout(fd, size, entries)
-        footer_raw = os.pread(fd, fmt.FOOTER_SIZE, pos)
-        table_offset = pos - fmt.bat_bytes(entries)
+        new = write_dynamic_layout(fd, size, entries)
         bat = fmt.Bat.empty(entries)
-        span = len(FULL_BITMAP) + BS
+        pos = layout.block_at(new.end, len(FULL_BITMAP))
+        stride = layout.block_stride(len(FULL_BITMAP), BS)
+        end = new.end
         for block in range(nblocks):
             data = reader(block)
             if data is not None:
                 os.pwritev(fd, [FULL_BITMAP, data], pos)
                 bat[block] = pos // fmt.SECTOR
-                pos += span
-        os.pwrite(fd, bat.to_bytes(), table_offset)
-        os.pwrite(fd, footer_raw, pos)
+                end = pos + len(FULL_BITMAP) + BS
+                pos += stride
+        os.pwrite(fd, bat.to_bytes(), new.table_offset)
+        new.batmap.change(size, BS, full=bat.allocated())      # every block is full
+        for at, raw in new.batmap.whole(size):
+            os.pwrite(fd, raw, at)
+        os.pwrite(fd, new.footer.to_bytes(), end)

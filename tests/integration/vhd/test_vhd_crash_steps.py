@@ -18,7 +18,9 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
+import libvhd_style as lv
 import pytest
+import vhdcorpus as vc
 import vhdproof as vp
 from smcommon import vhd
 
@@ -339,6 +341,164 @@ class RepairTail(Scenario):
         assert vhd.read(str(d / "a.vhd"), 0, self.size) == self.data
 
 
+class WriteFillsBlock(Scenario):
+    """A differencing block whose bitmap this write completes: its batmap bit."""
+
+    def setup(self, d: Path) -> None:
+        vhd.create(str(d / "p.vhd"), self.size)
+        vhd.snapshot(str(d / "p.vhd"), str(d / "a.vhd"))
+        vhd.write(str(d / "a.vhd"), 4096, vp.pattern(1, vp.BLOCK - 4096))
+        self.old = vhd.read(str(d / "a.vhd"), 0, self.size)
+        self.new = bytearray(self.old)
+        self.new[:4096] = vp.pattern(2, 4096)
+
+    def op(self, d: Path) -> None:
+        vhd.write(str(d / "a.vhd"), 0, bytes(self.new[:4096]))
+
+    def after_kill(self, d: Path) -> None:
+        assert either(vhd.read(str(d / "a.vhd"), 0, self.size), self.old, bytes(self.new))
+
+    def after_rerun(self, d: Path) -> None:
+        assert vhd.read(str(d / "a.vhd"), 0, self.size) == self.new
+        assert lv.load(d / "a.vhd").bmap[0] == 0x80 and lv.problems(d / "a.vhd") == []
+
+
+class CoalesceFillsParentBlock(Coalesce):
+    """Into a differencing parent whose block the child's sectors complete."""
+
+    def setup(self, d: Path) -> None:
+        vhd.create(str(d / "b.vhd"), self.size)
+        vhd.snapshot(str(d / "b.vhd"), str(d / "p.vhd"))
+        vhd.write(str(d / "p.vhd"), 0, vp.pattern(1, 8192))
+        self.before = vhd.read(str(d / "p.vhd"), 0, self.size)
+        vhd.snapshot(str(d / "p.vhd"), str(d / "c.vhd"))
+        vhd.write(str(d / "c.vhd"), 8192, vp.pattern(2, vp.BLOCK - 8192))
+        vhd.write(str(d / "c.vhd"), 3 * vp.BLOCK, vp.pattern(3, vp.BLOCK))
+        self.merged = vhd.read(str(d / "c.vhd"), 0, self.size)
+
+    def after_rerun(self, d: Path) -> None:
+        super().after_rerun(d)
+        assert lv.load(d / "p.vhd").bmap[0] == 0x90          # blocks 0 and 3 are full
+
+
+def _libvhd_chain(d: Path, size: int) -> bytes:
+    """base <- child made and written the way blktap does (libvhd's layout:
+    locators after the batmap, blocks after them, 4 KiB-aligned data)."""
+    lv.create(d / "base.vhd", size)
+    lv.write(d / "base.vhd", 0, b"B" * vp.BLOCK)
+    lv.write(d / "base.vhd", 3 * vp.BLOCK, b"b" * 4096)
+    lv.snapshot(d / "base.vhd", d / "child.vhd")
+    lv.write(d / "child.vhd", 4096, b"C" * 8192)
+    lv.write(d / "child.vhd", 5 * vp.BLOCK, b"c" * vp.BLOCK)
+    return vhd.read(str(d / "child.vhd"), 0, 8 * vp.BLOCK)
+
+
+class SetParentLibvhd(Scenario):
+    """The corpus chain: new locators into libvhd's alignment gap, one header write."""
+
+    def setup(self, d: Path) -> None:
+        vc.extract(d)
+        for name in ("empty.vhd", "prealloc.vhd"):
+            (d / name).unlink()
+        shutil.copyfile(d / "child.vhd", d / "child-copy.vhd")
+
+    def op(self, d: Path) -> None:
+        vhd.set_parent(str(d / "grandchild.vhd"), str(d / "child-copy.vhd"))
+
+    def after_kill(self, d: Path) -> None:
+        assert Path(vhd.info(str(d / "grandchild.vhd")).parent or "").name in (
+            "child.vhd", "child-copy.vhd")
+        assert vhd.read(str(d / "grandchild.vhd"), 0, 64 * MIB) == vc.model("grandchild.vhd")
+        assert lv.read(d / "grandchild.vhd", 0, 64 * MIB) == vc.model("grandchild.vhd")
+
+    def after_rerun(self, d: Path) -> None:
+        self.after_kill(d)
+        assert Path(vhd.info(str(d / "grandchild.vhd")).parent or "").name == "child-copy.vhd"
+        assert lv.problems(d / "grandchild.vhd") == []
+
+
+class SetParentMakesRoom(Scenario):
+    """A libvhd child whose alignment gap (1 KiB: a 1100 MiB disk's five BAT
+    sectors) cannot hold the new locators: its first block moves to the end first."""
+
+    size = 1100 * MIB
+
+    def setup(self, d: Path) -> None:
+        self.data = _libvhd_chain(d, self.size)
+        shutil.copyfile(d / "base.vhd", d / "base-copy.vhd")
+
+    def op(self, d: Path) -> None:
+        vhd.set_parent(str(d / "child.vhd"), str(d / "base-copy.vhd"))
+
+    def after_kill(self, d: Path) -> None:
+        assert vhd.read(str(d / "child.vhd"), 0, 8 * vp.BLOCK) == self.data
+        assert lv.read(d / "child.vhd", 0, 8 * vp.BLOCK) == self.data
+
+    def after_rerun(self, d: Path) -> None:
+        self.after_kill(d)
+        assert Path(vhd.info(str(d / "child.vhd")).parent or "").name == "base-copy.vhd"
+        assert lv.problems(d / "child.vhd") == []
+
+
+class ResizeGrowBatLibvhd(Scenario):
+    """Growing a libvhd child: its locators (after the batmap) and its first
+    block move out of the way, the batmap header moves to the new BAT end."""
+
+    grown = 300 * MIB
+
+    def setup(self, d: Path) -> None:
+        self.data = _libvhd_chain(d, 64 * MIB)
+
+    def op(self, d: Path) -> None:
+        vhd.resize(str(d / "child.vhd"), self.grown)
+
+    def after_kill(self, d: Path) -> None:
+        assert vhd.info(str(d / "child.vhd")).virtual_size in (64 * MIB, self.grown)
+        assert vhd.read(str(d / "child.vhd"), 0, 8 * vp.BLOCK) == self.data
+        assert lv.read(d / "child.vhd", 0, 8 * vp.BLOCK) == self.data
+
+    def after_rerun(self, d: Path) -> None:
+        self.after_kill(d)
+        assert vhd.info(str(d / "child.vhd")).virtual_size == self.grown
+        assert lv.problems(d / "child.vhd") == []
+        assert lv.load(d / "child.vhd").bmap[0] == 0x04                 # block 5 full
+
+
+class ResizeGrowBatOneSector(ResizeGrowBat):
+    """The BAT grows by one sector: the new batmap header lands on the old map,
+    which is copied away first."""
+
+    grown = 300 * MIB
+
+
+class RepairForeignBlock(Scenario):
+    """A block put where the batmap must be (as qemu's writer does on an image
+    with no block yet): repair moves it to the end and rebuilds the batmap."""
+
+    def setup(self, d: Path) -> None:
+        vhd.create(str(d / "a.vhd"), self.size)
+        lay = vp.layout(d / "a.vhd")
+        at = int(lay.header["table_offset"]) + 512  # type: ignore[call-overload]
+        raw = bytearray((d / "a.vhd").read_bytes()[:at])
+        block = b"\xff" * 512 + vp.pattern(4, vp.BLOCK)        # all-ones bitmap, then data
+        raw[at:] = block
+        raw += raw[:512]                                       # the footer after the block
+        (d / "a.vhd").write_bytes(bytes(raw))
+        vp.set_bat_entry(d / "a.vhd", 1, at // 512)
+        self.data = vhd.read(str(d / "a.vhd"), 0, self.size)
+        assert any("qemu" in p for p in vhd.check(str(d / "a.vhd")))
+
+    def op(self, d: Path) -> None:
+        vhd.repair(str(d / "a.vhd"))
+
+    def after_kill(self, d: Path) -> None:
+        assert vhd.read(str(d / "a.vhd"), 0, self.size) == self.data
+
+    def after_rerun(self, d: Path) -> None:
+        self.after_kill(d)
+        assert lv.problems(d / "a.vhd") == [] and lv.load(d / "a.vhd").bmap[0] == 0x40
+
+
 SCENARIOS: dict[str, type[Scenario]] = {
     "write-fresh-block": WriteFresh,
     "write-allocated-block": WriteAllocated,
@@ -351,6 +511,13 @@ SCENARIOS: dict[str, type[Scenario]] = {
     "snapshot": Snapshot,
     "import-raw": ImportRaw,
     "repair-tail-footer": RepairTail,
+    "write-fills-block": WriteFillsBlock,
+    "coalesce-fills-parent-block": CoalesceFillsParentBlock,
+    "set-parent-libvhd": SetParentLibvhd,
+    "set-parent-makes-room": SetParentMakesRoom,
+    "resize-grow-bat-libvhd": ResizeGrowBatLibvhd,
+    "resize-grow-bat-one-sector": ResizeGrowBatOneSector,
+    "repair-foreign-block": RepairForeignBlock,
 }
 
 
@@ -360,7 +527,7 @@ def test_killed_before_each_step(tmp_path: Path, name: str) -> None:
     pristine = tmp_path / "pristine"
     pristine.mkdir()
     sc.setup(pristine)
-    damaged_before = name.startswith("repair")
+    damaged_before = name.startswith("repair")   # check is clean only once repaired
     n, total = 1, None
     while total is None:
         work = tmp_path / f"step{n}"

@@ -265,3 +265,43 @@ def test_library_writes_into_a_qemu_image_and_qemu_reads_them(sr_dir: Path) -> N
     raw.write_bytes(model)
     ok, why = vp.qemu_compare_raw(img, raw)
     assert ok, why
+
+
+def test_qemu_over_the_batmap_of_an_empty_image_is_reported_and_repaired(
+    sr_dir: Path,
+) -> None:
+    """qemu's writer puts its first block right after the BAT, where libvhd
+    requires the batmap header (nothing in the image can steer it elsewhere):
+    check names the foreign block, reads keep working, writes wait for repair,
+    and repair moves qemu's block to the end and rebuilds the batmap; qemu
+    then reads the same disk, and appends later blocks past the last one."""
+    import libvhd_style as lv
+
+    img = sr_dir / "fresh.vhd"
+    size = 16 * MIB
+    vhd.create(str(img), size)
+    vp.qemu_io_write(img, 3 * MIB, 8192, 0xAB)
+    problems = vhd.check(str(img))
+    assert problems and "qemu" in problems[0] and "repair" in problems[0], problems
+    ref = sr_dir / "qemu.raw"
+    vp.qemu_to_raw(img, ref)
+    expected = ref.read_bytes()
+    assert vhd.read(str(img), 0, size) == expected
+    with pytest.raises(vhd.Corrupt, match="run repair"):
+        vhd.write(str(img), 0, b"refused")
+    done = vhd.repair(str(img))
+    assert any("moved data block" in d for d in done), done
+    assert vhd.check(str(img)) == [] and lv.problems(img) == []
+    assert vhd.read(str(img), 0, size) == expected
+    ok, why = vp.qemu_compare_raw(img, ref)
+    assert ok, why
+    assert lv.read(img, 0, size) == expected                 # libvhd reads it alike
+    model = bytearray(expected)
+    vhd.write(str(img), 0, b"ours")
+    model[0:4] = b"ours"
+    vp.qemu_io_write(img, 9 * MIB, 4096, 0xCD)               # after the last block now
+    model[9 * MIB : 9 * MIB + 4096] = b"\xcd" * 4096
+    assert vhd.check(str(img)) == []
+    assert vhd.read(str(img), 0, size) == model
+    ok, why = vp.qemu_compare_raw(img, _raw(sr_dir / "model.raw", model))
+    assert ok, why

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from smcommon import vhd
 from smcommon.vhd import format as fmt
+from smcommon.vhd import relayout
 from smcommon.vhd.create import parent_locators
 from smcommon.vhd.image import Image
 from vhd_unit_helpers import BLOCK, MIB, apply, pattern
@@ -24,8 +25,10 @@ def test_create_dynamic_rounds_up_and_says_so(tmp_path: Path) -> None:
     assert raw[:512] == raw[-512:]                      # footer copy at offset 0
     footer = fmt.Footer.from_bytes(raw[-512:])
     header = fmt.Header.from_bytes(raw[512:1536])
-    assert header.table_offset == 1536                  # the BAT is the last metadata
-    assert len(raw) == 1536 + 512 + 512 and footer.current_size == 6 * MIB
+    assert header.table_offset == 1536                  # as libvhd lays it out
+    batmap = fmt.BatmapHeader.from_bytes(raw[2048:2560])    # at the end of the BAT
+    assert (batmap.batmap_offset, batmap.batmap_size) == (2560, 1)
+    assert len(raw) == 2560 + 512 + 512 and footer.current_size == 6 * MIB
 
 
 def test_create_fixed_is_raw_plus_footer(tmp_path: Path) -> None:
@@ -127,10 +130,11 @@ def test_snapshot_writes_blktap_locators(tmp_path: Path) -> None:
     locs = [loc for loc in header.locators if loc.used]
     assert [loc.code for loc in locs] == [b"W2ru", b"W2ku", b"MacX"]
     texts = [raw[loc.data_offset : loc.data_offset + loc.data_length] for loc in locs]
-    assert texts[0].decode("utf-16-le") == "./base.vhd"
-    assert texts[1].decode("utf-16-le") == str(base)
-    assert texts[2] == f"file://{base}".encode()
-    assert all(loc.data_space == 16 for loc in locs)         # sectors
+    # relative in all three, as libvhd writes them (the corpus shows the same)
+    assert texts[0].decode("utf-16-le") == ".\\base.vhd"
+    assert texts[1].decode("utf-16-le") == ".\\base.vhd"
+    assert texts[2] == b"file://./base.vhd"
+    assert all(loc.data_space == 1 and loc.space == 512 for loc in locs)    # in sectors
     assert all(loc.data_offset < header.table_offset for loc in locs)  # before the BAT
     parent_footer = fmt.Footer.from_bytes(base.read_bytes()[-512:])
     assert header.parent_timestamp == parent_footer.timestamp
@@ -189,16 +193,10 @@ def test_parent_through_symlink_out_of_dir_refused(tmp_path: Path) -> None:
 
 def _point_parent_at(child: Path, parent: Path) -> None:
     """Re-link ``child`` to ``parent`` bypassing set_parent's loop check."""
-    puuid = fmt.Footer.from_bytes(parent.read_bytes()[-512:]).uuid
+    pfooter = fmt.Footer.from_bytes(parent.read_bytes()[-512:])
     with Image.open(child, writable=True, parents=False) as img:
-        assert img.header is not None
-        slots = [loc.data_offset for loc in img.header.locators if loc.used]
-        name, locs, datas = parent_locators(str(child), str(parent), slots)
-        for loc, data in zip(locs, datas, strict=True):
-            img._pwrite(data + bytes(8192 - len(data)), loc.data_offset, "locator")
-        img.set_header(img.header.sealed(
-            parent_uuid=puuid, locators_raw=fmt.pack_locators(locs),
-            parent_name_raw=fmt.encode_parent_name(name)))
+        name, payloads = parent_locators(str(child), str(parent))
+        relayout.relink(img, pfooter, name, payloads)
 
 
 def test_parent_loop_is_an_error(tmp_path: Path) -> None:
