@@ -96,7 +96,7 @@ def test_parallel_datapaths_on_one_vdi(path_sr: SR) -> None:
 
 
 def test_parallel_creates_in_two_srs_and_scans(make_sr: Any) -> None:
-    a, b = make_sr.make("path"), make_sr.make("path")
+    a, b = make_sr.make(), make_sr.make()
 
     def job(n: int) -> str:
         target = a if n % 2 else b
