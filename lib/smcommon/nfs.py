@@ -333,7 +333,7 @@ def libnfs_failure(server: Server, path: str, text: str) -> BackendError:
         return MountRefused([f"{where}: the server wants another security flavour"])
     if "Failed to start connection" in text or "nfs_service failed" in text:
         return ServerUnreachable([f"{where}: cannot connect ({text.strip()})"])
-    return MountRefused([f"{where}: {text.strip() or 'nfs-ls failed'}"])
+    return MountRefused([f"{where}: the server refused the mount ({text.strip() or 'nfs-ls failed'})"])
 
 
 # --- mount options ---------------------------------------------------------------

@@ -10,7 +10,6 @@ nfs_env      the environment of an NFS plugin call on this machine: the
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,15 +20,7 @@ NFS_DIR = str(Path(__file__).resolve().parent / "nfs")
 if NFS_DIR not in sys.path:
     sys.path.insert(0, NFS_DIR)
 
-from nfs_server import NfsServer, missing_tools, sweep_stale
-
-
-def skip_without_nfs_server() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("the NFS server fixture needs root (network namespace, mounts)")
-    missing = missing_tools()
-    if missing:
-        pytest.skip(f"NFS tools missing (scripts/setup installs them): {missing}")
+from nfs_server import NfsServer, dev_env, skip_without_nfs_server, sweep_stale
 
 
 @pytest.fixture(scope="session")
@@ -43,23 +34,9 @@ def nfs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NfsServer]:
         server.close()
 
 
-def nfs_env_for(server: NfsServer, where: Path) -> dict[str, str]:
-    """SM_NFS_DEV_* for calls against ``server`` (the map written in ``where``).
-    On a kernel with an NFS client the plugin mounts for real and ignores the
-    development mode; here it has none, so the development mount runs."""
-    _USED["server"] = server.address
-    return {
-        "SM_NFS_DEV_MODE": "1",
-        "SM_NFS_DEV_EXPORTS": str(server.write_dev_map(where / "nfs-dev-exports.json")),
-    }
-
-
-_USED: dict[str, str] = {}
-
-
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     """Say which NFS mount the NFS tests went through."""
-    if not _USED:
+    if not NfsServer.started:
         return
     plugins_nfs = str(Path(__file__).resolve().parents[2] / "plugins" / "nfs")
     if plugins_nfs not in sys.path:
@@ -73,11 +50,12 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         "and nfs-ls talk NFS to the server, then its exported directory is bind-mounted)"
     )
     terminalreporter.write_line(
-        f"NFS: tests ran against nfs-ganesha at {_USED['server']} (network namespace) "
+        f"NFS: tests ran against nfs-ganesha at {', '.join(dict.fromkeys(NfsServer.started))} "
+        "(network namespaces) "
         f"through {how}"
     )
 
 
 @pytest.fixture(scope="session")
 def nfs_env(nfs_server: NfsServer, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    return nfs_env_for(nfs_server, tmp_path_factory.mktemp("nfs-env"))
+    return dev_env(nfs_server, tmp_path_factory.mktemp("nfs-env"))

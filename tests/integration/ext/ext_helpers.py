@@ -101,7 +101,7 @@ class Ext:
         self.root = root
         self.dbg = dbg
         self.plugin = plugin
-        self.env = dict(os.environ, SM_ROOT=str(root), **(env or {}))
+        self.env = {**os.environ, **(env or {}), "SM_ROOT": str(root)}
         self.sr_type = sr_type
         self.backend = backend  # the type's server (NfsServer for nfs), if any
         self.calls = 0

@@ -6,8 +6,8 @@ address nobody has: a dead host), and runs rpcbind and nfs-ganesha (FSAL VFS)
 in it (``nfs_server_launch.py``), exporting:
 
 - ``/export``  -> ``<base_dir>/export``, read-write for the subnet;
-- ``/denied``  -> ``<base_dir>/denied``, for the server's own address only
-  (this host is refused).
+- ``/denied``  -> ``<base_dir>/denied``, exported to everyone but this host
+  (``10.251.K.1``: Access_Type None), so its mounts are refused.
 
 ganesha caches neither directory chunks nor attributes here (``Dir_Chunk =
 0``, ``Attr_Expiration_Time = 0``): in the development mount the plugin writes
@@ -31,6 +31,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import ClassVar
 
 HERE = Path(__file__).resolve().parent
 LAUNCHER = HERE / "nfs_server_launch.py"
@@ -67,13 +68,13 @@ EXPORT {{
     Export_Id = 2;
     Path = {base}/denied;
     Pseudo = /denied;
-    Access_Type = None;
+    Access_Type = RW;
     Squash = No_Root_Squash;
-    SecType = sys;
+    SecType = krb5;
     Protocols = 3, 4;
     Transports = TCP;
     FSAL {{ Name = VFS; }}
-    CLIENT {{ Clients = {addr}; Access_Type = RW; }}
+    CLIENT {{ Clients = {subnet}; Access_Type = RW; }}
 }}
 LOG {{ Default_Log_Level = EVENT; }}
 """
@@ -81,6 +82,27 @@ LOG {{ Default_Log_Level = EVENT; }}
 
 def missing_tools() -> list[str]:
     return [t for t in TOOLS if shutil.which(t) is None]
+
+
+def skip_without_nfs_server() -> None:
+    """pytest.skip unless this machine can run the server (root, the tools)."""
+    import pytest
+
+    if os.geteuid() != 0:
+        pytest.skip("the NFS server fixture needs root (network namespace, mounts)")
+    missing = missing_tools()
+    if missing:
+        pytest.skip(f"NFS tools missing (scripts/setup installs them): {missing}")
+
+
+def dev_env(server: NfsServer, where: Path) -> dict[str, str]:
+    """SM_NFS_DEV_* for plugin calls against ``server`` (the map written in
+    ``where``).  On a kernel with an NFS client the plugin mounts for real and
+    does not use the development mode; this kernel has none."""
+    return {
+        "SM_NFS_DEV_MODE": "1",
+        "SM_NFS_DEV_EXPORTS": str(server.write_dev_map(where / "nfs-dev-exports.json")),
+    }
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -129,6 +151,7 @@ class NfsServer:
     """One ganesha in its own network namespace; see the module doc."""
 
     _count = 0
+    started: ClassVar[list[str]] = []  # addresses of the servers this session started
 
     def __init__(self, base_dir: Path) -> None:
         NfsServer._count += 1
@@ -186,11 +209,11 @@ class NfsServer:
             _ip(*ns, "link", "set", self.ns_if, "up")
             _ip(*ns, "link", "set", "lo", "up")
             conf = self.base / "ganesha.conf"
-            conf.write_text(
-                GANESHA_CONF.format(
-                    addr=self.address, base=self.base, subnet=f"10.251.{self.k}.0/24"
-                )
-            )
+            text = GANESHA_CONF.format(
+                addr=self.address, host=self.host_address, base=self.base,
+                subnet=f"10.251.{self.k}.0/24",
+            )  # fmt: skip
+            conf.write_text(text)
             with open(self.base / "launcher.err", "w") as err:
                 self.proc = subprocess.Popen(
                     ["ip", "netns", "exec", self.name, sys.executable, str(LAUNCHER),
@@ -204,6 +227,7 @@ class NfsServer:
             if not line.startswith("ready"):
                 raise RuntimeError(f"NFS server did not start: {line!r}; {self.logs()}")
             self.ganesha_pid = int(line.split()[1])
+            NfsServer.started.append(self.address)
         except BaseException:
             self.close()
             raise
