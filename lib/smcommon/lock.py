@@ -23,12 +23,23 @@ used as a context manager.  The kernel drops it when its holder dies, even by
   is re-entrant in the thread that holds it: taking the same name again in the
   same thread nests (a shared lock inside an exclusive one is fine; an
   exclusive one inside a shared one is refused, as it could deadlock).
+- ``shared_storage=True`` makes it an fcntl lock instead, for lock files on
+  storage several hosts mount (an SR on NFS): an open-file-description
+  record lock (``F_OFD_SETLK``) on the whole file.  It belongs to the open
+  file as flock does (same nesting rules), but it is a POSIX record lock,
+  which NFS carries to the server (NLM for NFSv3, the protocol's own locks
+  with leases for NFSv4), so it excludes processes of other hosts too, and it
+  behaves the same on a local file system as on NFS.  (flock's behaviour
+  differs: local only on some file systems, emulated as a record lock on
+  Linux NFS.)
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import struct
 import time
 from _thread import get_ident
 
@@ -46,21 +57,36 @@ DEFAULT_TIMEOUT = 60.0  # seconds
 FIRST_POLL = 0.001
 MAX_POLL = 0.05
 
+# Linux's open-file-description locks (fcntl(2)); Python >= 3.9 names them
+F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
+
 
 class _Holding:
     """A lock file this process holds in one thread: its fd, mode and depth."""
 
-    __slots__ = ("depth", "fd", "shared")
+    __slots__ = ("depth", "fd", "record", "shared")
 
-    def __init__(self, fd: int, shared: bool) -> None:
+    def __init__(self, fd: int, shared: bool, record: bool) -> None:
         self.fd = fd
         self.shared = shared
+        self.record = record
         self.depth = 1
 
 
 # (path, pid, thread id) -> what this process holds there, for nesting; the pid
 # keeps a forked child from taking its parent's holding for its own
 _held: dict[tuple[str, int, int], _Holding] = {}
+
+
+class LockUnavailable(Error):
+    """The file system holding a lock file refused record locks (ENOLCK)."""
+
+    code = "LOCK_UNAVAILABLE"
+    msg = (
+        "the file system of lock {self.reason} refused a record lock (ENOLCK): "
+        "on NFSv3 the server needs its lock manager (NLM) and the mount must "
+        "not use nolock"
+    )
 
 
 class LockUpgrade(Error):
@@ -88,11 +114,13 @@ class Lock:
         *,
         shared: bool = False,
         timeout: float = DEFAULT_TIMEOUT,
+        shared_storage: bool = False,
     ) -> None:
         self.name = name
         self.path = lock_path(name, lock_dir)
         self.shared = shared
         self.timeout = timeout
+        self.record = shared_storage
         self._key: tuple[str, int, int] | None = None
 
     def __repr__(self) -> str:
@@ -118,11 +146,11 @@ class Lock:
             return
         fd = _open(self.path)
         try:
-            _flock(fd, self.shared, self.timeout, self.name)
+            _flock(fd, self.shared, self.timeout, self.name, self.record)
         except BaseException:
             os.close(fd)
             raise
-        _held[key] = _Holding(fd, self.shared)
+        _held[key] = _Holding(fd, self.shared, self.record)
         self._key = key
 
     def release(self) -> None:
@@ -136,7 +164,10 @@ class Lock:
         if holding.depth == 0:
             del _held[key]
             try:
-                fcntl.flock(holding.fd, fcntl.LOCK_UN)
+                if holding.record:
+                    _record_lock(holding.fd, fcntl.F_UNLCK)
+                else:
+                    fcntl.flock(holding.fd, fcntl.LOCK_UN)
             finally:
                 os.close(holding.fd)
 
@@ -162,22 +193,43 @@ def _open(path: str) -> int:
         return os.open(path, flags, 0o600)
 
 
-def flock_wait(fd: int, *, shared: bool, timeout: float) -> bool:
-    """flock ``fd`` (shared or exclusive), polling for at most ``timeout`` seconds.
+def _record_lock(fd: int, kind: int) -> None:
+    """An OFD record lock over the whole file (l_pid must be 0); EAGAIN or
+    EACCES (BlockingIOError / PermissionError) when another holder conflicts."""
+    # struct flock on LP64 Linux: short l_type, short l_whence, off_t l_start,
+    # off_t l_len, pid_t l_pid (+ padding): 32 bytes
+    arg = struct.pack("@hhqqi4x", kind, os.SEEK_SET, 0, 0, 0)
+    fcntl.fcntl(fd, F_OFD_SETLK, arg)
 
-    The project's one bounded flock wait (SR/VDI locks here, image locks in
+
+def _try(fd: int, shared: bool, record: bool) -> bool:
+    try:
+        if record:
+            _record_lock(fd, fcntl.F_RDLCK if shared else fcntl.F_WRLCK)
+        else:
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except (BlockingIOError, PermissionError):
+        return False
+    except OSError as e:
+        if e.errno == errno.ENOLCK:
+            raise LockUnavailable(os.readlink(f"/proc/self/fd/{fd}")) from None
+        raise
+    return True
+
+
+def flock_wait(fd: int, *, shared: bool, timeout: float, record: bool = False) -> bool:
+    """flock ``fd`` (shared or exclusive), polling for at most ``timeout`` seconds;
+    with ``record``, an fcntl OFD record lock instead (see the module doc).
+
+    The project's one bounded lock wait (SR/VDI locks here, image locks in
     ``smcommon.vhd.locks``): True once held, False when the time is up.
-    OSErrors other than "would block" propagate.
+    OSErrors other than "would block" propagate (ENOLCK as LockUnavailable).
     """
-    op = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB
     deadline = time.monotonic() + timeout
     pause = FIRST_POLL
     while True:
-        try:
-            fcntl.flock(fd, op)
+        if _try(fd, shared, record):
             return True
-        except BlockingIOError:
-            pass
         left = deadline - time.monotonic()
         if left <= 0:
             return False
@@ -185,8 +237,8 @@ def flock_wait(fd: int, *, shared: bool, timeout: float) -> bool:
         pause = min(pause * 2, MAX_POLL)
 
 
-def _flock(fd: int, shared: bool, timeout: float, name: str) -> None:
-    if not flock_wait(fd, shared=shared, timeout=timeout):
+def _flock(fd: int, shared: bool, timeout: float, name: str, record: bool = False) -> None:
+    if not flock_wait(fd, shared=shared, timeout=timeout, record=record):
         raise LockTimeout(name, timeout)
 
 

@@ -11,7 +11,8 @@ device_config (one of):
 This module is imported by every call of EXTSR, so it imports nothing heavy:
 ``factory`` returns a small object that answers Query.query itself and hands
 every other method to the engine's ``Driver``, imported only then.
-Outside commands go through ``smcommon.runner.run`` (argv lists, timeouts).
+Outside commands go through ``smcommon.runner.run`` (argv lists, timeouts);
+mounting and the mount table are ``smcommon.mount``'s.
 """
 
 from __future__ import annotations
@@ -117,7 +118,8 @@ class ExtType:
     ) -> tuple[Path, bool]:
         from pathlib import Path
 
-        from smcommon.errors import BackendError, CommandError
+        from smcommon import mount
+        from smcommon.errors import BackendError
 
         kind, value = self._which(device_config)
         if kind == "path":
@@ -139,7 +141,8 @@ class ExtType:
             return Path(os.path.realpath(value)), False
         self._check_block_device(value)
         mnt = self.paths.sr_mount(sr)
-        current = _mounted_at(str(mnt))
+        entry = mount.mounted_at(str(mnt))
+        current = entry.source if entry is not None else None
         if current is not None:
             if os.path.realpath(current) != os.path.realpath(value):
                 raise BackendError(
@@ -150,7 +153,7 @@ class ExtType:
             # SR.create is only reached for an SR not attached here: this
             # mount is the leftover of a killed SR.create; undo it first.
             self.close(sr, mnt, True)
-        users = _mount_points_of(value)
+        users = mount.mount_points_of(value)
         if users:
             raise BackendError(
                 "DEVICE_IN_USE", [f"{value} is mounted at {', '.join(users)}"]
@@ -162,8 +165,10 @@ class ExtType:
             )
         mnt.mkdir(parents=True, exist_ok=True)
         try:
-            self.run(["mount", "-t", "ext4", value, str(mnt)], timeout=MOUNT_TIMEOUT)
-        except CommandError as e:
+            mount.mount(
+                value, str(mnt), fstype="ext4", runner=self.run, timeout=MOUNT_TIMEOUT
+            )
+        except mount.MountFailed as e:
             try:
                 os.rmdir(mnt)
             except OSError:
@@ -172,7 +177,7 @@ class ExtType:
                 "MOUNT_FAILED",
                 [
                     f"{value} holds no mountable ext4 (never created, or destroyed?)",
-                    e.err_tail,
+                    *e.details,
                 ],
             ) from None
         return mnt, True
@@ -191,10 +196,12 @@ class ExtType:
             raise BackendError("NOT_A_BLOCK_DEVICE", [f"{value} is not a block device"])
 
     def close(self, sr: str, sr_dir: Path, mounted: bool) -> None:
-        if not mounted or _mounted_at(str(sr_dir)) is None:
+        from smcommon import mount
+
+        if not mounted or mount.mounted_at(str(sr_dir)) is None:
             return
         os.sync()
-        self.run(["umount", str(sr_dir)], timeout=MOUNT_TIMEOUT)
+        mount.umount(str(sr_dir), runner=self.run, timeout=MOUNT_TIMEOUT)
         try:
             os.rmdir(sr_dir)
         except OSError:
@@ -205,32 +212,6 @@ class ExtType:
         device = device_config.get("device")
         if device:
             self.run(["wipefs", "-a", "-q", device], timeout=MOUNT_TIMEOUT)
-
-
-def _mounts() -> list[tuple[str, str]]:
-    out = []
-    try:
-        with open("/proc/self/mounts", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) >= 2:
-                    dev = parts[0].replace("\\040", " ")
-                    out.append((dev, parts[1].replace("\\040", " ")))
-    except OSError:
-        pass
-    return out
-
-
-def _mounted_at(mountpoint: str) -> str | None:
-    for dev, mnt in _mounts():
-        if mnt == mountpoint:
-            return dev
-    return None
-
-
-def _mount_points_of(device: str) -> list[str]:
-    real = os.path.realpath(device)
-    return [mnt for dev, mnt in _mounts() if os.path.realpath(dev) == real]
 
 
 class ExtPlugin:

@@ -144,7 +144,7 @@ class Driver:
             raise InvalidRequest(f"physical_size must not be negative: {physical_size}")
         if self.registry.get(sr) is not None:
             raise SrAttached(sr)
-        with locks.sr_lock(self.paths, sr):
+        with locks.host_sr_lock(self.paths, sr):
             sr_dir, mounted = self.type.open(sr, device_config, True)
             try:
                 meta = Metadata(sr_dir)
@@ -183,7 +183,7 @@ class Driver:
 
     def sr_attach(self, dbg: str, sr: str, device_config: dict[str, str]) -> None:
         sr = safe_name("sr", sr)
-        with locks.sr_lock(self.paths, sr):
+        with locks.host_sr_lock(self.paths, sr):
             entry = self.registry.get(sr)
             if entry is not None and Path(entry.sr_dir).is_dir():
                 self._check_identity(sr, Path(entry.sr_dir))
@@ -225,11 +225,15 @@ class Driver:
 
     def sr_detach(self, dbg: str, sr: str) -> None:
         eng = self.engine(sr, check_dir=False)
-        entry = self.registry.require(eng.sr)
-        with eng.tree_lock(resume_gc=False):
-            released = vdipath.release_all(eng)
-            if released:
-                log.info("SR.detach of %s released datapaths %s", sr, released)
+        with locks.host_sr_lock(self.paths, eng.sr):
+            entry = self.registry.require(eng.sr)
+            with contextlib.ExitStack() as shared:
+                if eng.meta.sm_dir.is_dir():  # else nothing shared is left to lock
+                    shared.enter_context(eng.tree_lock(resume_gc=False))
+                released = vdipath.release_all(eng)
+                if released:
+                    log.info("SR.detach of %s released datapaths %s", sr, released)
+            # the tree lock's file is in the SR: closed before the unmount
             self.type.close(eng.sr, eng.sr_dir, entry.mounted)
             self.registry.remove(eng.sr)
             _rmtree(eng.dps.state_dir, ignore_errors=True)
@@ -237,17 +241,21 @@ class Driver:
     def sr_destroy(self, dbg: str, sr: str) -> None:
         eng = self.engine(sr)
         entry = self.registry.require(eng.sr)
-        with eng.tree_lock(resume_gc=False):
-            vdipath.release_all(eng)
-            # The identity goes first: from then on the SR can be neither
-            # attached nor probed, even if the rest is interrupted.
-            with contextlib.suppress(FileNotFoundError):
-                eng.meta.sr_file.unlink()
-            for volume in eng.store.volumes():
-                eng.store.remove(volume)
-            eng.store.cleanup_partial()
+        with locks.host_sr_lock(self.paths, eng.sr):
+            with eng.tree_lock(resume_gc=False):
+                vdipath.release_all(eng)
+                # The identity goes first: from then on the SR can be neither
+                # attached nor probed, even if the rest is interrupted.
+                with contextlib.suppress(FileNotFoundError):
+                    eng.meta.sr_file.unlink()
+                for volume in eng.store.volumes():
+                    eng.store.remove(volume)
+                eng.store.cleanup_partial()
+                _rmtree(eng.meta.sm_dir, ignore_errors=True)
+                _rmtree(eng.dps.state_dir, ignore_errors=True)
+            # again once the lock file is closed (NFS keeps an open file that
+            # was removed as a .nfsXXXX name until it is closed)
             _rmtree(eng.meta.sm_dir, ignore_errors=True)
-            _rmtree(eng.dps.state_dir, ignore_errors=True)
             self.type.close(eng.sr, eng.sr_dir, entry.mounted)
             self.type.wipe(eng.sr, entry.device_config)
             self.registry.remove(eng.sr)
@@ -255,7 +263,7 @@ class Driver:
 
     def sr_reset(self, dbg: str, sr: str) -> None:
         sr = safe_name("sr", sr)
-        with locks.sr_lock(self.paths, sr):
+        with locks.host_sr_lock(self.paths, sr):
             entry = self.registry.get(sr)
             _rmtree(self.paths.run_dir / "dp" / sr, ignore_errors=True)
             if entry is not None and entry.mounted:

@@ -121,8 +121,9 @@ class SrEngine:
 
     @contextlib.contextmanager
     def tree_lock(self, resume_gc: bool = True) -> Iterator[None]:
-        """The SR lock; a GC step left by a killed process is finished first."""
-        with locks.sr_lock(self.paths, self.sr):
+        """The SR's tree lock (on the SR's storage, shared by every host that
+        attached it); a GC step left by a killed process is finished first."""
+        with locks.tree_lock(self.sr_dir):
             self.check_attached()
             if resume_gc and self.meta.gc_file.exists():
                 from smcommon.engine.gc import Collector
@@ -131,7 +132,7 @@ class SrEngine:
             yield
 
     def vdi_lock(self, vdi: str, timeout: float | None = None) -> Any:
-        return locks.vdi_lock(self.paths, self.sr, vdi, timeout)
+        return locks.vdi_lock(self.sr_dir, safe_name("vdi", vdi), timeout)
 
     # --- reading -------------------------------------------------------------
 

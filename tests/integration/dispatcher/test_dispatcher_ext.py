@@ -44,7 +44,7 @@ def test_default_sr_is_ready_and_listed(ext_daemon: Daemon) -> None:
     assert sr in ok(ext_daemon.unix("/").SR.ls({"dbg": "t"}))
     assert sr in ok(ext_daemon.tcp("/ext").SR.ls({"dbg": "t"}))
     drivers = ok(ext_daemon.unix("/").Query.query({"dbg": "t"}))
-    assert [q["driver"] for q in drivers] == ["ext"]
+    assert [q["driver"] for q in drivers] == ["ext", "nfs"]  # every plugin of plugins/
     assert ok(ext_daemon.unix("/ext").Query.query({"dbg": "t"}))["driver"] == "ext"
     assert "ext" in ok(ext_daemon.unix("/").Query.diagnostics({"dbg": "t"}))
     assert ok(ext_daemon.unix("/ext").Query.diagnostics({"dbg": "t"}))
@@ -75,9 +75,36 @@ def test_default_sr_survives_a_restart(
     )
 
 
-def test_every_vdi_method_through_the_dispatcher(ext_daemon: Daemon) -> None:
-    sr = ext_daemon.default_sr
-    sm = ext_daemon.unix("/")
+@pytest.fixture(params=["ext", "nfs"])
+def typed_sr(
+    request: pytest.FixtureRequest,
+    start_daemon: Callable[..., Daemon],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> tuple[Daemon, str]:
+    """A daemon with every plugin and an attached SR of each type: ext's
+    default SR, or an NFS SR on the session's nfs-ganesha (made and attached
+    through the daemon's /nfs route; the plugin inherits the development
+    mount's environment from the daemon)."""
+    if request.param == "ext":
+        d = request.getfixturevalue("ext_daemon")
+        return d, d.default_sr
+    server = request.getfixturevalue("nfs_server")
+    for k, v in request.getfixturevalue("nfs_env").items():
+        monkeypatch.setenv(k, v)
+    d = start_daemon("--timeout", "60", plugins=REPO / "plugins")
+    sr = str(uuid.uuid4())
+    dc = {"server": server.address, "serverpath": "/export", "nfsversion": "4.1"}
+    nfs = d.unix("/nfs")
+    ok(nfs.SR.create({"dbg": "t", "sr": sr, "device_config": dc, "physical_size": 0}))
+    ok(nfs.SR.attach({"dbg": "t", "sr": sr, "device_config": dc}))
+    request.addfinalizer(lambda: nfs.SR.destroy({"dbg": "t", "sr": sr}))
+    return d, sr
+
+
+def test_every_vdi_method_through_the_dispatcher(typed_sr: tuple[Daemon, str]) -> None:
+    daemon, sr = typed_sr
+    sm = daemon.unix("/")
     a = {"dbg": "vdi-methods", "sr": sr}
     info = ok(
         sm.VDI.create(dict(a, vdi_info={"name_label": "d0", "virtual_size": 3 * MiB}))

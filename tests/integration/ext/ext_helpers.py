@@ -1,8 +1,11 @@
-"""Helpers of the ext black-box tests: run the real plugins/ext/EXTSR.
+"""Helpers of the plugin black-box tests: run the real plugin executables.
 
-Every call is a new process of the real executable (``sys.executable
-plugins/ext/EXTSR``) with ``SM_ROOT`` pointing at the test's tmp root; the
-request is built by ``xmlrpc.client.dumps`` and the response parsed by
+The suites of this directory run over every SR type of ``sr_types.py``
+(``plugins/ext/EXTSR``, ``plugins/nfs/NFSSR`` ...).  Every call is a new
+process of the real executable (``sys.executable plugins/<type>/<TYPE>SR``)
+with ``SM_ROOT`` pointing at the test's tmp root (plus what the type's
+backend needs, e.g. the NFS server's development-mount map); the request is
+built by ``xmlrpc.client.dumps`` and the response parsed by
 ``xmlrpc.client.loads``.  Nothing here imports the engine: the only library
 these tests use is ``smcommon.vhd`` to read and write the images named by
 ``attach_info.params``, as a VM backend would.
@@ -84,16 +87,27 @@ def parse_response(rc: int, out: str, err: str) -> Reply:
 
 
 class Ext:
-    """The real executable on one SM_ROOT."""
+    """A real plugin executable (EXTSR unless told) on one SM_ROOT."""
 
-    def __init__(self, root: Path, dbg: str = "itest") -> None:
+    def __init__(
+        self,
+        root: Path,
+        dbg: str = "itest",
+        plugin: Path = PLUGIN,
+        env: dict[str, str] | None = None,
+        sr_type: str = "ext",
+        backend: Any = None,
+    ) -> None:
         self.root = root
         self.dbg = dbg
-        self.env = dict(os.environ, SM_ROOT=str(root))
+        self.plugin = plugin
+        self.env = {**os.environ, **(env or {}), "SM_ROOT": str(root)}
+        self.sr_type = sr_type
+        self.backend = backend  # the type's server (NfsServer for nfs), if any
         self.calls = 0
 
     def argv(self, *extra: str) -> list[str]:
-        return [sys.executable, str(PLUGIN), *extra]
+        return [sys.executable, str(self.plugin), *extra]
 
     def run_raw(
         self, data: bytes | str | None, *extra: str, timeout: float = CALL_TIMEOUT
@@ -172,16 +186,33 @@ def is_vhd(path: Path) -> bool:
 
 
 class SR:
-    """An attached SR and the data checks of the tests."""
+    """An attached SR and the data checks of the tests.
+
+    ``data_dir`` is where the plugin keeps the SR (the mount point for the
+    kinds that mount); ``backing`` is where its files live seen from outside
+    the plugin (the ``path`` directory, or the NFS server's exported
+    directory of the SR), None if nowhere (ext4 on a loop device)."""
 
     def __init__(
-        self, ext: Ext, uuid_: str, kind: str, data_dir: Path, config: dict[str, str]
+        self,
+        ext: Ext,
+        uuid_: str,
+        kind: str,
+        data_dir: Path,
+        config: dict[str, str],
+        backing: Path | None = None,
     ) -> None:
         self.ext = ext
         self.config = config
         self.uuid = uuid_
         self.kind = kind
         self.data_dir = data_dir
+        self.backing = backing
+
+    @property
+    def mounted(self) -> bool:
+        """Whether this kind of SR is a mount on the host (ext4, nfs)."""
+        return self.kind != "path"
 
     # --- calls ----------------------------------------------------------
     def ok(self, method: str, **args: Any) -> Any:
@@ -315,11 +346,6 @@ class SR:
         return scan
 
 
-def sr_kinds() -> list[Any]:
-    return [
-        pytest.param("path", id="path"),
-        pytest.param("ext4", id="ext4", marks=pytest.mark.root),
-    ]
 
 
 def _mounts_under(root: Path) -> list[str]:
@@ -333,11 +359,15 @@ def _mounts_under(root: Path) -> list[str]:
 
 
 class SrFactory:
-    """Creates and attaches SRs; tears down mounts and loop devices."""
+    """Creates and attaches SRs of the plugin's type; tears down mounts and
+    loop devices.  ``make()`` makes the type's default kind (sr_types.py)."""
 
     def __init__(self, ext: Ext, tmp: Path) -> None:
+        from sr_types import SR_TYPES
+
         self.ext = ext
         self.tmp = tmp
+        self.spec = SR_TYPES[ext.sr_type]
         self.loops: list[str] = []
         self.srs: list[SR] = []
 
@@ -363,18 +393,31 @@ class SrFactory:
         self.loops.append(dev)
         return dev
 
-    def make(self, kind: str, *, attach: bool = True) -> SR:
+    def make(self, kind: str | None = None, *, attach: bool = True) -> SR:
+        kind = kind or self.spec.kinds[0]
+        if kind not in self.spec.kinds:
+            raise ValueError(f"{self.spec.name} SRs come in {self.spec.kinds}, not {kind}")
         sr_uuid = str(uuid.uuid4())
+        mount_point = self.ext.root / "run" / "sm" / "sr-mount" / sr_uuid
+        backing: Path | None = None
         if kind == "path":
             d = self.tmp / f"sr-{sr_uuid[:8]}"
             d.mkdir()
             config = {"path": str(d)}
-            data_dir = d
-        else:
+            data_dir = backing = d
+        elif kind == "ext4":
             config = {"device": self.loop_device()}
-            data_dir = self.ext.root / "run" / "sm" / "sr-mount" / sr_uuid
+            data_dir = mount_point
+        elif kind.startswith("nfs"):
+            server = self.ext.backend
+            config = {"server": server.address, "serverpath": "/export",
+                      "nfsversion": kind[3:]}  # fmt: skip
+            data_dir = mount_point
+            backing = server.export_dir / sr_uuid
+        else:
+            raise ValueError(f"no SR kind {kind}")
         self.ext.ok("SR.create", sr=sr_uuid, device_config=config, physical_size="0")
-        sr = SR(self.ext, sr_uuid, kind, data_dir, config)
+        sr = SR(self.ext, sr_uuid, kind, data_dir, config, backing)
         self.srs.append(sr)
         if attach:
             self.ext.ok("SR.attach", sr=sr_uuid, device_config=config)

@@ -96,7 +96,7 @@ def test_parallel_datapaths_on_one_vdi(path_sr: SR) -> None:
 
 
 def test_parallel_creates_in_two_srs_and_scans(make_sr: Any) -> None:
-    a, b = make_sr.make("path"), make_sr.make("path")
+    a, b = make_sr.make(), make_sr.make()
 
     def job(n: int) -> str:
         target = a if n % 2 else b
@@ -122,17 +122,16 @@ def test_copy_takes_the_sr_lock_before_the_vdi_lock(path_sr: SR) -> None:
     import subprocess
     import time
 
-    from smcommon import lock
-    from smcommon.paths import Paths
+    from smcommon.engine import locks
 
     sr = path_sr
     vdi = sr.create("src", 4 * MiB)["vdi"]
-    paths = Paths(sr.ext.env["SM_ROOT"])
     request = sr.ext.request(
         "VDI.copy",
         {"dbg": "t", "sr": sr.uuid, "vdi": vdi, "url": "local", "dest": sr.uuid},
     )
-    with lock.sr_lock(paths, sr.uuid, timeout=10):
+    # the SR's locks live in the SR (shared by every host attaching it)
+    with locks.tree_lock(sr.data_dir, timeout=10):
         proc = subprocess.Popen(
             sr.ext.argv(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             env=sr.ext.env, text=True,
@@ -141,7 +140,7 @@ def test_copy_takes_the_sr_lock_before_the_vdi_lock(path_sr: SR) -> None:
         proc.stdin.close()  # type: ignore[union-attr]
         time.sleep(1.5)  # the copy is now waiting for the SR lock we hold
         assert proc.poll() is None
-        with lock.vdi_lock(paths, sr.uuid, vdi, timeout=0.5):
+        with locks.vdi_lock(sr.data_dir, vdi, timeout=0.5):
             pass  # free: the copy did not take it before the SR lock
     out = proc.stdout.read()  # type: ignore[union-attr]
     assert proc.wait(timeout=60) == 0

@@ -167,7 +167,7 @@ def test_kill_during_destroy_and_gc(sr: SR) -> None:
 def test_kill_during_compose_epoch_and_copy(make_sr: SrFactory) -> None:
     """Fewer runs each: kill -9 in VDI.compose, VDI.epoch_begin,
     VDI.set_persistent and VDI.copy; acknowledged data of every VDI stays."""
-    sr, dest = make_sr.make("path"), make_sr.make("path")
+    sr, dest = make_sr.make(), make_sr.make()
     rng = random.Random(f"{SEED}-misc")
     runs = max(2, RUNS // 5)
     base = sr.create("base", 4 * MiB)["vdi"]

@@ -1,5 +1,6 @@
-"""SR.* through the real EXTSR: create, attach, detach, destroy, reset, ls, scan,
-on a directory (``path``) and, as root, on ext4 on a loop device."""
+"""SR.* through the real plugins: create, attach, detach, destroy, reset, ls,
+scan; ext on a directory (``path``) and, as root, on ext4 on a loop device;
+nfs on the session's NFS server (v3 and v4.1)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from ext_helpers import SR, Ext, SrFactory, sr_kinds
+from ext_helpers import SR, Ext, SrFactory
 
 pytestmark = pytest.mark.integration
 
@@ -18,10 +19,9 @@ def _mounted(path: Path) -> bool:
         return any(line.split()[1] == str(path) for line in f)
 
 
-@pytest.mark.parametrize("kind", sr_kinds())
-def test_sr_lifecycle(ext: Ext, make_sr: SrFactory, kind: str) -> None:
+def test_sr_lifecycle(ext: Ext, make_sr: SrFactory, sr_kind: str) -> None:
     assert ext.ok("SR.ls") == []
-    sr = make_sr.make(kind, attach=False)
+    sr = make_sr.make(sr_kind, attach=False)
     config = sr.config
     # created but not attached: VDI calls need an attached SR
     assert sr.uuid not in ext.ok("SR.ls")
@@ -37,7 +37,7 @@ def test_sr_lifecycle(ext: Ext, make_sr: SrFactory, kind: str) -> None:
 
     sr.ok("SR.attach", device_config=config)
     assert ext.ok("SR.ls") == [sr.uuid]
-    if kind == "ext4":
+    if sr.mounted:
         assert _mounted(sr.data_dir), f"{sr.data_dir} is not mounted"
     # attaching again is harmless
     sr.ok("SR.attach", device_config=config)
@@ -53,7 +53,7 @@ def test_sr_lifecycle(ext: Ext, make_sr: SrFactory, kind: str) -> None:
 
     sr.ok("SR.detach")
     assert ext.ok("SR.ls") == []
-    if kind == "ext4":
+    if sr.mounted:
         assert not _mounted(sr.data_dir)
     assert sr.err("VDI.stat", vdi=v["vdi"]) == ["Sr_not_attached", sr.uuid]
     # the data outlives a detach
@@ -68,14 +68,17 @@ def test_sr_lifecycle(ext: Ext, make_sr: SrFactory, kind: str) -> None:
     r = ext.call("SR.attach", sr=sr.uuid, device_config=config)
     assert not r.ok, r.describe()
     assert ext.ok("SR.ls") == []
-    if kind == "path":
+    if sr.kind == "path":
         left = [p for p in Path(config["path"]).rglob("*") if p.is_file()]
         assert not left, f"SR.destroy left {left}"
+    if sr.kind.startswith("nfs"):  # <serverpath>/<sr> is gone, seen over NFS
+        assert sr.uuid not in ext.backend.nfs_ls("/export")
+        assert sr.backing is not None and not sr.backing.exists()
 
 
 def test_two_srs_are_independent(ext: Ext, make_sr: SrFactory) -> None:
-    a = make_sr.make("path")
-    b = make_sr.make("path")
+    a = make_sr.make()
+    b = make_sr.make()
     assert sorted(ext.ok("SR.ls")) == sorted([a.uuid, b.uuid])
     va = a.create("in-a")
     assert b.scan() == {}
@@ -85,6 +88,7 @@ def test_two_srs_are_independent(ext: Ext, make_sr: SrFactory) -> None:
     assert set(a.scan()) == {va["vdi"]}
 
 
+@pytest.mark.sr_types("ext")  # nfs: tests/integration/nfs/test_nfs_errors.py
 def test_sr_create_errors(ext: Ext, tmp_path: Path) -> None:
     sr = str(uuid.uuid4())
     # no device_config key at all
@@ -126,10 +130,11 @@ def test_sr_create_errors(ext: Ext, tmp_path: Path) -> None:
     assert not r.ok, r.describe()
 
 
+@pytest.mark.sr_types("ext")  # nfs: tests/integration/nfs/test_nfs_sr.py
 def test_sr_create_refuses_a_directory_holding_another_sr(
     ext: Ext, make_sr: SrFactory, tmp_path: Path
 ) -> None:
-    a = make_sr.make("path")
+    a = make_sr.make()
     v = a.create("precious")
     other = str(uuid.uuid4())
     err = ext.err("SR.create", sr=other, device_config=a.config, physical_size="0")
@@ -188,7 +193,7 @@ def test_sr_reset_forgets_host_state(ext: Ext, each_sr: SR) -> None:
     sr.ok("VDI.activate", dp="vm1", vdi=a["vdi"])
     sr.ok("SR.reset")
     assert sr.uuid not in ext.ok("SR.ls")
-    if sr.kind == "ext4":
+    if sr.mounted:
         # the mount is host state too; clean it so the re-attach below mounts
         subprocess.run(["umount", str(sr.data_dir)], capture_output=True, check=False)
     sr.ok("SR.attach", device_config=sr.config)

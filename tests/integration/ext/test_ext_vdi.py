@@ -330,8 +330,8 @@ def test_get_url_gives_read_access(sr: SR) -> None:
 def test_copy_to_another_sr(ext: Ext, make_sr: SrFactory, tmp_path: Path) -> None:
     from smcommon import vhd
 
-    src = make_sr.make("path")
-    dst = make_sr.make("path")
+    src = make_sr.make()
+    dst = make_sr.make()
     v = src.create("orig", 8 * MiB, name_description="to copy")["vdi"]
     src.write(v, {0: pat("c0"), 3 * BLOCK: pat("c3")})
     src.snapshot(v)

@@ -1,5 +1,5 @@
-"""EXTSR as an executable: request forms, wire conventions, malformed input,
-hostile names, Query.*, logging."""
+"""Each plugin (EXTSR, NFSSR) as an executable: request forms, wire
+conventions, malformed input, hostile names, Query.*, logging."""
 
 from __future__ import annotations
 
@@ -8,22 +8,24 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from ext_helpers import PLUGIN, SR, Ext, MiB, parse_response, vinfo
+from ext_helpers import SR, Ext, MiB, parse_response, vinfo
+from sr_types import SR_TYPES
 
 pytestmark = pytest.mark.integration
 
 GiB = 1024 * MiB
 
 
-def test_executable_is_executable() -> None:
-    assert os.access(PLUGIN, os.X_OK), f"{PLUGIN} is not executable"
-    assert PLUGIN.read_text().startswith("#!"), "no #! line"
+def test_executable_is_executable(sr_type: str) -> None:
+    plugin = SR_TYPES[sr_type].plugin
+    assert os.access(plugin, os.X_OK), f"{plugin} is not executable"
+    assert plugin.read_text().startswith("#!"), "no #! line"
 
 
 def test_runs_directly_by_its_shebang(ext: Ext) -> None:
     """The toolstack runs the file itself, not through a python we choose."""
     p = subprocess.run(
-        [str(PLUGIN)],
+        [str(ext.plugin)],
         input=Ext.request("Query.query", {"dbg": "shebang"}),
         capture_output=True,
         text=True,
@@ -49,11 +51,11 @@ def test_query_query(ext: Ext) -> None:
         "configuration",
     ):
         assert key in q, f"query_result lacks {key}: {q}"
-    assert q["driver"].lower() == "ext"
+    assert q["driver"].lower() == ext.sr_type
     assert isinstance(q["features"], list) and q["features"]
     assert all(isinstance(f, str) for f in q["features"])
     conf = q["configuration"]
-    assert {"device", "path"} <= set(conf), conf
+    assert SR_TYPES[ext.sr_type].config_keys <= set(conf), conf
     assert all(isinstance(v, str) and v for v in conf.values()), conf
 
 
@@ -66,7 +68,7 @@ def test_request_in_argv1(ext: Ext) -> None:
     req = Ext.request("Query.query", {"dbg": "argv1"})
     p = ext.run_raw(None, req)
     r = parse_response(p.returncode, p.stdout, p.stderr)
-    assert r.ok and r.value["driver"].lower() == "ext", r.describe()
+    assert r.ok and r.value["driver"].lower() == ext.sr_type, r.describe()
 
 
 def test_help(ext: Ext) -> None:
@@ -244,6 +246,10 @@ def test_hostile_sr_names(ext: Ext, tmp_path: Path) -> None:
     canary = tmp_path / "victim" / "keep"
     canary.write_text("x")
     cfg = {"path": str(tmp_path / "victim")}
+    if ext.sr_type == "nfs":  # the share's root is the victim
+        canary = ext.backend.export_dir / f"keep-{tmp_path.name}"
+        canary.write_text("x")
+        cfg = {"server": ext.backend.address, "serverpath": "/export"}
     extra: dict[str, dict[str, object]] = {
         "SR.create": {"device_config": cfg, "physical_size": "0"},
         "SR.attach": {"device_config": cfg},
@@ -260,10 +266,13 @@ def test_hostile_sr_names(ext: Ext, tmp_path: Path) -> None:
         "VDI.stat",
         "SR.gc",
     ]
+    share = sorted(os.listdir(ext.backend.export_dir)) if ext.backend else []
     for method, name in _plan("SR.create", others):
         r = ext.raw(_hostile_request(method, {"sr": name, **extra.get(method, {})}))
         assert not r.ok, f"{method} accepted sr={name!r}\n{r.describe()}"
     assert canary.read_text() == "x"
+    if ext.backend:
+        assert sorted(os.listdir(ext.backend.export_dir)) == share
     assert sorted(p.name for p in tmp_path.iterdir()) == ["smroot", "victim"]
     assert ext.ok("SR.ls") == []
 
