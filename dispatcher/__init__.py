@@ -26,6 +26,15 @@ Extra methods (any endpoint), beyond the SMAPI:
     ``["Does_not_exist", "task", <task>]`` if no such call is running.
     A call still waiting for a slot is cancelled without starting.
 ``Dispatcher.status({"dbg": ...})``
-    A struct: plugins, pool slots (workers/busy/waiting), known SRs, and the
-    running calls (id, dbg, method, sr, plugin, pids, seconds, cancelled).
+    A struct: plugins, pool slots (workers, share: the most one SR may hold,
+    busy, waiting, queues: running and waiting per SR), known SRs, the
+    running calls (id, dbg, method, sr, plugin, pids, seconds, cancelled,
+    state, timeout: seconds allowed as known now, progress: what, done,
+    total, rate, percent, eta), unclaimed outcomes (dbg, method, sr,
+    outcome, finished: calls whose reply was lost; a retry of the same call
+    gets the kept outcome) and the upload spool (dir, used, uploads, limit).
+
+Modules beside those: ``pool`` (fair slots per SR), ``budget`` (time per
+method), ``calls`` (the running calls), ``fanout``, ``outcomes`` (kept
+outcomes for retries), ``upload`` (PUT /data and its spool), ``options``.
 """

@@ -6,7 +6,8 @@ set over its stdin, stdout, stderr and a pidfd, until it has exited and closed
 its pipes, or the per-call deadline passes.
 
 Guarantees, whatever the plugin does:
-- the call ends by ``timeout`` (plus a short drain bound): on timeout the
+- the call ends by ``timeout`` (plus a short drain bound), or when its
+  ``budget`` (``dispatcher.budget``) says so at one of its deadlines: then the
   whole process group gets SIGKILL;
 - ``cancel()`` (from any thread) sends SIGTERM to the group, then SIGKILL
   after ``grace`` seconds;
@@ -21,13 +22,20 @@ Guarantees, whatever the plugin does:
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import selectors
 import signal
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from dispatcher.budget import Budget
+
+log = logging.getLogger(__name__)
 
 ERR_TAIL = 8192
 DRAIN_BOUND = 2.0  # seconds to wait for pipes after the group was killed
@@ -76,8 +84,12 @@ class Child:
         grace: float = 5.0,
         max_out: int = 64 * 1024 * 1024,
         env: Mapping[str, str] | None = None,
+        budget: Budget | None = None,
+        on_start: Callable[[int], None] | None = None,
     ) -> None:
         self.argv = list(argv)
+        self.budget = budget
+        self.on_start = on_start
         self.data = data
         self.timeout = timeout
         self.grace = grace
@@ -161,6 +173,11 @@ class Child:
             for fd in (in_r, out_w, err_w):
                 os.close(fd)
         self._open = {in_w, out_r, err_r}
+        if self.on_start is not None:
+            try:
+                self.on_start(self.pid)
+            except Exception:  # bookkeeping never fails the call
+                log.exception("on_start of pid %s", self.pid)
         try:
             return self._watch(self.pid, in_w, out_r, err_r)
         finally:
@@ -190,13 +207,21 @@ class Child:
             sel.register(out_fd, selectors.EVENT_READ)
             sel.register(err_fd, selectors.EVENT_READ)
             sel.register(pidfd, selectors.EVENT_READ)
-            deadline = self.started + self.timeout
+            budget = self.budget
+            if budget is None:
+                deadline = self.started + self.timeout
+            else:
+                deadline = budget.first(self.started)
             hard_deadline: float | None = None
             exited = False
             open_pipes = {out_fd, err_fd}
             while open_pipes or not exited:
                 now = time.monotonic()
                 if hard_deadline is None and now >= deadline:
+                    later = budget.check(now) if budget is not None else None
+                    if later is not None:
+                        deadline = later
+                        continue
                     timed_out = True
                     self._signal_group(signal.SIGKILL)
                     hard_deadline = now + DRAIN_BOUND

@@ -26,28 +26,45 @@ tail of the plugin's stderr:
     PLUGIN_OUTPUT_TOO_LARGE                          PLUGIN_START_FAILED  could not be executed
     UNKNOWN_SR_TYPE  UNKNOWN_SR  INVALID_REQUEST  DISPATCHER_BUSY  DISPATCHER_STOPPING
 
-Concurrency: at most ``workers`` plugin processes at once; a call beyond that
-waits up to ``queue_timeout`` for a slot, then gets DISPATCHER_BUSY.
+Concurrency: at most ``workers`` plugin processes at once, and at most
+``share`` of them for one SR (``dispatcher.pool``); a call beyond that waits,
+holding no slot, up to ``queue_timeout``, then gets DISPATCHER_BUSY.  How long
+a plugin may run depends on its method (``dispatcher.budget``).
+
+Each plugin gets in its environment ``SM_PROGRESS_FILE`` (its progress,
+``smcommon.progress``, shown by ``Dispatcher.status``) and, for calls that
+change something and arrive through ``serve`` (the HTTP layer),
+``SM_OUTCOME_FILE`` (``dispatcher.outcomes``: a retry after a lost reply gets
+the first outcome).
 """
 
 from __future__ import annotations
 
-import itertools
+import contextlib
 import logging
 import os
 import re
-import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from smcommon import progress
 from smcommon.errors import InvalidRequest
 from smcommon.paths import safe_name
 
-from dispatcher import wire
+from dispatcher import fanout, wire
+from dispatcher.budget import Limits
+from dispatcher.calls import CallRecord, CallTable
 from dispatcher.child import Child, ChildResult
+from dispatcher.outcomes import ENV as OUTCOME_ENV
+from dispatcher.outcomes import Entry, OutcomeStore
+from dispatcher.pool import Pool
+from dispatcher.replies import backend as _backend
+from dispatcher.replies import fail as _fail
+from dispatcher.replies import outcome as _outcome
+from dispatcher.replies import parse_or_none as _parse_or_none
 from dispatcher.routes import RouteTable
 
 log = logging.getLogger(__name__)
@@ -60,7 +77,7 @@ FANOUT_METHODS = ("SR.ls", "Query.query", "Query.diagnostics")
 @dataclass
 class Config:
     plugins_dir: Path
-    timeout: float = 300.0
+    timeout: float = 300.0  # normal methods; see dispatcher.budget for the others
     workers: int = 16
     queue_timeout: float = 60.0
     max_body: int = 4 * 1024 * 1024
@@ -69,89 +86,54 @@ class Config:
     env: Mapping[str, str] | None = None
     import_dir: Path | None = None  # where PUT /data/... bodies are spooled
     max_import: int = 2040 << 30  # bytes; the VHD maximum
+    share: int | None = None  # slots one SR may hold (default: dispatcher.pool)
+    short_timeout: float = 60.0
+    min_rate: float = 50e6  # bytes/s: long calls' time grows with their disk
+    stall_timeout: float = 600.0
+    progress_dir: Path | None = None  # per-call progress files
+    max_spool: int = 4 << 40  # bytes spooled by uploads at once (on disk)
+    spool_reserve: int = 1 << 30  # bytes left free on the spool's filesystem
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(
+            timeout=self.timeout,
+            short=self.short_timeout,
+            min_rate=self.min_rate,
+            stall=self.stall_timeout,
+        )
+
+
+class NoSlot(Exception):
+    """Work done in the dispatcher itself found no slot (its message says why)."""
 
 
 @dataclass
-class CallRecord:
-    id: int
-    dbg: str
-    method: str
-    sr: str
-    plugin: str
-    started: float = field(default_factory=time.monotonic)
-    children: list[Child] = field(default_factory=list)
-    cancel_reason: str = ""  # "cancel" or "stop" once cancelled
+class Served:
+    """One answered request, for the HTTP layer to ``settle`` once it has written it."""
 
-    def as_struct(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "dbg": self.dbg,
-            "method": self.method,
-            "sr": self.sr,
-            "plugin": self.plugin,
-            "pids": [c.pid for c in self.children if c.pid is not None],
-            "seconds": round(time.monotonic() - self.started, 3),
-            "cancelled": bool(self.cancel_reason),
-        }
-
-
-class Pool:
-    """A bounded number of slots; waiters give up on timeout or cancellation."""
-
-    def __init__(self, size: int) -> None:
-        self.size = max(1, size)
-        self.busy = 0
-        self.waiting = 0
-        self._cond = threading.Condition()
-
-    def acquire(self, timeout: float, cancelled: Callable[[], bool]) -> str:
-        """``"ok"``, ``"timeout"`` or ``"cancelled"``."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            self.waiting += 1
-            try:
-                while self.busy >= self.size:
-                    if cancelled():
-                        return "cancelled"
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        return "timeout"
-                    self._cond.wait(remaining)
-                if cancelled():
-                    return "cancelled"
-                self.busy += 1
-                return "ok"
-            finally:
-                self.waiting -= 1
-
-    def release(self) -> None:
-        with self._cond:
-            self.busy -= 1
-            self._cond.notify()
-
-    def wake(self) -> None:
-        with self._cond:
-            self._cond.notify_all()
-
-
-def _fail(*description: str) -> bytes:
-    return wire.dumps_response(wire.failure(list(description)))
-
-
-def _backend(code: str, *details: str) -> bytes:
-    return _fail("Backend_error", code, *details)
+    out: bytes
+    fields: dict[str, str]
+    entries: list[Entry] = field(default_factory=list)
 
 
 class Dispatcher:
-    def __init__(self, config: Config, routes: RouteTable) -> None:
+    def __init__(
+        self,
+        config: Config,
+        routes: RouteTable,
+        outcomes: OutcomeStore | None = None,
+        instance: str = "",
+    ) -> None:
         self.config = config
         self.routes = routes
-        self.pool = Pool(config.workers)
+        self.outcomes = outcomes
+        self.instance = instance or f"{os.getpid()}"
+        self.pool = Pool(config.workers, config.share)
+        self.limits = config.limits
+        self.spool: Any = None  # dispatcher.upload.Spool, set by the server
         self.stopping = False
-        self._ids = itertools.count(1)
-        self._lock = threading.Lock()
-        self._calls: dict[int, CallRecord] = {}
-        self._idle = threading.Condition(self._lock)
+        self.calls = CallTable(self.pool.wake)
 
     # -- plugins -----------------------------------------------------------------
 
@@ -184,7 +166,21 @@ class Dispatcher:
 
     # -- the entry point -------------------------------------------------------
 
-    def handle(self, route: str | None, body: bytes) -> tuple[bytes, dict[str, str]]:
+    def serve(self, route: str | None, body: bytes) -> Served:
+        """``handle`` for a caller on a connection: calls that change something
+        keep their outcome until ``settle`` says the reply was delivered."""
+        served = Served(b"", {})
+        served.out, served.fields = self.handle(route, body, served)
+        return served
+
+    def settle(self, served: Served, delivered: bool) -> None:
+        if self.outcomes is not None:
+            for entry in served.entries:
+                self.outcomes.settle(entry, delivered, served.out)
+
+    def handle(
+        self, route: str | None, body: bytes, served: Served | None = None
+    ) -> tuple[bytes, dict[str, str]]:
         """The response body for one request body, and the fields of its log line."""
         fields = {
             "dbg": "-",
@@ -213,15 +209,20 @@ class Dispatcher:
             fields["plugin"] = "dispatcher"
             out = self._internal(call)
         elif route is not None:
-            out = self._to_type(call, route, body, fields)
+            out = self._to_type(call, route, body, fields, served)
         else:
-            out = self._to_root(call, body, fields)
+            out = self._to_root(call, body, fields, served)
         if fields["outcome"] == "-":
             fields["outcome"] = _outcome(out)
         return out, fields
 
     def _to_type(
-        self, call: wire.Call, sr_type: str, body: bytes, fields: dict[str, str]
+        self,
+        call: wire.Call,
+        sr_type: str,
+        body: bytes,
+        fields: dict[str, str],
+        served: Served | None = None,
     ) -> bytes:
         if not TYPE_RE.fullmatch(sr_type) or self.plugin_path(sr_type) is None:
             return _backend(
@@ -229,7 +230,7 @@ class Dispatcher:
                 f"no plugin serves SR type {sr_type!r} in {self.config.plugins_dir}",
                 "known types: " + (", ".join(self.plugin_types()) or "none"),
             )
-        out, resp = self._call(call, sr_type, body, fields)
+        out, resp = self._call(call, sr_type, body, fields, served)
         if resp is not None:
             fields["outcome"] = resp.outcome
         sr = call.arg.get("sr")
@@ -240,7 +241,13 @@ class Dispatcher:
                 self.routes.forget(sr)
         return out
 
-    def _to_root(self, call: wire.Call, body: bytes, fields: dict[str, str]) -> bytes:
+    def _to_root(
+        self,
+        call: wire.Call,
+        body: bytes,
+        fields: dict[str, str],
+        served: Served | None = None,
+    ) -> bytes:
         if call.method in FANOUT_METHODS:
             fields["plugin"] = "*"
             return self._fanout(call, body)
@@ -263,55 +270,133 @@ class Dispatcher:
                 f"(smctl sr-attach {sr} --type TYPE --path DIR), or create one (smctl sr-create TYPE ...)",
             )
         fields["plugin"] = sr_type
-        return self._to_type(call, sr_type, body, fields)
+        return self._to_type(call, sr_type, body, fields, served)
 
     # -- running plugins -----------------------------------------------------------
 
     def _call(
-        self, call: wire.Call, sr_type: str, body: bytes, fields: dict[str, str]
+        self,
+        call: wire.Call,
+        sr_type: str,
+        body: bytes,
+        fields: dict[str, str],
+        served: Served | None = None,
     ) -> tuple[bytes, wire.Response | None]:
         """Run one plugin on ``body`` as a registered (cancellable) call."""
         rec = self._register(fields["dbg"], call.method, fields["sr"], sr_type)
+        if self.config.progress_dir is not None:
+            rec.progress_file = self.config.progress_dir / f"{self.instance}-{rec.id}.json"
         try:
-            return self._run_one(rec, sr_type, body)
+            entry = None
+            if (
+                served is not None
+                and self.outcomes is not None
+                and self.outcomes.recorded(call.method)
+            ):
+                key = self.outcomes.key(fields["dbg"], call.method, call.params)
+                rec.state = "waiting-for-first-run"
+                first = self.outcomes.previous(
+                    key,
+                    self.limits.budget(call.method).allowed(),
+                    lambda: bool(rec.cancel_reason),
+                )
+                if first is not None:
+                    served.entries.append(first[0])
+                    log.info("dbg=%s %s: the first run's outcome is answered (%s)",
+                             fields["dbg"], call.method, first[0].base.name)  # fmt: skip
+                    return first[1], _parse_or_none(first[1])
+                entry = self.outcomes.entry(key, rec.id)
+                served.entries.append(entry)
+            return self._run_one(rec, sr_type, body, entry)
         finally:
             self._unregister(rec)
 
     def _run_one(
-        self, rec: CallRecord, sr_type: str, body: bytes
+        self,
+        rec: CallRecord,
+        sr_type: str,
+        body: bytes,
+        entry: Entry | None = None,
     ) -> tuple[bytes, wire.Response | None]:
         path = self.plugin_path(sr_type)
         if path is None:
             return _backend(
                 "UNKNOWN_SR_TYPE", f"no plugin serves SR type {sr_type!r}"
             ), None
+        key = rec.sr if rec.sr != "-" else f"type:{sr_type}"
+        rec.state = "queued"
         got = self.pool.acquire(
-            self.config.queue_timeout, lambda: bool(rec.cancel_reason)
+            key, self.config.queue_timeout, lambda: bool(rec.cancel_reason)
         )
         if got == "timeout":
-            return _backend(
-                "DISPATCHER_BUSY",
-                f"all {self.pool.size} plugin slots stayed busy for {self.config.queue_timeout}s",
-            ), None
+            return self._busy(key), None
         if got == "cancelled":
             return self._cancelled(rec), None
         try:
+            env = dict(os.environ if self.config.env is None else self.config.env)
+            if rec.progress_file is not None and rec.plugin != "*":
+                env[progress.ENV] = str(rec.progress_file)
+            if entry is not None:
+                env[OUTCOME_ENV] = str(entry.outcome)
+            rec.budget = self.limits.budget(rec.method, rec.progress_file)
+            rec.state = "running"
             child = Child(
                 [str(path)],
                 body,
                 timeout=self.config.timeout,
                 grace=self.config.cancel_grace,
                 max_out=self.config.max_response,
-                env=self.config.env,
+                env=env,
+                budget=rec.budget,
+                on_start=None if entry is None else self._note_start(rec, entry),
             )
-            with self._lock:
-                rec.children.append(child)
-                if rec.cancel_reason:
-                    child.cancel()
+            self.calls.adopt(rec, child)
             result = child.run()
         finally:
-            self.pool.release()
+            self.pool.release(key)
         return self._judge(rec, path, result)
+
+    @contextlib.contextmanager
+    def slot(self, dbg: str, method: str, sr: str, plugin: str) -> Iterator[CallRecord]:
+        """Hold one of ``sr``'s slots for work done in the dispatcher itself (an
+        upload), registered as a call; NoSlot if none came within the queue timeout."""
+        rec = self._register(dbg, method, sr, plugin)
+        if self.config.progress_dir is not None:
+            rec.progress_file = self.config.progress_dir / f"{self.instance}-{rec.id}.json"
+        try:
+            got = self.pool.acquire(
+                sr, self.config.queue_timeout, lambda: bool(rec.cancel_reason)
+            )
+            if got != "ok":
+                raise NoSlot(
+                    "cancelled while waiting for a slot"
+                    if got == "cancelled"
+                    else self._busy_text(sr)
+                )
+            try:
+                rec.state = "running"
+                yield rec
+            finally:
+                self.pool.release(sr)
+        finally:
+            self._unregister(rec)
+
+    def _note_start(self, rec: CallRecord, entry: Entry) -> Callable[[int], None]:
+        def started(pid: int) -> None:
+            assert self.outcomes is not None
+            self.outcomes.started(entry, pid, rec.dbg, rec.method, rec.sr)
+
+        return started
+
+    def _busy_text(self, key: str) -> str:
+        what = f"SR {key}" if not key.startswith("type:") else f"plugin {key[5:]}"
+        return (
+            f"no plugin slot for {what} within {self.config.queue_timeout:g}s "
+            f"({self.pool.size} slots, at most {self.pool.share} for one SR)"
+        )
+
+    def _busy(self, key: str) -> bytes:
+        return _backend("DISPATCHER_BUSY", self._busy_text(key))
 
     def _judge(
         self, rec: CallRecord, path: Path, result: ChildResult
@@ -338,7 +423,10 @@ class Dispatcher:
                 "PLUGIN_START_FAILED", f"{what} {result.describe()}", tail
             ), None
         if result.timed_out:
-            msg = f"{what} ran past the {self.config.timeout:g}s timeout; its process group was killed"
+            why = rec.budget.why if rec.budget is not None and rec.budget.why else (
+                f"ran past the {self.config.timeout:g}s timeout"
+            )
+            msg = f"{what} {why}; its process group was killed"
             return _backend("PLUGIN_TIMEOUT", msg, tail), None
         if result.overflow:
             msg = f"{what} wrote more than {self.config.max_response} bytes; it was killed"
@@ -359,133 +447,29 @@ class Dispatcher:
         return _fail("Cancelled", rec.dbg)
 
     def _fanout(self, call: wire.Call, body: bytes) -> bytes:
-        types = self.plugin_types()
-        dbg = call.arg.get("dbg") if isinstance(call.arg.get("dbg"), str) else "-"
-        results: dict[str, tuple[bytes, wire.Response | None]] = {}
-        rec = self._register(str(dbg) or "-", call.method, "-", "*")
-
-        def one(t: str) -> None:
-            results[t] = self._run_one(rec, t, body)
-
-        try:
-            threads = [
-                threading.Thread(target=one, args=(t,), daemon=True) for t in types[1:]
-            ]
-            for th in threads:
-                th.start()
-            if types:
-                one(types[0])
-            for th in threads:
-                th.join()
-        finally:
-            self._unregister(rec)
-        if rec.cancel_reason:
-            return self._cancelled(rec)
-        if call.method == "SR.ls":
-            return self._merge_ls(types, results)
-        if call.method == "Query.query":
-            listing: list[dict[str, Any]] = []
-            for t in types:
-                out, resp = results[t]
-                if (
-                    resp is not None
-                    and resp.status == "Success"
-                    and isinstance(resp.value.get("Value"), dict)
-                ):
-                    listing.append(resp.value["Value"])
-                elif resp is not None and resp.status == "Success":
-                    listing.append(
-                        {"driver": t, "error": "the answer is not a query_result"}
-                    )
-                else:
-                    listing.append(
-                        {"driver": t, "error": " ".join(_describe(out, resp))}
-                    )
-            return wire.dumps_response(wire.success(listing))
-        texts = [self.diagnostics()]
-        for t in types:
-            out, resp = results[t]
-            if resp is not None and resp.status == "Success":
-                texts.append(f"== plugin {t} ==\n{resp.value.get('Value')}")
-            else:
-                texts.append(
-                    f"== plugin {t} ==\nfailed: {' '.join(_describe(out, resp))}"
-                )
-        return wire.dumps_response(wire.success("\n".join(texts)))
-
-    def _merge_ls(
-        self, types: list[str], results: dict[str, tuple[bytes, wire.Response | None]]
-    ) -> bytes:
-        merged: list[str] = []
-        failures: list[str] = []
-        for t in types:
-            out, resp = results[t]
-            value = (
-                resp.value.get("Value")
-                if resp is not None and resp.status == "Success"
-                else None
-            )
-            if isinstance(value, list):
-                merged.extend(str(v) for v in value if str(v) not in merged)
-            else:
-                failures.append(f"{t}: {' '.join(_describe(out, resp))}")
-        for f in failures:
-            log.warning("SR.ls: plugin left out of the merged answer: %s", f)
-        if failures and not merged and len(failures) == len(types):
-            return _backend("SR_LS_FAILED", *failures)
-        return wire.dumps_response(wire.success(merged))
+        return fanout.fanout(self, call, body)
 
     # -- the registry of running calls ------------------------------------------
 
     def _register(self, dbg: str, method: str, sr: str, plugin: str) -> CallRecord:
-        with self._lock:
-            rec = CallRecord(next(self._ids), dbg, method, sr, plugin)
-            self._calls[rec.id] = rec
-            return rec
+        return self.calls.register(dbg, method, sr, plugin)
 
     def _unregister(self, rec: CallRecord) -> None:
-        with self._lock:
-            self._calls.pop(rec.id, None)
-            self._idle.notify_all()
+        self.calls.unregister(rec)
 
     def running(self) -> list[CallRecord]:
-        with self._lock:
-            return list(self._calls.values())
+        return self.calls.running()
 
     def cancel(self, task: str, reason: str = "cancel") -> int:
         """Cancel every running call whose dbg is ``task``; how many there were."""
-        with self._lock:
-            recs = [
-                r for r in self._calls.values() if r.dbg == task and not r.cancel_reason
-            ]
-            for rec in recs:
-                rec.cancel_reason = reason
-                for child in rec.children:
-                    child.cancel()
-        if recs:
-            self.pool.wake()
-        return len(recs)
+        return self.calls.cancel(task, reason)
 
     def cancel_all(self, reason: str = "stop") -> int:
-        with self._lock:
-            recs = [r for r in self._calls.values() if not r.cancel_reason]
-            for rec in recs:
-                rec.cancel_reason = reason
-                for child in rec.children:
-                    child.cancel()
-        self.pool.wake()
-        return len(recs)
+        return self.calls.cancel_all(reason)
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until no call is running; False if some still run after ``timeout``."""
-        deadline = time.monotonic() + timeout
-        with self._lock:
-            while self._calls:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._idle.wait(remaining)
-            return True
+        return self.calls.wait_idle(timeout)
 
     # -- Dispatcher.* --------------------------------------------------------------
 
@@ -506,16 +490,21 @@ class Dispatcher:
         return _fail("Unimplemented", call.method)
 
     def status(self) -> dict[str, Any]:
+        pool = self.pool.stats()
         return {
             "plugins_dir": str(self.config.plugins_dir),
             "plugins": self.plugin_types(),
-            "workers": self.pool.size,
-            "busy": self.pool.busy,
-            "waiting": self.pool.waiting,
+            "workers": pool["workers"],
+            "share": pool["share"],
+            "busy": pool["busy"],
+            "waiting": pool["waiting"],
+            "queues": pool["queues"],
             "running": [r.as_struct() for r in self.running()],
             "srs": [
                 {"sr": sr, "type": t} for sr, t in sorted(self.routes.srs().items())
             ],
+            "unclaimed": self.outcomes.unclaimed() if self.outcomes else [],
+            "spool": self.spool.stats() if self.spool is not None else {},
             "stopping": self.stopping,
         }
 
@@ -524,14 +513,38 @@ class Dispatcher:
         lines = [
             "== dispatcher ==",
             f"plugins dir: {st['plugins_dir']} ({', '.join(st['plugins']) or 'no plugins'})",
-            f"slots: {st['busy']}/{st['workers']} busy, {st['waiting']} waiting",
-            f"known SRs: {len(st['srs'])}",
+            (
+                f"slots: {st['busy']}/{st['workers']} busy (at most {st['share']} per SR), "
+                f"{st['waiting']} waiting"
+            ),
         ]
-        lines += [f"  {s['sr']} ({s['type']})" for s in st["srs"]]
         lines += [
-            f"running: {r['method']} dbg={r['dbg']} sr={r['sr']} {r['seconds']}s"
-            for r in st["running"]
+            f"  {q['key']}: {q['running']} running, {q['waiting']} waiting"
+            for q in st["queues"]
         ]
+        lines.append(f"known SRs: {len(st['srs'])}")
+        lines += [f"  {s['sr']} ({s['type']})" for s in st["srs"]]
+        for r in st["running"]:
+            line = f"running: {r['method']} dbg={r['dbg']} sr={r['sr']} {r['seconds']}s {r['state']}"
+            p = r.get("progress")
+            if p:
+                line += f" {p['what']} {p['done']}/{p['total']} bytes"
+            lines.append(line)
+        lines.append(
+            f"unclaimed outcomes (replies lost; a retry of the same call gets them): "
+            f"{len(st['unclaimed'])}"
+        )
+        lines += [
+            f"  dbg={u['dbg']} {u['method']} sr={u['sr']} {u['outcome']} "
+            f"finished {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(u['finished']))}"
+            for u in st["unclaimed"]
+        ]
+        if st["spool"]:
+            sp = st["spool"]
+            lines.append(
+                f"upload spool: {sp['dir']}: {sp['used']} bytes in {sp['uploads']} upload(s), "
+                f"limit {sp['limit']} bytes"
+            )
         return "\n".join(lines)
 
 
@@ -541,21 +554,3 @@ def _safe(sr: str) -> bool:
     except InvalidRequest:
         return False
     return True
-
-
-def _describe(out: bytes, resp: wire.Response | None) -> list[str]:
-    if resp is not None and resp.fault is not None:
-        return [f"fault {resp.fault[0]}: {resp.fault[1]}"]
-    if resp is not None:
-        return resp.error
-    try:
-        return wire.parse_response(out).error
-    except wire.WireError:
-        return ["(no response)"]
-
-
-def _outcome(out: bytes) -> str:
-    try:
-        return wire.parse_response(out).outcome
-    except wire.WireError:
-        return "Invalid"

@@ -23,6 +23,7 @@ processes are ``dispatcher.core``'s.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.server
 import logging
 import os
@@ -38,10 +39,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from smcommon.engine.remote import import_dir
 from smcommon.paths import Paths
 
-from dispatcher import client, upload, wire
+from dispatcher import client, options, upload, wire
 from dispatcher.core import TYPE_RE, Config, Dispatcher
+from dispatcher.outcomes import OutcomeStore
 from dispatcher.routes import RouteTable
 
 log = logging.getLogger("dispatcher")
@@ -140,13 +143,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 return
         self.server.enter()
         try:
-            out, fields = disp.handle(route, body)
+            served = disp.serve(route, body)
+            fields = served.fields
             call_log.info(
                 "dbg=%s method=%s sr=%s plugin=%s duration=%.3fs outcome=%s",
                 _clean(fields["dbg"]), _clean(fields["method"]), _clean(fields["sr"]),
                 fields["plugin"], time.monotonic() - started, fields["outcome"],
             )  # fmt: skip
-            self._reply(200, out, close=disp.stopping)
+            try:
+                self._reply(200, served.out, close=disp.stopping)
+            except BaseException:
+                disp.settle(served, delivered=False)
+                raise
+            disp.settle(served, delivered=True)
         finally:
             self.server.leave()
 
@@ -163,6 +172,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
             )  # fmt: skip
             # a refused body was not read: the connection cannot go on
             self._reply(code, body, ctype, close=code != 200 or disp.stopping)
+            if code != 200:
+                # read (bounded) what the sender still sends, so that closing
+                # does not reset the connection before it has read the answer
+                self._drain(1 << 62)
         finally:
             self.server.leave()
 
@@ -189,6 +202,9 @@ def _clean(text: str, limit: int = 200) -> str:
 class _ServerMixin:
     dispatcher: Dispatcher
     max_connections: int = 512
+    # connections the kernel queues before accept: socketserver's 5 makes a
+    # burst of clients fail to connect (EAGAIN on a Unix socket with a timeout)
+    request_queue_size = 128
     daemon_threads = True
     block_on_close = False
     _conn_lock: threading.Lock
@@ -284,6 +300,16 @@ def _bind_tcp(spec: str, dispatcher: Dispatcher, max_connections: int) -> TcpSer
     return srv
 
 
+def _clean_progress(directory: Path | None) -> None:
+    """A fresh progress directory (what an earlier run left is stale)."""
+    if directory is None:
+        return
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for f in directory.iterdir():
+        with contextlib.suppress(OSError):
+            f.unlink()
+
+
 # -- the embedded default SR ----------------------------------------------------
 
 
@@ -328,133 +354,16 @@ def _call_ext(dispatcher: Dispatcher, method: str, args: dict[str, Any]) -> list
     return resp.error or [f"fault {resp.fault}"]
 
 
-# -- the command line -----------------------------------------------------------
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="sm-dispatcher",
-        description="The storage manager's dispatcher: XML-RPC over HTTP on a Unix socket "
-        "(and TCP), one plugin process per call.",
-        epilog="Extra methods: Dispatcher.cancel({dbg, task}) cancels the running call whose dbg is "
-        "task; Dispatcher.status({dbg}) lists plugins, known SRs and running calls. "
-        "Host paths derive from $SM_ROOT.",
-    )
-    p.add_argument(
-        "--plugins-dir",
-        type=Path,
-        default=None,
-        help=f"where <TYPE>SR executables live (default ${PLUGINS_ENV} or {REPO_PLUGINS})",
-    )
-    p.add_argument(
-        "--socket",
-        type=Path,
-        default=None,
-        help="Unix socket (default <run_dir>/sm-dispatcher.sock)",
-    )
-    p.add_argument(
-        "--no-socket", action="store_true", help="do not listen on a Unix socket"
-    )
-    p.add_argument(
-        "--tcp",
-        metavar="[HOST:]PORT",
-        help="also listen on TCP (HOST default 127.0.0.1)",
-    )
-    p.add_argument(
-        "--timeout",
-        type=float,
-        default=300.0,
-        help="per-call plugin timeout, seconds (300)",
-    )
-    p.add_argument(
-        "--workers", type=int, default=16, help="plugin processes at once (16)"
-    )
-    p.add_argument(
-        "--queue-timeout",
-        type=float,
-        default=60.0,
-        help="how long a call waits for a slot (60)",
-    )
-    p.add_argument(
-        "--max-body",
-        type=int,
-        default=4 * 1024 * 1024,
-        help="request body limit, bytes (4 MiB)",
-    )
-    p.add_argument(
-        "--max-connections",
-        type=int,
-        default=512,
-        help="connections served at once (512)",
-    )
-    p.add_argument(
-        "--cancel-grace",
-        type=float,
-        default=5.0,
-        help="SIGTERM to SIGKILL on cancel, seconds (5)",
-    )
-    p.add_argument(
-        "--stop-timeout",
-        type=float,
-        default=30.0,
-        help="in-flight bound on SIGTERM, seconds (30)",
-    )
-    p.add_argument(
-        "--default-sr",
-        type=Path,
-        metavar="DIR",
-        help="attach (create once) an ext SR on DIR",
-    )
-    p.add_argument(
-        "--default-sr-uuid", help="uuid of the default SR when it is first created"
-    )
-    p.add_argument(
-        "--pid-file",
-        type=Path,
-        default=None,
-        help="default <run_dir>/sm-dispatcher.pid",
-    )
-    p.add_argument(
-        "--log-file", type=Path, default=None, help="log here instead of stderr"
-    )
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    args = p.parse_args(argv)
-    if args.no_socket and not args.tcp:
-        p.error("--no-socket needs --tcp: the dispatcher must listen somewhere")
-    if args.tcp:
-        _host, _, port = args.tcp.rpartition(":")
-        if not port.isdigit() or not 0 <= int(port) < 65536:
-            p.error(f"--tcp {args.tcp!r}: expected [HOST:]PORT")
-    for name in ("timeout", "queue_timeout", "cancel_grace", "stop_timeout"):
-        if getattr(args, name) <= 0:
-            p.error(f"--{name.replace('_', '-')} must be positive")
-    if args.workers < 1 or args.max_body < 1 or args.max_connections < 1:
-        p.error("--workers, --max-body and --max-connections must be at least 1")
-    return args
-
-
-def _setup_logging(args: argparse.Namespace) -> None:
-    handler: logging.Handler
-    if args.log_file:
-        args.log_file.parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(args.log_file)
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        logging.Formatter(
-            "%(asctime)s sm-dispatcher[%(process)d] %(levelname)s %(message)s"
-        )
-    )
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    return options.parse_args(argv, default_plugins_dir())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    _setup_logging(args)
+    options.setup_logging(args)
     paths = Paths.from_env()
     plugins_dir = (args.plugins_dir or default_plugins_dir()).resolve()
+    instance = uuid.uuid4().hex[:12]
     config = Config(
         plugins_dir=plugins_dir,
         timeout=args.timeout,
@@ -463,10 +372,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_body=args.max_body,
         cancel_grace=args.cancel_grace,
         env=dict(os.environ),
-        import_dir=paths.run_dir / "import",
+        import_dir=import_dir(paths),
+        share=args.share,
+        short_timeout=args.short_timeout,
+        min_rate=args.min_rate,
+        stall_timeout=args.stall_timeout,
+        progress_dir=paths.run_dir / "progress",
+        max_spool=args.max_spool,
+        spool_reserve=args.spool_reserve,
     )
-    dispatcher = Dispatcher(config, RouteTable.for_host(paths))
-    upload.clean_spool(config.import_dir)
+    try:
+        outcomes = OutcomeStore(
+            paths.state_dir / "dispatcher" / "outcomes",
+            instance,
+            ttl=args.outcome_ttl,
+            max_records=args.max_outcomes,
+        )
+        outcomes.prune()
+        _clean_progress(config.progress_dir)
+    except OSError as e:
+        raise SystemExit(f"sm-dispatcher: cannot set up its state: {e}") from None
+    dispatcher = Dispatcher(
+        config, RouteTable.for_host(paths), outcomes, instance=instance
+    )
+    dispatcher.spool = upload.Spool(
+        import_dir(paths), config.max_spool, config.spool_reserve
+    )
+    dispatcher.spool.clean()
+    unclaimed = outcomes.unclaimed()
+    if unclaimed:
+        log.info(
+            "%d unclaimed outcome(s) of calls whose reply was lost: a retry of the "
+            "same call gets it (Dispatcher.status lists them)",
+            len(unclaimed),
+        )
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:

@@ -6,7 +6,10 @@ or running the plugin directly (``--direct``: the same routing as the daemon,
 in this process, no daemon needed).
 
 Output: tables and ``key: value`` lines for people; ``--json`` prints the
-result's value as JSON (on failure, the response struct) for scripts.  An
+result's value as JSON (on failure, the response struct) for scripts.  Long
+commands (a copy, a destroy that may coalesce ...) draw a progress bar on
+stderr while they run, when stderr is a terminal and ``--json`` is not given
+(``dispatcher.smctl_progress``).  An
 error is one line on stderr (``smctl: error: ...``) plus indented detail.
 
 Exit codes (stable, for scripts):
@@ -31,6 +34,7 @@ from typing import Any
 from smcommon import sizes
 
 from dispatcher import client, wire
+from dispatcher.smctl_progress import LONG_COMMANDS, ProgressBar
 from dispatcher.smctl_show import explain, show
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_CONNECT = 0, 1, 2, 3
@@ -412,6 +416,17 @@ class Target:
             self._local = Dispatcher(config, RouteTable.for_host(Paths.from_env()))
         else:
             self._client = client.Client(ns.url or ns.socket, timeout=ns.timeout)
+            self._watcher = client.Client(ns.url or ns.socket, timeout=10)
+
+    def status(self) -> dict[str, Any]:
+        """``Dispatcher.status`` (from any thread): the progress bar's view."""
+        if self._local is not None:
+            return dict(self._local.status())
+        resp = wire.parse_response(
+            self._watcher.post("/", wire.dumps_call("Dispatcher.status", {"dbg": "smctl"}))
+        )
+        value = resp.value.get("Value") if resp.status == "Success" else None
+        return value if isinstance(value, dict) else {}
 
     def call(
         self, method: str, args: dict[str, Any], sr_type: str | None
@@ -451,7 +466,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             if base.status == "Success" and isinstance(base.value.get("Value"), dict):
                 args["vdi_info"] = dict(base.value["Value"], **args["vdi_info"])
-        resp = target.call(method, args, sr_type)
+        if ns.command in LONG_COMMANDS and not ns.json and sys.stderr.isatty():
+            with ProgressBar(dbg, target.status, sys.stderr):
+                resp = target.call(method, args, sr_type)
+        else:
+            resp = target.call(method, args, sr_type)
         if resp.status == "Success" and ns.command == "sr-create" and not ns.no_attach:
             attach = {
                 "dbg": dbg,

@@ -72,20 +72,7 @@ def show(command: str, value: Any) -> str:
     if command == "vdi-similar-content" and isinstance(value, list):
         return vdi_table(value)  # most similar first, as the plugin ranked them
     if command == "status" and isinstance(value, dict):
-        head = key_values(
-            {k: v for k, v in value.items() if k not in ("running", "srs")}
-        )
-        srs = table(
-            [[s["sr"], s["type"]] for s in value.get("srs", [])], ["SR", "TYPE"]
-        )
-        running = table(
-            [
-                [r["dbg"], r["method"], r["sr"], r["plugin"], f"{r['seconds']}s"]
-                for r in value.get("running", [])
-            ],
-            ["DBG", "METHOD", "SR", "PLUGIN", "RUNNING"],
-        )
-        return f"{head}\n\n{srs}\n\n{running}"
+        return status_text(value)
     if command == "query" and isinstance(value, list):
         rows = [
             [
@@ -107,6 +94,56 @@ def show(command: str, value: Any) -> str:
             for v in value
         )
     return str(value)
+
+
+def _progress(p: Any) -> str:
+    if not isinstance(p, dict):
+        return ""
+    done, total = p.get("done", 0), p.get("total", 0)
+    text = f"{p.get('what', '')} {human_size(done)}"
+    if isinstance(total, int) and total > 0:
+        text += f"/{human_size(total)} {p.get('percent', 0)}%"
+    if p.get("rate"):
+        text += f" {human_size(int(p['rate']))}/s"
+    if p.get("eta") is not None:
+        text += f" eta {p['eta']}s"
+    return text
+
+
+def status_text(value: dict[str, Any]) -> str:
+    """Dispatcher.status for people: settings, SRs, queues, running calls, lost replies."""
+    lists = ("running", "srs", "queues", "unclaimed", "spool")
+    head = key_values({k: v for k, v in value.items() if k not in lists})
+    parts = [head]
+    parts.append(table([[s["sr"], s["type"]] for s in value.get("srs", [])], ["SR", "TYPE"]))
+    if value.get("queues"):
+        parts.append(
+            table(
+                [[q["key"], str(q["running"]), str(q["waiting"])] for q in value["queues"]],
+                ["QUEUE", "RUNNING", "WAITING"],
+            )
+        )
+    parts.append(
+        table(
+            [
+                [
+                    r["dbg"], r["method"], r["sr"], r["plugin"], r.get("state", ""),
+                    f"{r['seconds']}s", _progress(r.get("progress")),
+                ]
+                for r in value.get("running", [])
+            ],
+            ["DBG", "METHOD", "SR", "PLUGIN", "STATE", "RUNNING", "PROGRESS"],
+        )
+    )  # fmt: skip
+    if value.get("unclaimed"):
+        parts.append(
+            "unclaimed outcomes (their replies were lost; a retry of the same call gets them):\n"
+            + table(
+                [[u["dbg"], u["method"], u["sr"], u["outcome"]] for u in value["unclaimed"]],
+                ["DBG", "METHOD", "SR", "OUTCOME"],
+            )
+        )
+    return "\n\n".join(parts)
 
 
 def explain(err: list[str]) -> tuple[str, list[str]]:

@@ -54,6 +54,7 @@ if TYPE_CHECKING:
     DriverFactory = Callable[[Paths], object]
 
 STDIN_TIMEOUT_ENV = "SM_STDIN_TIMEOUT"
+OUTCOME_ENV = "SM_OUTCOME_FILE"  # set by the dispatcher: where to keep the response
 STDIN_TIMEOUT = 60.0  # seconds to wait for a complete request on stdin
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -439,7 +440,9 @@ def run(
     call = Call(driver_factory, prog, context)
     try:
         if not args or args[0].lstrip().startswith("<"):
-            _write(stdout, _wire(call, args, stdin, started))
+            response = _wire(call, args, stdin, started)
+            _record_outcome(response)
+            _write(stdout, response)
             return EXIT_OK
         return _by_hand(call, args, flags, stdout, stderr, started)
     finally:
@@ -447,6 +450,27 @@ def run(
             from smcommon import log
 
             log.shutdown()
+
+
+def _record_outcome(response: bytes) -> None:
+    """Keep the response in ``$SM_OUTCOME_FILE`` before answering: if the
+    dispatcher that started us is gone, its next instance hands it to the
+    caller's retry (dispatcher/outcomes.py).  Temp file + rename, no fsync."""
+    path = os.environ.get(OUTCOME_ENV)
+    if not path:
+        return
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            view = memoryview(response)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # the answer on stdout still goes out
 
 
 def _wire(call: Call, args: list[str], stdin: BinaryIO, started: float) -> bytes:

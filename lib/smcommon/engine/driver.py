@@ -11,7 +11,7 @@ answers its report; ``SR.stat`` answers the SR's space (total, free, used by
 VDIs, shared hidden parents and garbage).
 
 ``VDI.import_raw {sr, vdi, path}`` writes a raw file the dispatcher
-spooled under ``<run_dir>/import`` into an empty VDI (the receiving end of a
+spooled under ``<state_dir>/import`` into an empty VDI (the receiving end of a
 remote VDI.copy; ``smcommon.engine.remote``).
 
 VDI.copy copies into an SR attached on *this* host when ``url`` is empty,
@@ -83,7 +83,7 @@ def extra_methods() -> list[Any]:
             [
                 api.Arg("sr", api.KEY, "The Storage Repository of the VDI"),
                 api.Arg("vdi", api.KEY, "The empty VDI to fill"),
-                api.Arg("path", api.STRING, "A raw file under <run_dir>/import"),
+                api.Arg("path", api.STRING, "A raw file under <state_dir>/import"),
             ],
             api.INT64,
             "Write a raw file's non-zero blocks into an empty VDI; returns the bytes written",

@@ -14,7 +14,7 @@ socket operation has a bounded timeout.
 Receiving (``import_raw``, the ext driver's extra method ``VDI.import_raw``):
 writes the non-zero blocks of a raw file into an *empty* VDI's leaf (all-zero
 blocks stay unallocated), under the SR and VDI locks.  Only regular files
-under ``<run_dir>/import`` (where the dispatcher spools uploads) are read,
+under ``<state_dir>/import`` (where the dispatcher spools uploads) are read,
 and never one larger than the VDI.
 """
 
@@ -27,7 +27,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
-from smcommon import rpc
+from smcommon import progress, rpc
 from smcommon.errors import BackendError, InvalidRequest
 from smcommon.paths import Paths, safe_name
 
@@ -40,8 +40,9 @@ MAX_REPLY = 1 << 20  # a reply to create/destroy/PUT is a few KiB
 
 
 def import_dir(paths: Paths) -> Path:
-    """Where the dispatcher spools uploads; the only place import_raw reads."""
-    return paths.run_dir / "import"
+    """Where the dispatcher spools uploads; the only place import_raw reads.
+    On disk (the state directory), not the run directory: that is RAM on a host."""
+    return paths.state_dir / "import"
 
 
 # --- the sending side ----------------------------------------------------------
@@ -50,7 +51,8 @@ def import_dir(paths: Paths) -> Path:
 class _Remote:
     """One remote dispatcher: XML-RPC calls and the data PUT, bounded in time."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, dbg: str = "") -> None:
+        self.dbg = "".join(c for c in dbg[:200] if c.isprintable()) or "remote-copy"
         parsed = urllib.parse.urlparse(url)
         if parsed.scheme != "http" or not parsed.hostname:
             raise InvalidRequest(
@@ -91,15 +93,23 @@ class _Remote:
         try:
             conn.putrequest("PUT", f"{self.base}/data/{sr}/{vdi}")
             conn.putheader("Content-Length", str(size))
+            conn.putheader("SM-Dbg", self.dbg)
             conn.putheader("Content-Type", "application/octet-stream")
             conn.endheaders()
             pos = 0
-            while pos < size:
-                n = min(CHUNK, size - pos)
-                conn.send(reader(pos, n))
-                pos += n
-            # the remote imports the whole body before it answers
             assert conn.sock is not None
+            with progress.track("copy", size) as done:
+                while pos < size and not _answered(conn.sock):
+                    n = min(CHUNK, size - pos)
+                    try:
+                        conn.send(reader(pos, n))
+                    except OSError:
+                        if not _answered(conn.sock):
+                            raise
+                        break  # it answered early (a refusal): read why
+                    pos += n
+                    done.set(pos)
+            # the remote imports the whole body before it answers
             conn.sock.settimeout(IO_TIMEOUT + size / IMPORT_RATE)
             resp = conn.getresponse()
             data = resp.read(MAX_REPLY + 1)
@@ -108,6 +118,17 @@ class _Remote:
         if resp.status != 200:
             raise _fail(f"PUT of the data answered HTTP {resp.status}: {_text(data)}")
         return _value("VDI.import_raw", data)
+
+
+def _answered(sock: Any) -> bool:
+    """Whether the remote has something to say before the body is all sent
+    (it refused the upload: 507 spool full, 413 ...)."""
+    import select
+
+    try:
+        return bool(select.select([sock], [], [], 0)[0])
+    except (OSError, ValueError):
+        return False
 
 
 def _text(data: bytes) -> str:
@@ -139,7 +160,7 @@ def copy_to_remote(eng: Any, vdi: str, url: str, dest: str, dbg: str) -> str:
     from smcommon.vhd.image import open_image
 
     dest = safe_name("dest", dest)
-    remote = _Remote(url)
+    remote = _Remote(url, dbg)
     rec = eng.get(vdi)
     with eng.vdi_lock(rec.vdi):
         rec = eng.get(vdi)
@@ -254,18 +275,20 @@ def _write_blocks(img: Any, fd: int, size: int, bs: int) -> int:
     zero = bytes(bs)
     pending: list[tuple[int, int, bytes, int | None]] = []
     written = 0
-    for block in range((size + bs - 1) // bs):
-        data = os.pread(fd, bs, block * bs)
-        if not data or data == zero[: len(data)]:
-            continue
-        written += len(data)
-        if len(data) < bs:  # the short tail: sector-merged by write()
-            img.write(block * bs, data)
-            continue
-        pending.append((block, 0, data, -1))
-        if len(pending) >= BATCH:
+    with progress.track("import", size) as done:
+        for block in range((size + bs - 1) // bs):
+            done.set(block * bs)
+            data = os.pread(fd, bs, block * bs)
+            if not data or data == zero[: len(data)]:
+                continue
+            written += len(data)
+            if len(data) < bs:  # the short tail: sector-merged by write()
+                img.write(block * bs, data)
+                continue
+            pending.append((block, 0, data, -1))
+            if len(pending) >= BATCH:
+                img.allocate_blocks(pending)
+                pending = []
+        if pending:
             img.allocate_blocks(pending)
-            pending = []
-    if pending:
-        img.allocate_blocks(pending)
     return written

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 
+from smcommon import progress
 from smcommon.vhd import format as fmt
 from smcommon.vhd import relayout
 from smcommon.vhd.create import check_parent_allowed, check_size, parent_locators
@@ -132,14 +133,16 @@ def _copy_blocks(img: Image, parent: Image) -> int:
     blocks = img.bat.allocated()
     parent.unlock()
     copied = 0
-    for i in range(0, len(blocks), COALESCE_BATCH):
-        parent.relock(exclusive=True)
-        try:
-            if parent.footer.uuid != img.header_or_fail().parent_uuid:
-                raise ParentMismatch(f"{parent.path}: changed while coalescing {img.path}")
-            copied += _copy_batch(img, parent, blocks[i : i + COALESCE_BATCH])
-        finally:
-            parent.unlock()
+    with progress.track("coalesce", len(blocks) * img.block_size) as done:
+        for i in range(0, len(blocks), COALESCE_BATCH):
+            parent.relock(exclusive=True)
+            try:
+                if parent.footer.uuid != img.header_or_fail().parent_uuid:
+                    raise ParentMismatch(f"{parent.path}: changed while coalescing {img.path}")
+                copied += _copy_batch(img, parent, blocks[i : i + COALESCE_BATCH])
+            finally:
+                parent.unlock()
+            done.set(min(len(blocks), i + COALESCE_BATCH) * img.block_size)
     return copied
 
 

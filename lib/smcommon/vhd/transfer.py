@@ -15,6 +15,7 @@ import stat
 import uuid
 from collections.abc import Callable
 
+from smcommon import progress
 from smcommon.vhd import format as fmt
 from smcommon.vhd import layout
 from smcommon.vhd.create import check_size, new_file, write_dynamic_layout
@@ -70,22 +71,25 @@ def _export(img: Image, out: int, dest: str) -> None:
             allocated.update(i.bat.allocated())
     has_fixed = any(i.is_fixed for i in images)
     zero = bytes(bs)
-    for block in range(fmt.blocks_for(vsize, bs)):
-        base = block * bs
-        n = min(bs, vsize - base)
-        if block not in allocated and not has_fixed:
-            if is_blockdev:
-                os.pwrite(out, zero[:n], base)
-            continue
-        pos = img.block_pos(block)
-        if pos is not None and n == bs and img.bitmap(block, pos) == -1:
-            copy_range(img.fd, out, pos + img.bitmap_size, base, n, img.path)
-            continue
-        buf = bytearray(fmt.round_up(n, fmt.SECTOR))
-        img.read_into(memoryview(buf), base)
-        if is_blockdev or buf != zero[: len(buf)]:
-            os.pwrite(out, memoryview(buf)[:n], base)
-    os.fsync(out)
+    with progress.track("export", vsize) as done:
+        for block in range(fmt.blocks_for(vsize, bs)):
+            base = block * bs
+            n = min(bs, vsize - base)
+            done.set(base)
+            if block not in allocated and not has_fixed:
+                if is_blockdev:
+                    os.pwrite(out, zero[:n], base)
+                continue
+            pos = img.block_pos(block)
+            if pos is not None and n == bs and img.bitmap(block, pos) == -1:
+                copy_range(img.fd, out, pos + img.bitmap_size, base, n, img.path)
+                continue
+            buf = bytearray(fmt.round_up(n, fmt.SECTOR))
+            img.read_into(memoryview(buf), base)
+            if is_blockdev or buf != zero[: len(buf)]:
+                os.pwrite(out, memoryview(buf)[:n], base)
+        os.fsync(out)
+        done.set(vsize)
 
 
 def import_raw(src: str | os.PathLike[str], path: str | os.PathLike[str], *,
@@ -146,7 +150,8 @@ def convert(src_vhd: str | os.PathLike[str], dest_vhd: str | os.PathLike[str], *
             return None if buf == ZERO_BLOCK else bytes(buf)
 
         try:
-            _build(dest_vhd, vsize, reader, fixed=False, nblocks=fmt.blocks_for(vsize, BS))
+            _build(dest_vhd, vsize, reader, fixed=False, nblocks=fmt.blocks_for(vsize, BS),
+                   what="copy")
         except OSError as exc:
             raise from_os_error(dest_vhd, exc, "converting") from None
     return info(dest_vhd)
@@ -177,16 +182,17 @@ class _HoleFinder:
 
 
 def _build(path: str, size: int, reader: Callable[[int], bytes | None], *, fixed: bool,
-           nblocks: int) -> None:
+           nblocks: int, what: str = "import") -> None:
     """Build a new image of ``size`` from ``reader(block) -> data or None (all zeros)``.
 
     Bulk path: no fsync per block; ``new_file`` fsyncs once and only then links
     the image into place, so a kill leaves no image at all, never half of one.
     """
-    with new_file(path) as fd:
+    with new_file(path) as fd, progress.track(what, nblocks * BS) as done:
         if fixed:
             os.ftruncate(fd, size)
             for block in range(nblocks):
+                done.set(block * BS)
                 data = reader(block)
                 if data is not None:
                     os.pwrite(fd, data[: min(BS, size - block * BS)], block * BS)
@@ -200,6 +206,7 @@ def _build(path: str, size: int, reader: Callable[[int], bytes | None], *, fixed
         stride = layout.block_stride(len(FULL_BITMAP), BS)
         end = new.end
         for block in range(nblocks):
+            done.set(block * BS)
             data = reader(block)
             if data is not None:
                 os.pwritev(fd, [FULL_BITMAP, data], pos)

@@ -9,6 +9,8 @@ import contextlib
 import http.client
 import os
 import socket
+import subprocess
+import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
@@ -32,18 +34,28 @@ def ok(r: dict[str, Any]) -> Any:
 
 @pytest.fixture
 def hosts(tmp_path: Path) -> Iterator[Callable[[str], Daemon]]:
-    """``start(name)``: a dispatcher with SM_ROOT tmp/<name>/root and a default SR."""
+    """``start(name, *options, run_tmpfs=SIZE)``: a dispatcher with SM_ROOT
+    tmp/<name>/root and a default SR; with ``run_tmpfs``, its ``run`` directory
+    is a tmpfs of that size (RAM, as /run is on a host; needs root)."""
     if not EXTSR.exists():
         pytest.skip(f"{EXTSR} does not exist yet")
     started: list[Daemon] = []
+    mounts: list[Path] = []
 
-    def start(name: str) -> Daemon:
+    def start(name: str, *extra: str, run_tmpfs: str | None = None) -> Daemon:
         root = tmp_path / name / "root"
         root.mkdir(parents=True)
+        if run_tmpfs:
+            (root / "run").mkdir()
+            subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", f"size={run_tmpfs}", "tmpfs", str(root / "run")],
+                check=True,
+            )
+            mounts.append(root / "run")
         args = [
             "--plugins-dir", str(REPO / "plugins"),
             "--tcp", "127.0.0.1:0", "--timeout", "60", "--stop-timeout", "5",
-            "--default-sr", str(tmp_path / name / "sr"),
+            "--default-sr", str(tmp_path / name / "sr"), *extra,
         ]  # fmt: skip
         d = spawn_daemon(args, root)
         started.append(d)
@@ -63,9 +75,11 @@ def hosts(tmp_path: Path) -> Iterator[Callable[[str], Daemon]]:
                 p.kill()
         if left:
             problems.append(f"processes left running: {[p.pid for p in left]}")
-        imports = d.root / "run" / "sm" / "import"
+        imports = d.root / "var" / "lib" / "sm" / "import"
         if imports.is_dir() and list(imports.iterdir()):
             problems.append(f"spooled uploads left: {list(imports.iterdir())}")
+    for m in mounts:
+        subprocess.run(["umount", str(m)], check=False)
     assert not problems, problems
 
 
@@ -175,7 +189,7 @@ def test_failed_transfer_leaves_no_vdi_on_the_remote(
     assert "UNKNOWN_SR" in r["ErrorDescription"][2]
     # the create works but B cannot spool the data (its import directory
     # is a file): the VDI made on B is destroyed again
-    spool = b.root / "run" / "sm" / "import"
+    spool = b.root / "var" / "lib" / "sm" / "import"
     spool.parent.mkdir(parents=True, exist_ok=True)
     spool.write_text("in the way\n")
     try:
@@ -247,7 +261,7 @@ def test_put_refuses_oversized_and_hostile(hosts: Callable[[str], Daemon]) -> No
     assert code == 200 and "Success" in text, text
     code, text = _put(b, f"/data/{srb}/{vdi}", len(body), body)
     assert code == 200 and "VDI_NOT_EMPTY" in text, text
-    # the plugin reads only files under <run_dir>/import
+    # the plugin reads only files under <state_dir>/import
     r = b.unix("/").VDI.import_raw(
         {"dbg": "t", "sr": srb, "vdi": vdi, "path": "/etc/passwd"}
     )
@@ -262,8 +276,8 @@ def test_clean_spool_removes_leftover_uploads(tmp_path: Path) -> None:
     d.mkdir()
     (d / "sr.vdi.1.raw").write_bytes(b"x")
     (d / "keep.txt").write_text("not an upload\n")
-    upload.clean_spool(d)
-    upload.clean_spool(tmp_path / "missing")
+    upload.Spool(d, 1 << 30, 0).clean()
+    upload.Spool(tmp_path / "missing", 1 << 30, 0).clean()
     assert sorted(p.name for p in d.iterdir()) == ["keep.txt"]
 
 
@@ -300,3 +314,89 @@ def test_copy_of_a_disk_past_2_gib(hosts: Callable[[str], Daemon]) -> None:
     with vhd.Image.open(leaf) as img:
         assert img.bat is not None
         assert sorted(img.bat.allocated()) == [0, size // vhd.BLOCK_SIZE - 1]
+
+
+def _filled(d: Daemon, size: int, data: int) -> str:
+    """A new VDI of ``size`` on ``d``'s default SR whose first ``data`` bytes are not zero."""
+    sr = str(d.default_sr)
+    v = ok(
+        d.unix("/").VDI.create(
+            {"dbg": "t", "sr": sr, "vdi_info": {"name_label": "big", "virtual_size": size}}
+        )
+    )["vdi"]
+    pattern = bytes(range(1, 256)) * (MiB // 255 + 1)
+    _write(d, sr, v, {off: pattern[:MiB] for off in range(0, data, MiB)})
+    return str(v)
+
+
+@pytest.mark.root
+def test_copy_of_a_disk_larger_than_the_run_directory(
+    hosts: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """B's run directory is a 16 MiB tmpfs; 48 MiB of data still cross: the
+    spool is on disk, under B's state directory."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    a = hosts("a")
+    b = hosts("b", run_tmpfs="16m")
+    run = os.statvfs(b.root / "run")
+    assert run.f_bavail * run.f_frsize < 16 * MiB + 1
+    sra, srb = str(a.default_sr), str(b.default_sr)
+    v = _filled(a, 64 * MiB, 48 * MiB)
+    new = ok(a.unix("/").VDI.copy({"dbg": "t", "sr": sra, "vdi": v, "url": b.url, "dest": srb}))
+    assert _raw(a, sra, v, tmp_path / "a.raw") == _raw(b, srb, new, tmp_path / "b.raw")
+
+
+def test_spool_limit_ends_the_copy_cleanly(hosts: Callable[..., Daemon]) -> None:
+    a = hosts("a")
+    b = hosts("b", "--max-spool", str(4 * MiB))
+    sra, srb = str(a.default_sr), str(b.default_sr)
+    v = _filled(a, 16 * MiB, 16 * MiB)
+    r = a.unix("/").VDI.copy({"dbg": "t", "sr": sra, "vdi": v, "url": b.url, "dest": srb})
+    assert r["Status"] == "Failure", r
+    assert r["ErrorDescription"][1] == "REMOTE_COPY_FAILED"
+    assert "507" in r["ErrorDescription"][2] and "limit" in r["ErrorDescription"][2], r
+    assert _vdis(b, srb) == []
+    status = ok(b.unix("/").Dispatcher.status({"dbg": "t"}))
+    assert status["spool"]["used"] == 0 and status["spool"]["uploads"] == 0
+
+
+def test_progress_rises_through_status(
+    hosts: Callable[..., Daemon], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Dispatcher.status shows a running copy's bytes done rising to its total,
+    on the sending host (the plugin's "copy") and the receiving one (the
+    dispatcher's "receive")."""
+    monkeypatch.setenv("SM_PROGRESS_INTERVAL", "0.02")
+    a, b = hosts("a"), hosts("b")
+    sra, srb = str(a.default_sr), str(b.default_sr)
+    size = 192 * MiB
+    v = _filled(a, size, size)
+    seen: dict[str, list[tuple[str, int, int]]] = {"a": [], "b": []}
+    result: list[Any] = []
+
+    def copy() -> None:
+        args = {"dbg": "watch-me", "sr": sra, "vdi": v, "url": b.url, "dest": srb}
+        result.append(a.unix("/", timeout=300).VDI.copy(args))
+
+    t = threading.Thread(target=copy)
+    t.start()
+    watch_a, watch_b = a.client(), b.client()
+    while t.is_alive():
+        for name, c in (("a", watch_a), ("b", watch_b)):
+            st = c.call("Dispatcher.status", {"dbg": "st"}).value["Value"]
+            for r in st["running"]:
+                p = r.get("progress")
+                if r["dbg"] == "watch-me" and p:
+                    seen[name].append((p["what"], p["done"], p["total"]))
+        time.sleep(0.005)
+    t.join()
+    ok(result[0])
+    copying = [(done, total) for what, done, total in seen["a"] if what == "copy"]
+    assert copying, seen["a"]
+    assert {total for _d, total in copying} == {size}
+    dones = [d for d, _t in copying]
+    assert dones == sorted(dones)  # never backwards
+    assert len(set(dones)) >= 2 and any(0 < d < size for d in dones), dones
+    receiving = [(done, total) for what, done, total in seen["b"] if what == "receive"]
+    assert receiving and {total for _d, total in receiving} == {size}, seen["b"]
