@@ -274,26 +274,33 @@ def test_coalesce_killed_at_random_points_then_rerun(
 
 
 RESIZER = r"""
-import os, sys, time
+import os, signal, sys
 import smcommon.vhd as vhd
-slow = float(sys.argv[3])
-if slow:
-    for name in ("pwrite", "pwritev", "copy_file_range", "fsync"):
-        real = getattr(os, name, None)
-        if real is None:
-            continue
-        def wrapped(*a, _real=real, **k):
-            time.sleep(slow)
-            return _real(*a, **k)
-        setattr(os, name, wrapped)
+kill_at = int(sys.argv[3])  # die just before the kill_at-th write/sync (0: never)
+calls = 0
+for name in ("pwrite", "pwritev", "copy_file_range", "fsync", "fdatasync"):
+    real = getattr(os, name, None)
+    if real is None:
+        continue
+    def wrapped(*a, _real=real, **k):
+        global calls
+        calls += 1
+        if calls == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return _real(*a, **k)
+    setattr(os, name, wrapped)
 print("READY", flush=True)
-print("DONE", vhd.resize(sys.argv[1], int(sys.argv[2])).virtual_size, flush=True)
+size = vhd.resize(sys.argv[1], int(sys.argv[2])).virtual_size
+print("DONE", size, calls, flush=True)
 """
 
 
 def test_resize_with_bat_growth_killed_then_rerun(tmp_path: Path) -> None:
     """A grow from 64 MiB to 1 GiB needs a bigger BAT, so the blocks right after
-    the BAT move: killed at any point, the image stays sound with its data."""
+    the BAT move: killed at any point, the image stays sound with its data.
+
+    The kills land at chosen write steps (counted in a first, whole run), not
+    at times, so a loaded machine cannot make them miss."""
     pristine = tmp_path / "pristine"
     pristine.mkdir()
     img = str(pristine / "r.vhd")
@@ -304,35 +311,31 @@ def test_resize_with_bat_growth_killed_then_rerun(tmp_path: Path) -> None:
         data = vp.pattern(b, 5000 + b)
         vhd.write(img, b * vp.BLOCK + 3 * b, data)
         vp.apply(model, b * vp.BLOCK + 3 * b, data)
-    slow = "0.01"
-    timing = tmp_path / "timing"
-    shutil.copytree(pristine, timing)
-    proc = _spawn(RESIZER, str(timing / "r.vhd"), str(big), slow)
+    whole = tmp_path / "whole"
+    shutil.copytree(pristine, whole)
+    proc = _spawn(RESIZER, str(whole / "r.vhd"), str(big), "0")
     _wait_ready(proc)
-    t0 = time.monotonic()
     out, err = _finish(proc, timeout=120)
-    full = time.monotonic() - t0
     assert proc.returncode == 0 and "DONE" in out, err[-2000:]
+    steps = int(out.split()[-1])
+    assert steps >= 6, out
     rng = random.Random(12)
-    interrupted = 0
-    for run in range(6):
+    points = sorted({1, steps, *rng.sample(range(1, steps + 1), min(6, steps))})
+    for run, kill_at in enumerate(points):
         work = tmp_path / f"run{run}"
         shutil.copytree(pristine, work)
         path = str(work / "r.vhd")
-        proc = _spawn(RESIZER, path, str(big), slow)
+        proc = _spawn(RESIZER, path, str(big), str(kill_at))
         _wait_ready(proc)
-        time.sleep(full * (run + rng.random()) / 6)
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            interrupted += 1
         _finish(proc)
+        assert proc.returncode == -signal.SIGKILL, f"step {kill_at} of {steps}: not killed"
         assert vhd.check(path) == [], (
-            f"run {run}: after killed resize: {vhd.check(path)}"
+            f"step {kill_at}: after killed resize: {vhd.check(path)}"
         )
         size = vhd.info(path).virtual_size
-        assert size in (small, big), f"run {run}: size {size}"
+        assert size in (small, big), f"step {kill_at}: size {size}"
         assert vhd.read(path, 0, small) == model, (
-            f"run {run}: data lost by a killed resize"
+            f"step {kill_at}: data lost by a killed resize"
         )
         vhd.resize(path, big)
         assert vhd.read(path, 0, small) == model
@@ -340,7 +343,6 @@ def test_resize_with_bat_growth_killed_then_rerun(tmp_path: Path) -> None:
         vhd.write(path, big - 5, b"12345")
         assert vhd.check(path) == []
         shutil.rmtree(work)
-    assert interrupted >= 3, f"only {interrupted} of 6 kills landed during the resize"
 
 
 META = r"""

@@ -19,10 +19,11 @@ import libvhd_style as lv
 import pytest
 import vhdcorpus as vc
 from engine_helpers import BLOCK, MiB
-from smcommon import vhd
+from smcommon import timestamps, vhd
 from smcommon.engine import remote
 from smcommon.engine.meta import VdiRecord
-from smcommon.engine.sr import SrEngine, created_stamp
+from smcommon.engine.remote import import_dir
+from smcommon.engine.sr import SrEngine
 
 SIZE = 64 * MiB
 
@@ -49,7 +50,7 @@ def blktap_sr(eng: SrEngine, corpus: Path) -> tuple[SrEngine, str]:
     for name in ("base.vhd", "child.vhd", "grandchild.vhd"):
         shutil.copyfile(corpus / name, eng.sr_dir / name)
     rec = VdiRecord(vdi="vm-disk", volume="grandchild", name_label="vm disk",
-                    virtual_size=SIZE, created=created_stamp())
+                    virtual_size=SIZE, created=timestamps.now(precise=True))
     eng.meta.put(rec)
     return eng, rec.vdi
 
@@ -91,7 +92,7 @@ def test_resize_copy_export_import_of_a_blktap_vdi(blktap_sr: tuple[SrEngine, st
     copy = eng.import_image(eng.store.path(volume), eng.get(vdi))["vdi"]   # VDI.copy, local
     all_sound(eng)
     assert disk(eng, copy) == model
-    raw = eng.paths.run_dir / "import" / "upload.raw"
+    raw = import_dir(eng.paths) / "upload.raw"
     raw.parent.mkdir(parents=True)
     vhd.export_raw(eng.store.path(volume), str(raw))            # what a remote copy streams
     assert vc.sha256(raw.read_bytes()[:SIZE]) == vc.entry("grandchild.vhd")["raw_sha256"]
