@@ -8,6 +8,7 @@ import psutil
 import pytest
 from smcommon import runner
 from smcommon.errors import CommandError, CommandTimeout
+from testenv import child_pids, new_children
 
 
 def test_run_captures_both_streams() -> None:
@@ -55,16 +56,12 @@ def test_timeout_kills_the_whole_process_group() -> None:
         "print(p.pid, flush=True)\n"
         "time.sleep(60)\n"
     )
+    before = child_pids()
     start = time.monotonic()
     with pytest.raises(CommandTimeout):
         runner.run([sys.executable, "-c", code], timeout=1.0)
     assert time.monotonic() - start < 30
-    me = psutil.Process()
-    assert not [
-        c
-        for c in me.children(recursive=True)
-        if c.is_running() and c.status() != "zombie"
-    ]
+    assert not new_children(before)
 
 
 def test_secrets_are_masked_in_errors() -> None:

@@ -8,12 +8,23 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
+from testenv import child_pids, new_children
 
 from dispatcher.child import Child
 
+_before: set[int] = set()
+
+
+@pytest.fixture(autouse=True)
+def _baseline() -> None:
+    """Children a session fixture (an NFS server) runs are not this test's."""
+    _before.clear()
+    _before.update(child_pids())
+
 
 def no_children() -> bool:
-    return psutil.Process().children(recursive=True) == []
+    return not new_children(_before)
 
 
 def dead(pid: int, within: float = 10.0) -> bool:
