@@ -275,3 +275,70 @@ def test_sr_stat_counts_vdis_hidden_parents_and_garbage(tmp_path: Path, sm_root:
     assert (st["vdis"], st["hidden_parents"], st["garbage_volumes"]) == (2, 1, 0)
     assert st["used"] == st["vdi_bytes"] + st["hidden_parent_bytes"] + st["garbage_bytes"]
     assert 0 < st["free"] <= st["total"]
+
+
+def _on_a_terminal(*args: str) -> str:
+    """smctl with stdout and stderr on a pseudo-terminal: everything it wrote there."""
+    import pty
+
+    master, slave = pty.openpty()
+    p = subprocess.Popen(
+        [sys.executable, "-m", "dispatcher.smctl", *args],
+        stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, cwd=REPO,
+    )  # fmt: skip
+    os.close(slave)
+    out = b""
+    try:
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the last writer closed the terminal
+                break
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        os.close(master)
+        p.wait(120)
+    assert p.returncode == 0, out
+    return out.decode("utf-8", "replace")
+
+
+def test_progress_bar_only_on_a_terminal(
+    start_daemon: Callable[..., Daemon], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """smctl vdi-copy draws a progress bar on a terminal (and erases it); with
+    --json, or with stderr off a terminal, it writes nothing more."""
+    if not EXTSR.exists():
+        pytest.skip(f"{EXTSR} does not exist yet")
+    from smcommon import vhd
+
+    monkeypatch.setenv("SM_PROGRESS_INTERVAL", "0.02")  # the plugin's and smctl's
+    d = start_daemon(plugins=REPO / "plugins")
+    sock = ["--socket", str(d.socket)]
+    srs = []
+    for name in ("s1", "s2"):
+        (tmp_path / name).mkdir()
+        r = smctl(*sock, "sr-create", "ext", "--path", str(tmp_path / name))
+        assert r.returncode == 0, r.stderr
+        srs.append(r.stdout.strip())
+    sm = d.unix("/")
+    size = 256 << 20
+    vdi = sm.VDI.create(
+        {"dbg": "t", "sr": srs[0], "vdi_info": {"name_label": "big", "virtual_size": size}}
+    )["Value"]["vdi"]
+    a = {"dbg": "t", "sr": srs[0], "vdi": vdi, "dp": "fill"}
+    leaf = sm.VDI.attach(dict(a, read_write=True))["Value"]["params"]
+    chunk = bytes(range(1, 256)) * (8 << 20 // 255 + 1)
+    for off in range(0, size, 8 << 20):
+        vhd.write(leaf, off, chunk[: 8 << 20])
+    sm.VDI.detach(a)
+
+    shown = _on_a_terminal(*sock, "vdi-copy", srs[0], vdi, "--dest", srs[1])
+    assert "\rcopy  [" in shown and "%" in shown, shown
+    new = shown.rsplit("\x1b[K", 1)[-1].strip()
+    assert len(new) == 36, shown
+    shown = _on_a_terminal(*sock, "--json", "vdi-copy", srs[0], vdi, "--dest", srs[1])
+    assert "\r" not in shown.replace("\r\n", "\n") and "copy  [" not in shown, shown
+    r = smctl(*sock, "vdi-copy", srs[0], vdi, "--dest", srs[1])
+    assert r.returncode == 0 and r.stderr == "" and len(r.stdout.strip()) == 36, r
