@@ -154,13 +154,18 @@ class LibvhdChain(RuleBasedStateMachine):
         assert vhd.repair(str(self.leaf)) == []
 
     @rule()
-    def convert(self) -> None:
-        flat = self.dir / "flat.vhd"
+    def convert_and_export(self) -> None:
+        flat, raw = self.dir / "flat.vhd", self.dir / "disk.raw"
         vhd.convert(str(self.leaf), str(flat))
         assert vhd.check(str(flat)) == [] and lv.problems(flat) == []
         assert vhd.read(str(flat), 0, WINDOW) == self.models[self.leaf]
         assert lv.read(flat, 0, WINDOW) == self.models[self.leaf]
+        vhd.export_raw(str(self.leaf), str(raw))
+        with open(raw, "rb") as f:
+            assert f.read(WINDOW) == self.models[self.leaf]
+        assert raw.stat().st_size == self.sizes[self.leaf]
         flat.unlink()
+        raw.unlink()
 
     @invariant()
     def every_image_reads_as_its_model_and_is_sound(self) -> None:
