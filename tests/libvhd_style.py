@@ -365,15 +365,17 @@ def read(path: str | Path, offset: int, length: int) -> bytes:
     return bytes(out)
 
 
-def problems(path: str | Path) -> list[str]:
-    """What ``vhd-util check`` (libvhd) refuses in this image."""
+def problems(path: str | Path, *, footer_copy: bool = True) -> list[str]:
+    """What ``vhd-util check`` (libvhd) refuses in this image.  With
+    ``footer_copy`` False, a copy at offset 0 that differs from the tail footer
+    is let pass, as libvhd's open does (it reads the tail footer)."""
     out: list[str] = []
     raw = Path(path).read_bytes()
     eof = len(raw) - SECTOR
     tail, head = raw[-SECTOR:], raw[:SECTOR]
     if tail[:8] != b"conectix" or csum(tail, 64) != struct.unpack_from(">I", tail, 64)[0]:
         return ["tail footer invalid"]
-    if head != tail:
+    if head != tail and footer_copy:
         out.append("primary and backup footers do not match")
     vhd = load(path)
     h = raw[int(vhd.footer[3]) : int(vhd.footer[3]) + 1024]  # type: ignore[call-overload]

@@ -2,9 +2,12 @@
 
 Public API (docs/design.md): functions over image paths; every error is a
 ``VhdError`` with a stable ``code``.  Modules: ``format`` (on-disk structures),
-``image`` (open/read/write over a chain), ``create`` (new images), ``ops``
-(operations), ``check`` (check/repair), ``transfer`` (raw import/export,
-convert), ``locks``, ``info``, ``errors``, ``cli`` (the ``vhd`` command).
+``reader`` and ``image`` (open/read, write over a chain), ``parents`` (the
+parent search), ``layout`` (where metadata and blocks lie, libvhd's rules),
+``batmap`` (blktap's map of full blocks), ``create`` (new images), ``ops``
+(operations), ``relayout`` (moving metadata crash-safely), ``check`` and
+``repair``, ``transfer`` (raw import/export, convert), ``locks``, ``info``,
+``errors``, ``cli`` (the ``vhd`` command).
 
 Rules every function keeps:
 - One writer per image: an flock, exclusive to write and shared to read, held
@@ -14,7 +17,10 @@ Rules every function keeps:
   child's directory) and only inside the allowed roots: by default each
   child's own directory; the internal keyword ``search_dirs`` widens that.
 - A write is durable when it returns; a process killed at any instant leaves
-  an image that ``check`` accepts and that holds every acknowledged byte.
+  an image that ``check`` (libvhd's rules) accepts and that holds every
+  acknowledged byte.
+- Dynamic and differencing images carry blktap's batmap, kept right by every
+  operation, so tapdisk (libvhd) opens every image the library writes.
 - New images appear whole or not at all (O_TMPFILE, linked when complete).
 """
 

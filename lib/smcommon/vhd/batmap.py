@@ -137,6 +137,8 @@ def extent_problem(bh: fmt.BatmapHeader, hdr_off: int, end: int) -> str | None:
     where = f"batmap (header at {hdr_off})"
     if bh.batmap_size == 0:
         return f"{where}: size zero"
+    if bh.batmap_size > fmt.batmap_sectors(fmt.MAX_TABLE_ENTRIES):
+        return f"{where}: {bh.batmap_size} sectors, more than any BAT needs"
     if bh.batmap_offset == 0 or bh.batmap_offset % fmt.SECTOR:
         return f"{where}: invalid map offset {bh.batmap_offset}"
     if bh.batmap_offset + bh.batmap_size * fmt.SECTOR > end:

@@ -24,6 +24,7 @@ from smcommon.vhd.errors import (
     from_os_error,
 )
 from smcommon.vhd.image import LOCATOR_ORDER, Image, Info, open_image
+from smcommon.vhd.reader import ImageReader
 
 
 def info(path: str | os.PathLike[str], *, search_dirs: list[str] | None = None) -> Info:
@@ -299,5 +300,5 @@ def allocation_map(path: str | os.PathLike[str], *,
     return out
 
 
-def _fixed_covers(images: list[Image], depth: int, offset: int) -> bool:
+def _fixed_covers(images: list[ImageReader], depth: int, offset: int) -> bool:
     return depth > 0 and offset < images[depth - 1].virtual_size

@@ -17,7 +17,7 @@ from smcommon.vhd import format as fmt
 from smcommon.vhd.errors import Corrupt, ParentMissing, ParentNotAllowed
 
 if TYPE_CHECKING:
-    from smcommon.vhd.image import Image
+    from smcommon.vhd.reader import ImageReader as Image
 
 LOCATOR_ORDER = (fmt.LOC_W2RU, fmt.LOC_W2KU, fmt.LOC_MACX)
 

@@ -16,16 +16,23 @@ from smcommon.vhd import batmap as bmap
 from smcommon.vhd import format as fmt
 from smcommon.vhd import layout
 from smcommon.vhd.create import locator_bytes, locator_space_for, place_locators
+from smcommon.vhd.errors import Corrupt
 from smcommon.vhd.image import Image
 
 
 def occupied(img: Image) -> list[tuple[int, int]]:
     """(start, length) of every referenced metadata region (and the place the
-    batmap must have), and of every data block."""
+    batmap must have), and of every data block.  Corrupt if a region runs past
+    the end of the image (moving things around it would be guesswork)."""
     header = img.header_or_fail()
     assert img.bat is not None
     bm = img.batmap.header if img.batmap is not None else None
-    out = [(s, n) for _, s, n in layout.metadata_regions(img.footer.data_offset, header, bm)]
+    regions = layout.metadata_regions(img.footer.data_offset, header, bm)
+    for name, start, length in regions:
+        if start + length > img.end():
+            raise Corrupt(f"{img.path}: the {name} ({length} bytes at {start}) runs past the "
+                          f"end of the image ({img.end()}); run check")
+    out = [(s, n) for _, s, n in regions]
     if bmap.expected(img.footer) is not False:
         out.append(canonical_region(header))
     span = header.bitmap_size + header.block_size

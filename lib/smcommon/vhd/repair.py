@@ -89,9 +89,9 @@ def _data_end(fd: int, size: int, footer: fmt.Footer, path: str) -> int:
     bat_end = header.table_offset + fmt.bat_bytes(header.max_table_entries)
     if bat_end > size + fmt.BLOCK_SIZE * 4:
         raise Corrupt(f"{path}: BAT lies outside the file; cannot place the tail footer")
-    raw = _read(fd, 4 * header.max_table_entries, header.table_offset, path)
-    bat = fmt.Bat.from_bytes(raw + b"\xff" * (4 * header.max_table_entries - len(raw)),
-                             header.max_table_entries)
+    live = min(header.max_table_entries, fmt.blocks_for(footer.current_size, header.block_size))
+    raw = _read(fd, 4 * live, header.table_offset, path)
+    bat = fmt.Bat.from_bytes(raw + b"\xff" * (4 * live - len(raw)), live)
     span = header.bitmap_size + header.block_size
     ends = [bat[b] * fmt.SECTOR + span for b in bat.allocated()]
     meta = layout.end_of_headers(layout.metadata_regions(footer.data_offset, header))

@@ -216,3 +216,34 @@ def test_resize_of_blktap_images(corpus: Path, name: str, grown: int) -> None:
     sound(path)
     assert vhd.read(str(path), grown - 4096, 4096) == tail
     assert vc.sha256(vhd.read(str(path), 0, SIZE)) == vc.entry(name)["raw_sha256"]
+
+
+def test_every_image_we_make_has_blktaps_structure(corpus: Path, tmp_path: Path) -> None:
+    """The images every operation of ours produces carry what blktap's show:
+    the batmap header at the end of the BAT (version 1.2), the map right after
+    it, 4 KiB-aligned data, blocks after the metadata, locator spaces libvhd
+    reads, equal footer copies."""
+    d = tmp_path
+    made = {
+        "create": d / "create.vhd", "create-max-size": d / "max.vhd",
+        "snapshot": d / "snap.vhd", "import": d / "import.vhd", "convert": d / "convert.vhd",
+    }
+    vhd.create(str(made["create"]), 10 * 1024 * 1024)
+    vhd.create(str(made["create-max-size"]), 10 * 1024 * 1024, max_size=3 * 1024**3)
+    vhd.snapshot(str(corpus / "grandchild.vhd"), str(made["snapshot"]),
+                 search_dirs=[str(corpus), str(d)])
+    vhd.export_raw(str(corpus / "grandchild.vhd"), str(d / "g.raw"))
+    vhd.import_raw(str(d / "g.raw"), str(made["import"]))
+    vhd.convert(str(corpus / "child.vhd"), str(made["convert"]))
+    for path in list(made.values())[:2]:                    # written, grown, shrunk
+        vhd.write(str(path), 3 * 1024 * 1024 + 5, vc.sector_data("W", 1) * 9)
+        vhd.resize(str(path), 1300 * 1024 * 1024)
+        vhd.write(str(path), 1299 * 1024 * 1024, b"end")
+    for what, path in made.items():
+        facts = lv.facts(path)
+        assert facts == {**facts, "batmap_header_at_bat_end": True, "batmap_version": 0x00010002,
+                         "map_after_header": True, "data_4k_aligned": True,
+                         "blocks_after_metadata": True, "locator_spaces_valid": True,
+                         "footer_copy_equal": True}, (what, facts)
+        assert vhd.check(str(path), search_dirs=[str(corpus), str(d)]) == [], what
+    assert lv.problems(made["import"]) == [] and lv.problems(made["convert"]) == []

@@ -7,8 +7,9 @@ space in bytes or in sectors, blocks after the locators with their data on a
 bits set for full blocks and clear for partial ones; disk sizes chosen so the
 gap after the locators ranges from none to several KiB), then runs a random
 sequence of operations over it: our writes and tapdisk's (libvhd-style)
-writes, snapshot, coalesce with the GC's re-link (set_parent), resize across
-BAT growth, set_hidden, repair and convert.  After every step each image of
+writes, snapshot, coalesce with the GC's re-link (set_parent), re-link onto a
+copy of the parent, resize across BAT growth, set_hidden, repair, convert and
+export.  After every step each image of
 the chain reads as its model (through the library and through the libvhd-style
 reader) and both libvhd-rules checkers accept it.
 """
@@ -139,6 +140,21 @@ class LibvhdChain(RuleBasedStateMachine):
         del self.chain[i]
         child.unlink()
 
+    @precondition(lambda self: len(self.chain) >= 2)
+    @rule(data=st.data())
+    def relink_to_a_copy(self, data: st.DataObject) -> None:
+        """set_parent onto a copy of the parent (same UUID, another name), as
+        the GC's re-link does: the new locators need free space in the image,
+        libvhd's included, whatever its alignment gap."""
+        i = data.draw(st.integers(1, len(self.chain) - 1), label="child index")
+        old = self.chain[i - 1]
+        copy = self._name()
+        shutil.copyfile(old, copy)
+        vhd.set_parent(str(self.chain[i]), str(copy))
+        self.models[copy], self.sizes[copy] = self.models.pop(old), self.sizes.pop(old)
+        self.chain[i - 1] = copy
+        old.unlink()
+
     @rule(grow=st.sampled_from([2 * MIB, 300 * MIB, 1100 * MIB]))
     def resize(self, grow: int) -> None:
         new = self.sizes[self.leaf] + grow
@@ -154,13 +170,18 @@ class LibvhdChain(RuleBasedStateMachine):
         assert vhd.repair(str(self.leaf)) == []
 
     @rule()
-    def convert(self) -> None:
-        flat = self.dir / "flat.vhd"
+    def convert_and_export(self) -> None:
+        flat, raw = self.dir / "flat.vhd", self.dir / "disk.raw"
         vhd.convert(str(self.leaf), str(flat))
         assert vhd.check(str(flat)) == [] and lv.problems(flat) == []
         assert vhd.read(str(flat), 0, WINDOW) == self.models[self.leaf]
         assert lv.read(flat, 0, WINDOW) == self.models[self.leaf]
+        vhd.export_raw(str(self.leaf), str(raw))
+        with open(raw, "rb") as f:
+            assert f.read(WINDOW) == self.models[self.leaf]
+        assert raw.stat().st_size == self.sizes[self.leaf]
         flat.unlink()
+        raw.unlink()
 
     @invariant()
     def every_image_reads_as_its_model_and_is_sound(self) -> None:

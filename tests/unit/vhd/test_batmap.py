@@ -275,3 +275,20 @@ def test_locators_are_read_by_libvhds_data_space_rule(tmp_path: Path) -> None:
     problems = vhd.check(leaf)
     assert any("invalid data space 700" in p for p in problems), problems
     assert any("600 bytes of data in a space of 512" in p for p in problems), problems
+
+
+def test_set_parent_refuses_a_locator_space_past_the_end(tmp_path: Path) -> None:
+    """A locator claiming more space than the file holds is reported, and
+    set_parent refuses to move things around it (no file grown to match)."""
+    base, leaf = tmp_path / "base.vhd", tmp_path / "leaf.vhd"
+    vhd.create(base, 8 * MIB)
+    vhd.snapshot(base, leaf)
+    header = fmt.Header.from_bytes(leaf.read_bytes()[512:1536])
+    locs = header.locators
+    locs[0] = fmt.Locator(locs[0].code, 0x7FFFFE00, locs[0].data_length, 0, locs[0].data_offset)
+    _patch(leaf, 512, header.sealed(locators_raw=fmt.pack_locators(locs)).to_bytes())
+    size = leaf.stat().st_size
+    assert any("outside the file" in p for p in vhd.check(leaf))
+    with pytest.raises(vhd.Corrupt, match="runs past the end"):
+        vhd.set_parent(leaf, base)
+    assert leaf.stat().st_size == size
