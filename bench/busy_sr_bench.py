@@ -34,8 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(1, str(REPO / "lib"))
 
-from smcommon import lock  # noqa: E402
-from smcommon.paths import Paths  # noqa: E402
+from smcommon.engine import locks  # noqa: E402
 
 from dispatcher import client, wire  # noqa: E402
 
@@ -110,7 +109,7 @@ def run(args: argparse.Namespace, share: int | None, label: str) -> tuple[float,
             rate(sock, body, args.clients, 1.0)  # warm the page cache
             alone, _ = rate(sock, body, args.clients, args.seconds)
 
-            held = lock.sr_lock(Paths(root), sr_a, timeout=5)
+            held = locks.tree_lock(locks.shared_lock_dir(root / "sr-a"), timeout=5)
             held.acquire()
             busy_body = wire.dumps_call(
                 "VDI.create", {"dbg": "busy", "sr": sr_a, "vdi_info": {"name_label": "a", "virtual_size": 1 << 20}}

@@ -73,18 +73,42 @@ def median_of(runs: int, fn: Any) -> float:
     return statistics.median(fn() for _ in range(runs))
 
 
-def per_call(host: Host, sr: str, runs: int) -> dict[str, float]:
-    vdi = host.call("VDI.create", sr=sr, vdi_info={"name_label": "b", "virtual_size": str(8 << 20)})[1]["vdi"]
-    info = {"name_label": "c", "virtual_size": str(8 << 20)}
-    return {
-        "Query.query": median_of(runs, lambda: host.call("Query.query")[0]),
-        "SR.scan": median_of(runs, lambda: host.call("SR.scan", sr=sr)[0]),
-        "VDI.stat": median_of(runs, lambda: host.call("VDI.stat", sr=sr, vdi=vdi)[0]),
-        "VDI.create": median_of(runs, lambda: host.call("VDI.create", sr=sr, vdi_info=info)[0]),
-        "VDI.snapshot": median_of(
-            runs, lambda: host.call("VDI.snapshot", sr=sr, vdi_info={"vdi": vdi})[0]
-        ),
+CALLS = ["Query.query", "SR.scan", "VDI.stat", "VDI.create", "VDI.snapshot"]
+
+
+def interleaved(hosts: dict[str, tuple[Host, str]], runs: int) -> dict[str, dict[str, float]]:
+    """Median per call and per host, the hosts' calls interleaved (one of each
+    in turn), so that load from elsewhere weighs on every side alike."""
+    vdis = {
+        name: host.call("VDI.create", sr=sr, vdi_info={"name_label": "b", "virtual_size": str(8 << 20)})[1]["vdi"]
+        for name, (host, sr) in hosts.items()
     }
+    info = {"name_label": "c", "virtual_size": str(8 << 20)}
+
+    def one(call: str, name: str) -> float:
+        host, sr = hosts[name]
+        if call == "Query.query":
+            return host.call(call)[0]
+        if call == "SR.scan":
+            return host.call(call, sr=sr)[0]
+        if call == "VDI.stat":
+            return host.call(call, sr=sr, vdi=vdis[name])[0]
+        if call == "VDI.create":
+            return host.call(call, sr=sr, vdi_info=info)[0]
+        return host.call(call, sr=sr, vdi_info={"vdi": vdis[name]})[0]
+
+    out: dict[str, dict[str, float]] = {name: {} for name in hosts}
+    for call in CALLS:
+        samples: dict[str, list[float]] = {name: [] for name in hosts}
+        for i in range(runs + 1):
+            order = list(hosts) if i % 2 else list(reversed(hosts))
+            for name in order:
+                t = one(call, name)
+                if i:  # the first round warms up
+                    samples[name].append(t)
+        for name in hosts:
+            out[name][call] = statistics.median(samples[name])
+    return out
 
 
 def attach_cycle(host: Host, sr: str, config: dict[str, str], runs: int) -> float:
@@ -128,17 +152,14 @@ def main() -> None:
                 "NFSSR v4.1": {"server": server.address, "serverpath": "/export", "nfsversion": "4.1"},
             }
             ext_sr = make_sr(ext, ext_cfg)
-            base = per_call(ext, ext_sr, a.runs)
-            base_attach = attach_cycle(ext, ext_sr, ext_cfg, a.runs)
-            print(f"\n{'call':<22}{'EXTSR':>10}" + "".join(f"{k:>14}{'ratio':>7}" for k in cfgs))
-            results = {}
-            srs = {}
+            srs = {name: make_sr(nfs, cfg) for name, cfg in cfgs.items()}
+            hosts = {"EXTSR": (ext, ext_sr), **{name: (nfs, sr) for name, sr in srs.items()}}
+            results = interleaved(hosts, a.runs)
+            results["EXTSR"]["SR.detach+SR.attach"] = attach_cycle(ext, ext_sr, ext_cfg, a.runs)
             for name, cfg in cfgs.items():
-                srs[name] = make_sr(nfs, cfg)
-                results[name] = per_call(nfs, srs[name], a.runs)
                 results[name]["SR.detach+SR.attach"] = attach_cycle(nfs, srs[name], cfg, a.runs)
-            base["SR.detach+SR.attach"] = base_attach
-            for call, b in base.items():
+            print(f"\n{'call':<22}{'EXTSR':>10}" + "".join(f"{k:>14}{'ratio':>7}" for k in cfgs))
+            for call, b in results["EXTSR"].items():
                 row = f"{call:<22}{b * 1000:>8.1f}ms"
                 for name in cfgs:
                     v = results[name][call]

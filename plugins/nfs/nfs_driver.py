@@ -76,10 +76,9 @@ FEATURES = [
     "SR_GC",
     "THIN_PROVISIONING",
 ]
-# calls that need no server, or probe it themselves (they mount)
-_NO_PROBE = frozenset(
-    {"query_query", "query_diagnostics", "sr_ls", "sr_create", "sr_attach", "sr_reset"}
-)
+# calls that need no server, or probe it themselves (SR.create mounts; SR.attach
+# of an SR not attached here mounts, and probes then; SR.reset forgets host state)
+_NO_PROBE = frozenset({"query_query", "query_diagnostics", "sr_ls", "sr_create", "sr_reset"})
 _HOST = re.compile(
     r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
     r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"

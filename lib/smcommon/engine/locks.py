@@ -6,10 +6,12 @@ Two kinds of state, two places (see docs/design.md, "Locks"):
   the tree of volumes, the collector's journal) is locked *in the SR*: lock
   files under ``<sr dir>/.sm/locks/``, taken as fcntl record locks
   (``smcommon.lock``, ``shared_storage=True``), which an NFS mount carries to
-  the server.  ``tree_lock(sr_dir)`` covers changes to the SR's tree and VDI
+  the server.  ``tree_lock(dir)`` covers changes to the SR's tree and VDI
   records, and the collector (so one host collects at a time);
-  ``vdi_lock(sr_dir, vdi)`` covers one VDI's datapath changes and the tree
-  changes that must not interleave with them.
+  ``vdi_lock(dir, vdi)`` covers one VDI's datapath changes and the tree
+  changes that must not interleave with them.  The directory is the volume
+  store's (``VolumeStore.shared_lock_dir()``): a store keeping its volumes
+  somewhere else (logical volumes) names a shared place of its own.
 - What only this host knows (which SRs it attached, its mounts, its
   datapath states) is locked on the host: ``host_sr_lock(paths, sr)``, under
   ``Paths.lock_dir``, around SR.create/attach/detach/destroy/reset.
@@ -65,15 +67,12 @@ def shared_lock_dir(sr_dir: Path) -> Path:
     return sm / LOCK_SUBDIR
 
 
-def tree_lock(sr_dir: Path, timeout: float | None = None) -> lock.Lock:
-    """The SR's tree lock, on the SR's storage (every host sees it)."""
-    return lock.Lock(
-        "tree", shared_lock_dir(sr_dir), timeout=_t(timeout), shared_storage=True
-    )
+def tree_lock(lock_dir: Path, timeout: float | None = None) -> lock.Lock:
+    """The SR's tree lock in ``lock_dir``, the SR's shared lock directory
+    (``VolumeStore.shared_lock_dir()``; for file SRs ``shared_lock_dir(sr_dir)``)."""
+    return lock.Lock("tree", lock_dir, timeout=_t(timeout), shared_storage=True)
 
 
-def vdi_lock(sr_dir: Path, vdi: str, timeout: float | None = None) -> lock.Lock:
-    """One VDI's lock, on the SR's storage."""
-    return lock.Lock(
-        f"vdi/{vdi}", shared_lock_dir(sr_dir), timeout=_t(timeout), shared_storage=True
-    )
+def vdi_lock(lock_dir: Path, vdi: str, timeout: float | None = None) -> lock.Lock:
+    """One VDI's lock in the SR's shared lock directory."""
+    return lock.Lock(f"vdi/{vdi}", lock_dir, timeout=_t(timeout), shared_storage=True)

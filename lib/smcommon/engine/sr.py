@@ -123,7 +123,7 @@ class SrEngine:
     def tree_lock(self, resume_gc: bool = True) -> Iterator[None]:
         """The SR's tree lock (on the SR's storage, shared by every host that
         attached it); a GC step left by a killed process is finished first."""
-        with locks.tree_lock(self.sr_dir):
+        with locks.tree_lock(self.store.shared_lock_dir()):
             self.check_attached()
             if resume_gc and self.meta.gc_file.exists():
                 from smcommon.engine.gc import Collector
@@ -132,7 +132,7 @@ class SrEngine:
             yield
 
     def vdi_lock(self, vdi: str, timeout: float | None = None) -> Any:
-        return locks.vdi_lock(self.sr_dir, safe_name("vdi", vdi), timeout)
+        return locks.vdi_lock(self.store.shared_lock_dir(), safe_name("vdi", vdi), timeout)
 
     # --- reading -------------------------------------------------------------
 

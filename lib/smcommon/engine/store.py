@@ -73,6 +73,7 @@ class VolumeStore(Protocol):
     def deactivate(self, volume: str) -> None: ...
     def space(self) -> tuple[int, int]: ...
     def cleanup_partial(self) -> list[str]: ...
+    def shared_lock_dir(self) -> Path: ...
 
 
 def load_vhd() -> Any:
@@ -127,6 +128,12 @@ class FileStore:
             for n in names
             if n.endswith(VHD_SUFFIX) and not n.startswith(".")
         )
+
+    def shared_lock_dir(self) -> Path:
+        """Where the SR's locks live: in the SR, seen by every host (engine/locks.py)."""
+        from smcommon.engine.locks import shared_lock_dir
+
+        return shared_lock_dir(self.sr_dir)
 
     def volume_of(self, path: str | None) -> str | None:
         """The volume name of an image path in this SR (None if elsewhere)."""

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from dispatcher_testlib import REPO, Daemon, alive, wait_until
-from smcommon.engine.locks import tree_lock
+from smcommon.engine import locks
 
 from dispatcher import wire
 
@@ -136,7 +136,7 @@ def test_retry_after_dispatcher_kill_gets_the_first_outcome(
 
     # 1. killed while the plugin waits for the SR lock; the retry reaches the
     # next dispatcher while the first run still goes on: it waits for it
-    held = tree_lock(tmp_path / "sr2")  # what VDI.create waits for
+    held = locks.tree_lock(locks.shared_lock_dir(tmp_path / "sr2"))  # the SR's lock, in the SR
     held.acquire()
     try:
         t, got = _create_in_background(d, once)
@@ -194,7 +194,7 @@ def test_caller_gone_before_the_reply_gets_it_on_retry(
     sr = _second_sr(d, tmp_path)
     args = {"dbg": "gone-1", "sr": sr, "vdi_info": {"name_label": "g", "virtual_size": MiB}}
     body = wire.dumps_call("VDI.create", args)
-    held = tree_lock(tmp_path / "sr2")  # what VDI.create waits for
+    held = locks.tree_lock(locks.shared_lock_dir(tmp_path / "sr2"))
     held.acquire()
     try:
         assert d.socket is not None

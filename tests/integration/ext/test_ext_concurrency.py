@@ -131,7 +131,7 @@ def test_copy_takes_the_sr_lock_before_the_vdi_lock(path_sr: SR) -> None:
         {"dbg": "t", "sr": sr.uuid, "vdi": vdi, "url": "local", "dest": sr.uuid},
     )
     # the SR's locks live in the SR (shared by every host attaching it)
-    with locks.tree_lock(sr.data_dir, timeout=10):
+    with locks.tree_lock(locks.shared_lock_dir(sr.data_dir), timeout=10):
         proc = subprocess.Popen(
             sr.ext.argv(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             env=sr.ext.env, text=True,
@@ -140,7 +140,7 @@ def test_copy_takes_the_sr_lock_before_the_vdi_lock(path_sr: SR) -> None:
         proc.stdin.close()  # type: ignore[union-attr]
         time.sleep(1.5)  # the copy is now waiting for the SR lock we hold
         assert proc.poll() is None
-        with locks.vdi_lock(sr.data_dir, vdi, timeout=0.5):
+        with locks.vdi_lock(locks.shared_lock_dir(sr.data_dir), vdi, timeout=0.5):
             pass  # free: the copy did not take it before the SR lock
     out = proc.stdout.read()  # type: ignore[union-attr]
     assert proc.wait(timeout=60) == 0

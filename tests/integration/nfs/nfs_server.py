@@ -122,6 +122,15 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _kill_namespace(name: str) -> None:
+    """SIGKILL whatever still runs in network namespace ``name`` (only this
+    module's servers run there), then remove the namespace."""
+    for pid in _ip("netns", "pids", name, check=False).stdout.split():
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(pid), 9)
+    _ip("netns", "delete", name, check=False)
+
+
 def sweep_stale() -> list[str]:
     """Remove namespaces (and their veths) of test sessions that died."""
     gone = []
@@ -132,7 +141,7 @@ def sweep_stale() -> list[str]:
         pid = name[len(PREFIX):].split("-")[0]
         if pid.isdigit() and _pid_alive(int(pid)):
             continue
-        _ip("netns", "delete", name, check=False)
+        _kill_namespace(name)
         gone.append(name)
     return gone
 
@@ -285,7 +294,7 @@ class NfsServer:
                 self.proc.wait()
             self.proc = None
         _ip("link", "delete", self.host_if, check=False)
-        _ip("netns", "delete", self.name, check=False)
+        _kill_namespace(self.name)
         deadline = time.monotonic() + 5
         while self.ganesha_pid and _pid_alive(self.ganesha_pid) and time.monotonic() < deadline:
             time.sleep(0.02)

@@ -74,6 +74,9 @@ def stop(proc: subprocess.Popen[bytes] | None) -> None:
 def main() -> int:
     conf, log, run, addr = sys.argv[1:5]
     die_with_parent()
+    # SIGTERM (also sent when the test process dies): stop the daemons first.
+    # rpcbind drops to user _rpc, which clears its own parent-death signal.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=755", "tmpfs", "/run"], check=True)
     os.makedirs("/run/rpcbind", exist_ok=True)
     with open(os.path.join(run, "rpcbind.err"), "wb") as err:

@@ -101,7 +101,7 @@ HOLD = """
 import sys
 from pathlib import Path
 from smcommon.engine import locks
-with locks.tree_lock(Path(sys.argv[1]), timeout=10):
+with locks.tree_lock(locks.shared_lock_dir(Path(sys.argv[1])), timeout=10):
     print("held", flush=True)
     sys.stdin.read()
 """
