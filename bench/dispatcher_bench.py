@@ -1,20 +1,27 @@
 #!/usr/bin/env python3
-"""Benchmark of the dispatcher, against running the plugin directly, in one run.
+"""Benchmark of the dispatcher: warm (forked) plugin processes, executed ones, and the
+plugin run directly, in one run, against the issue's targets.
 
-Measures:
-1. Added latency per call (aim: < 5 ms median), over a kept-alive connection: VDI.stat through the daemon
-   over its Unix socket vs the same request piped into the plugin process
-   (what the dispatcher itself does), interleaved call by call.  Done twice:
-   with the real ext plugin, and with a minimal shell plugin (NULLSR, a
-   canned answer) whose tiny, steady start-up lets the dispatcher's own cost
-   show through the noise of Python start-up.
-2. Throughput of VDI.stat on one ext SR with 8 and 32 concurrent clients:
-   through the daemon vs the same number of threads running the plugin
-   directly.
+Two daemons with the real ext plugin, each with its own SM_ROOT and default SR:
+one forking calls from warm parents (the default), one executing every plugin
+(``--no-warm``).  "direct" pipes the same request into the plugin executable
+run by the package's interpreter (as an installed plugin runs; a
+``#!/usr/bin/env python3`` through a version-manager shim costs more).
 
-Prints medians (and p90) and the ratios.  Usage:
-    python3 bench/dispatcher_bench.py [--calls 40] [--seconds 8]
-Needs nothing but the repo (the daemon runs under a tmp SM_ROOT).
+Table (medians of ``--calls`` calls, each through a kept-alive connection):
+
+  Query.query, VDI.stat          latency (targets, warm: 3 ms, 5 ms)
+  VDI.create, VDI.snapshot       latency (target, warm: 15 ms); a snapshot of a
+                                 new VDI each time (created outside the timing)
+  VDI.stat, 8 clients            calls/s on one SR for ``--seconds`` (target,
+                                 warm: 200/s)
+  SR.scan of ``--scan-vdis``     VDIs in snapshot trees (4 per tree, built
+                                 in-process; target, warm: 400 ms)
+  floor                          ``python -I -c 'import xmlrpc.client'``: the
+                                 direct VDI.* target is 1.3x this
+
+Usage:
+    .venv/bin/python bench/dispatcher_bench.py [--calls 40] [--seconds 5] [--scan-vdis 10000]
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -29,203 +37,231 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(1, str(REPO / "lib"))
+sys.path.insert(2, str(REPO / "bench"))
 
-from dispatcher import client, wire
+from dispatcher import client, wire  # noqa: E402
 
-
-def start_daemon(
-    root: Path, plugins: Path, workers: int
-) -> tuple[subprocess.Popen[str], str, Path]:
-    env = dict(os.environ, SM_ROOT=str(root), PYTHONUNBUFFERED="1")
-    argv = [
-        sys.executable,
-        "-m",
-        "dispatcher",
-        "--plugins-dir",
-        str(plugins),
-        "--workers",
-        str(workers),
-    ]
-    argv += [
-        "--default-sr",
-        str(root / "default-sr"),
-        "--log-file",
-        str(root / "dispatcher.log"),
-    ]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=env, cwd=REPO)
-    banner = ""
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        banner += line
-        if line.startswith("  python:"):
-            break
-    sock = re.search(r"unix socket: (\S+)", banner)
-    sr = re.search(r"default SR: (\S+)", banner)
-    if not sock or not sr:
-        proc.kill()
-        raise SystemExit(f"the daemon did not start:\n{banner}")
-    return proc, sr.group(1), Path(sock.group(1))
+EXTSR = REPO / "plugins" / "ext" / "EXTSR"
+MiB = 1 << 20
 
 
-def direct(exe: Path, body: bytes, env: dict[str, str]) -> bytes:
-    r = subprocess.run([str(exe)], input=body, capture_output=True, env=env, check=True)
-    return r.stdout
+class Daemon:
+    def __init__(self, root: Path, warm: bool) -> None:
+        self.root = root
+        root.mkdir(parents=True)
+        env = dict(os.environ, SM_ROOT=str(root), PYTHONUNBUFFERED="1")
+        argv = [
+            sys.executable, "-m", "dispatcher", "--plugins-dir", str(REPO / "plugins"),
+            "--default-sr", str(root / "default-sr"), "--log-file", str(root / "dispatcher.log"),
+            *([] if warm else ["--no-warm"]),
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=env, cwd=REPO)
+        banner = ""
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            banner += line
+            if line.startswith("  python:"):
+                break
+        sock = re.search(r"unix socket: (\S+)", banner)
+        sr = re.search(r"default SR: (\S+)", banner)
+        if not sock or not sr:
+            self.proc.kill()
+            raise SystemExit(f"the daemon did not start:\n{banner}")
+        self.sock = Path(sock.group(1))
+        self.sr = sr.group(1)
+        self.client = client.Client(self.sock, keep_alive=True)
+        if warm:
+            deadline = time.monotonic() + 120
+            while not [w for w in self.call("Dispatcher.status", {})["warm"] if w["state"] == "ready"]:
+                if time.monotonic() > deadline:
+                    raise SystemExit("no warm parent became ready")
+                time.sleep(0.1)
+
+    def call(self, method: str, args: dict[str, Any], path: str = "/") -> Any:
+        resp = self.client.call(method, {"dbg": "bench", **args}, path)
+        if resp.status != "Success":
+            raise SystemExit(f"{method} failed: {resp.error or resp.fault}")
+        return resp.value["Value"]
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(120)
 
 
-def timed(fn: object) -> float:
-    t = time.perf_counter()
-    fn()  # type: ignore[operator]
-    return time.perf_counter() - t
+def direct(root: Path, method: str, args: dict[str, Any]) -> Callable[[], Any]:
+    """A function running the plugin once on this request (the interpreter the package lives in)."""
+    body = wire.dumps_call(method, {"dbg": "bench", **args})
+    env = dict(os.environ, SM_ROOT=str(root))
+
+    def run() -> Any:
+        p = subprocess.run([sys.executable, str(EXTSR)], input=body, capture_output=True, env=env, check=True)
+        resp = wire.parse_response(p.stdout)
+        if resp.status != "Success":
+            raise SystemExit(f"direct {method} failed: {resp.error}")
+        return resp.value["Value"]
+
+    return run
 
 
-def med(xs: list[float]) -> str:
-    xs = sorted(xs)
-    p90 = xs[int(len(xs) * 0.9) - 1] if len(xs) >= 10 else xs[-1]
-    return f"median {statistics.median(xs) * 1000:8.2f} ms  p90 {p90 * 1000:8.2f} ms"
-
-
-def latency(
-    name: str,
-    exe: Path,
-    route: str,
-    body: bytes,
-    sock: Path,
-    env: dict[str, str],
-    n: int,
-) -> None:
-    c = client.Client(sock, keep_alive=True)
-    assert wire.parse_response(c.post(route, body)).status == "Success", (
-        f"{name}: the call fails"
-    )
-    d_times, v_times = [], []
+def median_ms(fn: Callable[[], Any], n: int, setup: Callable[[], Any] | None = None) -> float:
+    times = []
     for _ in range(n):
-        d_times.append(timed(lambda: direct(exe, body, env)))
-        v_times.append(timed(lambda: c.post(route, body)))
-    d, v = statistics.median(d_times), statistics.median(v_times)
-    paired = statistics.median(b - a for a, b in zip(d_times, v_times))
-    print(f"  {name:6s} direct:     {med(d_times)}")
-    print(f"  {name:6s} dispatcher: {med(v_times)}")
-    print(
-        f"  {name:6s} added latency: {(v - d) * 1000:.2f} ms (difference of medians), "
-        f"{paired * 1000:.2f} ms (median of paired differences); ratio {v / d:.3f}"
-    )
+        if setup is not None:
+            setup()
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1000
 
 
-def floor(sock: Path, n: int) -> None:
-    """The dispatcher's own cost: a call it answers itself (no plugin)."""
-    c = client.Client(sock, keep_alive=True)
-    body = wire.dumps_call("Dispatcher.status", {"dbg": "bench"})
-    times = [timed(lambda: c.post("/", body)) for _ in range(n)]
-    print(f"  no plugin (Dispatcher.status round trip): {med(times)}")
-
-
-def throughput(clients: int, seconds: float, call: object) -> float:
+def throughput(fn: Callable[[], Any], clients: int, seconds: float) -> float:
     stop = time.monotonic() + seconds
     counts = [0] * clients
-    errors: list[str] = []
 
-    def worker(i: int) -> None:
+    def worker(i: int, call: Callable[[], Any]) -> None:
         while time.monotonic() < stop:
-            try:
-                call()  # type: ignore[operator]
-            except Exception as e:  # noqa: BLE001 -- counted and shown
-                errors.append(repr(e))
-                return
+            call()
             counts[i] += 1
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
+    threads = [threading.Thread(target=worker, args=(i, fn)) for i in range(clients)]
     t0 = time.monotonic()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    elapsed = time.monotonic() - t0
-    if errors:
-        print(f"    errors: {errors[:3]}")
-    return sum(counts) / elapsed
+    return sum(counts) / (time.monotonic() - t0)
+
+
+def per_client(d: Daemon, method: str, args: dict[str, Any]) -> Callable[[], Any]:
+    """A call through its own connection per thread (a Client is not shared)."""
+    local = threading.local()
+    body = wire.dumps_call(method, {"dbg": "bench", **args})
+
+    def call() -> Any:
+        c = getattr(local, "c", None)
+        if c is None:
+            c = local.c = client.Client(d.sock, keep_alive=True)
+        resp = wire.parse_response(c.post("/", body))
+        if resp.status != "Success":
+            raise SystemExit(f"{method} failed: {resp.error}")
+
+    return call
+
+
+def build_scan_sr(root: Path, n: int) -> tuple[str, Path]:
+    """An SR directory holding ``n`` visible VDIs in snapshot trees, built in-process."""
+    import plugin_bench
+
+    build_root = root / "build"
+    sr_dir = root / "scan-sr"
+    sr_dir.mkdir(parents=True)
+    driver = plugin_bench.load_driver(build_root)
+    sr = "5ca11ab1-0000-4000-8000-000000010000"
+    dc = {"path": str(sr_dir)}
+    driver.sr_create(dbg="bench", sr=sr, device_config=dc, physical_size=0)
+    driver.sr_attach(dbg="bench", sr=sr, device_config=dc)
+    plugin_bench.build_trees(driver, sr, n)
+    driver.sr_detach(dbg="bench", sr=sr)
+    return sr, sr_dir
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument(
-        "--calls", type=int, default=40, help="calls per latency measurement (40)"
-    )
-    p.add_argument(
-        "--seconds",
-        type=float,
-        default=8.0,
-        help="seconds per throughput measurement (8)",
-    )
-    p.add_argument(
-        "--workers", type=int, default=16, help="the daemon's --workers (16)"
-    )
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--calls", type=int, default=40, help="calls per latency figure (40)")
+    p.add_argument("--seconds", type=float, default=5.0, help="seconds per throughput figure (5)")
+    p.add_argument("--clients", type=int, default=8, help="clients of the throughput figure (8)")
+    p.add_argument("--scan-vdis", type=int, default=10000, help="VDIs of the SR.scan figure (10000; 0: skip)")
     args = p.parse_args()
-
-    with tempfile.TemporaryDirectory(prefix="dispatcher-bench-") as tmp:
-        root = Path(tmp) / "root"
-        plugins = Path(tmp) / "plugins"
-        plugins.mkdir(parents=True)
-        (plugins / "ext").symlink_to(REPO / "plugins" / "ext")
-        canned = Path(tmp) / "canned.xml"
-        canned.write_bytes(
-            wire.dumps_response(wire.success({"vdi": "v", "virtual_size": 1 << 20}))
+    tmp = Path(tempfile.mkdtemp(prefix="dispatcher-bench-"))
+    daemons: list[Daemon] = []
+    rows: list[tuple[str, str, list[float], str]] = []
+    try:
+        warm = Daemon(tmp / "warm", True)
+        daemons.append(warm)
+        execd = Daemon(tmp / "exec", False)
+        daemons.append(execd)
+        print(
+            f"dispatcher bench: {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}, python "
+            f"{sys.version.split()[0]} ({sys.executable}), {args.calls} calls per figure",
+            flush=True,
         )
-        null = plugins / "NULLSR"
-        null.write_text(f"#!/bin/sh\ncat >/dev/null\nexec cat {canned}\n")
-        null.chmod(0o755)
-        proc, sr, sock = start_daemon(root, plugins, args.workers)
-        env = dict(os.environ, SM_ROOT=str(root))
-        try:
-            c = client.Client(sock)
-            made = c.call(
-                "VDI.create",
-                {
-                    "dbg": "bench",
-                    "sr": sr,
-                    "vdi_info": {"name_label": "b", "virtual_size": 1 << 30},
-                },
-            )
-            vdi = made.value["Value"]["vdi"]
-            body = wire.dumps_call("VDI.stat", {"dbg": "bench", "sr": sr, "vdi": vdi})
-            print(
-                f"dispatcher bench: {os.cpu_count()} CPUs, python {sys.version.split()[0]}, {args.calls} calls each"
-            )
-            print(
-                "1. latency of VDI.stat, interleaved (peer: the same request piped into the plugin)"
-            )
-            floor(sock, args.calls)
-            latency("null", null, "/null", body, sock, env, args.calls)
-            latency(
-                "ext",
-                REPO / "plugins" / "ext" / "EXTSR",
-                "/",
-                body,
-                sock,
-                env,
-                args.calls,
-            )
-            print(
-                f"2. throughput of VDI.stat on one ext SR, {args.seconds:g}s each (daemon --workers {args.workers})"
-            )
-            exe = REPO / "plugins" / "ext" / "EXTSR"
-            for n in (8, 32):
-                d = throughput(n, args.seconds, lambda: direct(exe, body, env))
-                v = throughput(
-                    n, args.seconds, lambda: client.Client(sock).post("/", body)
-                )
-                print(
-                    f"  {n:2d} clients: direct {d:7.1f} calls/s   dispatcher {v:7.1f} calls/s   ratio {v / d:.3f}"
-                )
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(60)
+        floor = median_ms(
+            lambda: subprocess.run([sys.executable, "-I", "-c", "import xmlrpc.client"], check=True),
+            args.calls,
+        )
+        rows.append(("floor: python -I -c 'import xmlrpc.client'", "ms", [floor, floor, floor], ""))
+        targets = {"Query.query": "warm <= 3", "VDI.stat": "warm <= 5", "VDI.create": "warm <= 15",
+                   "VDI.snapshot": "warm <= 15"}  # fmt: skip
+        for method in ("Query.query", "VDI.stat", "VDI.create", "VDI.snapshot"):
+            figures = []
+            for d in (warm, execd, None):
+                target = d or execd
+                root = target.root
+                vdi = target.call("VDI.create", {"sr": target.sr, "vdi_info": {"name_label": "s", "virtual_size": MiB}})["vdi"]
+                made: dict[str, str] = {"vdi": vdi}
+
+                def fresh(t: Daemon = target, m: dict[str, str] = made) -> None:
+                    m["vdi"] = t.call("VDI.create", {"sr": t.sr, "vdi_info": {"name_label": "s", "virtual_size": MiB}})["vdi"]
+
+                def request(m: dict[str, str] = made, t: Daemon = target) -> tuple[dict[str, Any], str]:
+                    if method == "Query.query":
+                        return {}, "/ext"
+                    if method == "VDI.stat":
+                        return {"sr": t.sr, "vdi": m["vdi"]}, "/"
+                    if method == "VDI.create":
+                        return {"sr": t.sr, "vdi_info": {"name_label": "c", "virtual_size": MiB}}, "/"
+                    return {"sr": t.sr, "vdi_info": {"vdi": m["vdi"]}}, "/"
+
+                setup = fresh if method == "VDI.snapshot" else None
+                if d is None:
+                    def one(r: Path = root) -> Any:
+                        a, _path = request()
+                        return direct(r, method, a)()
+                else:
+                    def one(dd: Daemon = d) -> Any:
+                        a, path = request()
+                        return dd.call(method, a, path)
+                figures.append(median_ms(one, args.calls, setup))
+            rows.append((method, "ms", figures, targets[method]))
+        vdi = warm.call("VDI.create", {"sr": warm.sr, "vdi_info": {"name_label": "t", "virtual_size": MiB}})["vdi"]
+        vdi_e = execd.call("VDI.create", {"sr": execd.sr, "vdi_info": {"name_label": "t", "virtual_size": MiB}})["vdi"]
+        rates = [
+            throughput(per_client(warm, "VDI.stat", {"sr": warm.sr, "vdi": vdi}), args.clients, args.seconds),
+            throughput(per_client(execd, "VDI.stat", {"sr": execd.sr, "vdi": vdi_e}), args.clients, args.seconds),
+            throughput(direct(execd.root, "VDI.stat", {"sr": execd.sr, "vdi": vdi_e}), args.clients, args.seconds),
+        ]
+        rows.append((f"VDI.stat, {args.clients} clients, one SR", "calls/s", rates, "warm >= 200"))
+        if args.scan_vdis:
+            sr, sr_dir = build_scan_sr(tmp, args.scan_vdis)
+            dc = {"path": str(sr_dir)}
+            for d in (warm, execd):
+                d.call("SR.attach", {"sr": sr, "device_config": dc}, "/ext")
+            n = len(warm.call("SR.scan", {"sr": sr}))
+            scans = [
+                median_ms(lambda: warm.call("SR.scan", {"sr": sr}), max(5, args.calls // 4)),
+                median_ms(lambda: execd.call("SR.scan", {"sr": sr}), max(5, args.calls // 4)),
+                median_ms(direct(execd.root, "SR.scan", {"sr": sr}), max(5, args.calls // 4)),
+            ]
+            rows.append((f"SR.scan of {n} VDIs in snapshot trees", "ms", scans, "warm <= 400"))
+    finally:
+        for d in daemons:
+            d.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"\n| {'figure':44s} | {'unit':7s} | {'warm':>9s} | {'exec':>9s} | {'direct':>9s} | target |")
+    print(f"|{'-' * 46}|{'-' * 9}|{'-' * 11}|{'-' * 11}|{'-' * 11}|--------|")
+    for name, unit, (w, e, dr), target in rows:
+        print(f"| {name:44s} | {unit:7s} | {w:9.1f} | {e:9.1f} | {dr:9.1f} | {target} |")
+    d_vdi = [r for r in rows if r[0].startswith("VDI.") and r[1] == "ms"]
+    print(f"\ndirect VDI.* / floor (target <= 1.3): "
+          + ", ".join(f"{r[0]} {r[2][2] / floor:.2f}" for r in d_vdi))
+    print(f"load average at the end: {os.getloadavg()[0]:.2f}")
     return 0
 
 

@@ -2,8 +2,9 @@
 
 The daemon receives XML-RPC calls over HTTP POST on a Unix socket (default
 ``<run_dir>/sm-dispatcher.sock``) and optionally TCP, runs one plugin process
-per call (``<plugins_dir>/<TYPE>SR``, the request on its stdin) and relays the
-plugin's response unchanged.
+per call (``<plugins_dir>/<TYPE>SR``, the request on its stdin; forked from a
+warm parent of that plugin unless ``--no-warm``) and relays the plugin's
+response unchanged.
 
 Modules: ``server`` (HTTP, command line, life cycle), ``core`` (routing,
 bounded pool, cancellation), ``child`` (one plugin process), ``routes`` (the
@@ -32,9 +33,13 @@ Extra methods (any endpoint), beyond the SMAPI:
     state, timeout: seconds allowed as known now, progress: what, done,
     total, rate, percent, eta), unclaimed outcomes (dbg, method, sr,
     outcome, finished: calls whose reply was lost; a retry of the same call
-    gets the kept outcome) and the upload spool (dir, used, uploads, limit).
+    gets the kept outcome), the upload spool (dir, used, uploads, limit),
+    ``mode`` (warm or exec) and the warm parents (plugin, pid, state, age,
+    calls, children, rss, why: what retired it).
 
 Modules beside those: ``pool`` (fair slots per SR), ``budget`` (time per
 method), ``calls`` (the running calls), ``fanout``, ``outcomes`` (kept
-outcomes for retries), ``upload`` (PUT /data and its spool), ``options``.
+outcomes for retries), ``upload`` (PUT /data and its spool), ``options``,
+``warm`` and ``zygote`` (warm parents forking one child per call),
+``install`` (``sm-install-plugins``).
 """

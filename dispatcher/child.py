@@ -3,7 +3,9 @@
 Owns ``Child``: the plugin runs as the leader of its own process group (so the
 group can be signalled as a whole), gets the request on stdin, and is watched with one epoll
 set over its stdin, stdout, stderr and a pidfd, until it has exited and closed
-its pipes, or the per-call deadline passes.
+its pipes, or the per-call deadline passes.  The process is executed
+(posix_spawn), or forked by a warm parent (``spawner``, ``dispatcher.warm``)
+and then reaped through it; a zygote that cannot fork means exec.
 
 Guarantees, whatever the plugin does:
 - the call ends by ``timeout`` (plus a short drain bound), or when its
@@ -31,9 +33,12 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from dispatcher.warm import WarmUnavailable
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from dispatcher.budget import Budget
+    from dispatcher.warm import Zygote
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +57,8 @@ class ChildResult:
     cancelled: bool = False
     overflow: bool = False
     spawn_error: str = ""
+    status_lost: bool = False  # forked by a zygote that died: exit status unknown
+    warm: bool = False  # forked by a zygote (dispatcher.warm), not executed
 
     def describe(self) -> str:
         """What happened to the process, in words (for error details)."""
@@ -86,10 +93,14 @@ class Child:
         env: Mapping[str, str] | None = None,
         budget: Budget | None = None,
         on_start: Callable[[int], None] | None = None,
+        spawner: Zygote | None = None,
     ) -> None:
         self.argv = list(argv)
         self.budget = budget
         self.on_start = on_start
+        self.spawner = spawner
+        self.warm: Zygote | None = None  # the zygote that forked this process
+        self.status_lost = False
         self.data = data
         self.timeout = timeout
         self.grace = grace
@@ -161,9 +172,18 @@ class Child:
                     (os.POSIX_SPAWN_DUP2, err_w, 2),
                 ]
                 env = os.environ if self.env is None else self.env
-                self.pid = os.posix_spawnp(
-                    self.argv[0], self.argv, env, file_actions=actions, setpgroup=0
-                )
+                pid = 0
+                if self.spawner is not None:
+                    try:
+                        pid = self.spawner.spawn(dict(env), (in_r, out_w, err_w))
+                        self.warm = self.spawner
+                    except WarmUnavailable:
+                        pass  # the call that finds the zygote gone runs by exec
+                if self.warm is None:
+                    pid = os.posix_spawnp(
+                        self.argv[0], self.argv, env, file_actions=actions, setpgroup=0
+                    )
+                self.pid = pid
             except OSError as e:
                 for fd in fds:
                     os.close(fd)
@@ -175,13 +195,13 @@ class Child:
         self._open = {in_w, out_r, err_r}
         if self.on_start is not None:
             try:
-                self.on_start(self.pid)
+                self.on_start(pid)
             except Exception:  # bookkeeping never fails the call
-                log.exception("on_start of pid %s", self.pid)
+                log.exception("on_start of pid %s", pid)
         try:
-            return self._watch(self.pid, in_w, out_r, err_r)
+            return self._watch(pid, in_w, out_r, err_r)
         finally:
-            self._reap(self.pid)
+            self._reap(pid)
             for fd in list(self._open):
                 self._close(fd)
 
@@ -195,7 +215,11 @@ class Child:
         out = bytearray()
         err = bytearray()
         timed_out = overflow = False
-        pidfd = os.pidfd_open(pid)
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            # a forked child whose zygote died: already reaped by init
+            pidfd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
         sel = selectors.DefaultSelector()
         try:
             os.set_blocking(stdin_fd, False)
@@ -280,6 +304,8 @@ class Child:
             timed_out=timed_out,
             cancelled=self._cancelled,
             overflow=overflow,
+            status_lost=self.status_lost,
+            warm=self.warm is not None,
         )
 
     def _reap(self, pid: int) -> int:
@@ -291,8 +317,14 @@ class Child:
                 os.killpg(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
-            _pid, status = os.waitpid(pid, 0)
-            self._rc = os.waitstatus_to_exitcode(status)
+            if self.warm is not None:
+                rc = self.warm.reap(pid)
+                if rc is None:
+                    self.status_lost = True
+                self._rc = 0 if rc is None else rc
+            else:
+                _pid, status = os.waitpid(pid, 0)
+                self._rc = os.waitstatus_to_exitcode(status)
             self._reaped = True
         if self._kill_timer is not None:
             self._kill_timer.cancel()

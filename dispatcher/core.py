@@ -44,6 +44,7 @@ import contextlib
 import logging
 import os
 import re
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -63,9 +64,11 @@ from dispatcher.outcomes import Entry, OutcomeStore
 from dispatcher.pool import Pool
 from dispatcher.replies import backend as _backend
 from dispatcher.replies import fail as _fail
+from dispatcher.replies import judge
 from dispatcher.replies import outcome as _outcome
 from dispatcher.replies import parse_or_none as _parse_or_none
 from dispatcher.routes import RouteTable
+from dispatcher.warm import WarmPool, interpreter
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +96,9 @@ class Config:
     progress_dir: Path | None = None  # per-call progress files
     max_spool: int = 4 << 40  # bytes spooled by uploads at once (on disk)
     spool_reserve: int = 1 << 30  # bytes left free on the spool's filesystem
+    warm: bool = False  # fork calls from warm parents (dispatcher.warm)
+    warm_max_calls: int = 1000
+    warm_max_growth: int = 64 << 20
 
     @property
     def limits(self) -> Limits:
@@ -134,6 +140,16 @@ class Dispatcher:
         self.spool: Any = None  # dispatcher.upload.Spool, set by the server
         self.stopping = False
         self.calls = CallTable(self.pool.wake)
+        self._argvs: dict[Path, tuple[tuple[int, int] | None, list[str]]] = {}
+        self.warm: WarmPool | None = None
+        if config.warm:
+            env = dict(os.environ if config.env is None else config.env)
+            self.warm = WarmPool(
+                sys.executable,
+                env,
+                max_calls=config.warm_max_calls,
+                max_growth=config.warm_max_growth,
+            )
 
     # -- plugins -----------------------------------------------------------------
 
@@ -146,6 +162,30 @@ class Dispatcher:
             if path.is_file() and os.access(path, os.X_OK):
                 return path
         return None
+
+    def plugin_argv(self, path: Path) -> list[str]:
+        """How to execute a plugin: a ``#!/usr/bin/env python3`` one with the
+        dispatcher's own interpreter (see ``dispatcher.warm.interpreter``)."""
+        try:
+            st = path.stat()
+            stamp: tuple[int, int] | None = (st.st_mtime_ns, st.st_size)
+        except OSError:
+            stamp = None
+        cached = self._argvs.get(path)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        interp = interpreter(path, sys.executable)
+        argv = [*interp.argv, str(path)] if interp and interp.via_env else [str(path)]
+        self._argvs[path] = (stamp, argv)
+        return argv
+
+    def prewarm(self) -> None:
+        """Start a warm parent for every plugin now (calls run by exec until it is ready)."""
+        if self.warm is not None:
+            for t in self.plugin_types():
+                path = self.plugin_path(t)
+                if path is not None:
+                    self.warm.spawner(path)
 
     def plugin_types(self) -> list[str]:
         found = []
@@ -307,7 +347,7 @@ class Dispatcher:
                     return first[1], _parse_or_none(first[1])
                 entry = self.outcomes.entry(key, rec.id)
                 served.entries.append(entry)
-            return self._run_one(rec, sr_type, body, entry)
+            return self._run_one(rec, sr_type, body, entry, need_value=False)
         finally:
             self._unregister(rec)
 
@@ -317,7 +357,10 @@ class Dispatcher:
         sr_type: str,
         body: bytes,
         entry: Entry | None = None,
+        need_value: bool = True,
     ) -> tuple[bytes, wire.Response | None]:
+        """Run the plugin of ``sr_type`` on ``body``; ``need_value``: parse its
+        answer in full (else a large Success is only checked, and relayed)."""
         path = self.plugin_path(sr_type)
         if path is None:
             return _backend(
@@ -341,7 +384,7 @@ class Dispatcher:
             rec.budget = self.limits.budget(rec.method, rec.progress_file)
             rec.state = "running"
             child = Child(
-                [str(path)],
+                self.plugin_argv(path),
                 body,
                 timeout=self.config.timeout,
                 grace=self.config.cancel_grace,
@@ -349,12 +392,13 @@ class Dispatcher:
                 env=env,
                 budget=rec.budget,
                 on_start=None if entry is None else self._note_start(rec, entry),
+                spawner=self.warm.spawner(path) if self.warm is not None else None,
             )
             self.calls.adopt(rec, child)
             result = child.run()
         finally:
             self.pool.release(key)
-        return self._judge(rec, path, result)
+        return self._judge(rec, path, result, need_value)
 
     @contextlib.contextmanager
     def slot(self, dbg: str, method: str, sr: str, plugin: str) -> Iterator[CallRecord]:
@@ -399,13 +443,13 @@ class Dispatcher:
         return _backend("DISPATCHER_BUSY", self._busy_text(key))
 
     def _judge(
-        self, rec: CallRecord, path: Path, result: ChildResult
+        self, rec: CallRecord, path: Path, result: ChildResult, need_value: bool = True
     ) -> tuple[bytes, wire.Response | None]:
         resp: wire.Response | None = None
         problem = ""
         if result.rc == 0 and not result.overflow:
             try:
-                resp = wire.parse_response(result.out)
+                resp = judge(result.out, need_value)
             except wire.WireError as e:
                 problem = str(e)
             else:
@@ -418,6 +462,12 @@ class Dispatcher:
             return self._cancelled(rec), None
         what = f"{path} ({rec.method})"
         tail = result.err_text() or "(no stderr)"
+        if result.status_lost:
+            return _backend(
+                "PLUGIN_FAILED",
+                f"{what} gave no valid response, and its warm parent died: its exit status is unknown",
+                tail,
+            ), None
         if result.spawn_error:
             return _backend(
                 "PLUGIN_START_FAILED", f"{what} {result.describe()}", tail
@@ -505,6 +555,8 @@ class Dispatcher:
             ],
             "unclaimed": self.outcomes.unclaimed() if self.outcomes else [],
             "spool": self.spool.stats() if self.spool is not None else {},
+            "mode": "warm" if self.warm is not None else "exec",
+            "warm": self.warm.status() if self.warm is not None else [],
             "stopping": self.stopping,
         }
 
@@ -521,6 +573,13 @@ class Dispatcher:
         lines += [
             f"  {q['key']}: {q['running']} running, {q['waiting']} waiting"
             for q in st["queues"]
+        ]
+        lines.append(f"plugin processes: {st['mode']}")
+        lines += [
+            f"  warm parent of {w['plugin']}: pid {w['pid']} {w['state']}, "
+            f"{w['calls']} calls in {w['age']}s, {w['rss'] >> 10} KiB"
+            + (f" ({w['why']})" if w["why"] else "")
+            for w in st["warm"]
         ]
         lines.append(f"known SRs: {len(st['srs'])}")
         lines += [f"  {s['sr']} ({s['type']})" for s in st["srs"]]

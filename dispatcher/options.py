@@ -69,6 +69,17 @@ def parse_args(argv: Sequence[str] | None, plugins_default: Path) -> argparse.Na
         "--workers", type=int, default=16, help="plugin processes at once (16)"
     )
     p.add_argument(
+        "--no-warm",
+        action="store_true",
+        help="execute every plugin process (default: fork them from a warm parent per plugin)",
+    )
+    p.add_argument(
+        "--warm-max-calls",
+        type=int,
+        default=1000,
+        help="calls a warm parent forks before it is replaced (1000)",
+    )
+    p.add_argument(
         "--share",
         type=int,
         default=None,

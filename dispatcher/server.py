@@ -380,6 +380,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress_dir=paths.run_dir / "progress",
         max_spool=args.max_spool,
         spool_reserve=args.spool_reserve,
+        warm=not args.no_warm,
+        warm_max_calls=args.warm_max_calls,
     )
     try:
         outcomes = OutcomeStore(
@@ -439,6 +441,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for t in threads:
         t.start()
     try:
+        dispatcher.prewarm()
         default_sr = None
         if args.default_sr is not None:
             default_sr = ensure_default_sr(
@@ -470,6 +473,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             n = dispatcher.cancel_all("stop")
             log.warning("stopping: cancelling %d call(s) still running", n)
             dispatcher.wait_idle(args.cancel_grace + 5)
+        if dispatcher.warm is not None:
+            dispatcher.warm.close()
         try:
             pid_file.unlink()
         except FileNotFoundError:
@@ -506,6 +511,10 @@ def _announce(
     lines = [f"sm-dispatcher ready (pid {os.getpid()})"]
     lines.append(
         f"  plugins: {', '.join(plugins) or 'none'} (from {dispatcher.config.plugins_dir})"
+    )
+    lines.append(
+        "  plugin processes: "
+        + ("forked from warm parents (--no-warm: executed)" if dispatcher.warm else "executed (--no-warm)")
     )
     address = ""
     if sock_path is not None:

@@ -53,6 +53,16 @@ if TYPE_CHECKING:
 
     DriverFactory = Callable[[Paths], object]
 
+# What every call imports, done once by a warm parent (dispatcher/zygote.py)
+WARM_IMPORTS = [
+    "smcommon.log",
+    "smcommon.paths",
+    "select",
+    "json",
+    "xml.parsers.expat",
+    "encodings.utf_16_be",
+    "encodings.utf_16_le",
+]
 STDIN_TIMEOUT_ENV = "SM_STDIN_TIMEOUT"
 OUTCOME_ENV = "SM_OUTCOME_FILE"  # set by the dispatcher: where to keep the response
 STDIN_TIMEOUT = 60.0  # seconds to wait for a complete request on stdin

@@ -41,6 +41,20 @@ if TYPE_CHECKING:
     from smcommon.paths import Paths
 
 DRIVER = "nfs"
+# What a call may import, imported once by the dispatcher's warm parent of this
+# plugin (dispatcher/zygote.py); a direct run imports only what its method needs.
+WARM_IMPORTS = [
+    "nfs_mounters",
+    "smcommon.nfs",
+    "smcommon.mount",
+    "smcommon.engine.driver",
+    "smcommon.engine.datapath",
+    "smcommon.engine.gc",
+    "smcommon.engine.diagnostics",
+    "smcommon.engine.remote",
+    "smcommon.runner",
+    "smcommon.vhd",
+]
 VERSION = "0.1.0"
 MAX_PATH = 1024
 

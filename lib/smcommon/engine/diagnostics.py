@@ -9,11 +9,13 @@ and changes nothing, so it answers even while another call holds a lock.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 from smcommon.errors import Error
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from smcommon.engine.driver import Driver
     from smcommon.engine.sr import SrEngine
 

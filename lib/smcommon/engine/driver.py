@@ -27,7 +27,6 @@ import contextlib
 import logging
 import os
 from pathlib import Path
-from typing import Any, Protocol
 
 from smcommon import timestamps
 from smcommon.engine import locks, vdipath
@@ -36,6 +35,12 @@ from smcommon.engine.meta import Metadata
 from smcommon.engine.sr import SrEngine
 from smcommon.errors import BackendError, InvalidRequest, SrAttached
 from smcommon.paths import Paths, safe_name
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Protocol
+else:
+    Protocol = object  # typing costs each plugin process ~3 ms to import
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +56,6 @@ class SrType(Protocol):
         self, sr: str, device_config: dict[str, str], create: bool
     ) -> tuple[Path, bool]:
         """Prepare the storage; the SR directory and whether it was mounted."""
-        ...
 
     def close(self, sr: str, sr_dir: Path, mounted: bool) -> None: ...
 

@@ -45,14 +45,16 @@ import dataclasses
 import logging
 import time
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
 
 from smcommon import timestamps
 from smcommon.engine.meta import read_json
 from smcommon.errors import Error, LockTimeout
 from smcommon.fileio import atomic_write_json, unlink_durable
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from smcommon.engine.sr import SrEngine
     from smcommon.engine.store import Node
 

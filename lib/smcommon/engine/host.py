@@ -14,12 +14,15 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 from smcommon.engine.meta import MetadataCorrupt, read_json
 from smcommon.errors import SrNotAttached
 from smcommon.fileio import atomic_write_json, unlink_durable
 from smcommon.paths import Paths, safe_name
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 SECRET_WORDS = ("password", "secret", "chap", "key")
 

@@ -28,11 +28,14 @@ import logging
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
 
 from smcommon.errors import BackendError, InvalidRequest, VdiDoesNotExist
 from smcommon.fileio import atomic_write_json, fsync_dir, unlink_durable
 from smcommon.paths import safe_name
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 log = logging.getLogger(__name__)
 

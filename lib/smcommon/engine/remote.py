@@ -25,11 +25,14 @@ import os
 import stat
 import urllib.parse
 from pathlib import Path
-from typing import Any
 
 from smcommon import progress, rpc
 from smcommon.errors import BackendError, InvalidRequest
 from smcommon.paths import Paths, safe_name
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 CHUNK = 8 << 20  # bytes per read of the source and per send
 BATCH = 8  # new blocks per allocation (one pair of fdatasyncs each)

@@ -47,17 +47,19 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
-from smcommon import timestamps
+from smcommon import ids, timestamps
 from smcommon.engine import locks
 from smcommon.engine.meta import Metadata, VdiRecord
 from smcommon.engine.store import FileStore, VolumeStore
 from smcommon.errors import BackendError, InvalidRequest, SrNotAttached, VdiDoesNotExist
 from smcommon.paths import Paths, safe_name
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -188,12 +190,12 @@ class SrEngine:
             )
         persistent = vdi_info.get("persistent", True)
         rec = VdiRecord(
-            vdi=str(uuid.uuid4()),
+            vdi=ids.new(),
             volume="",
             name_label=_text(vdi_info, "name_label"),
             name_description=_text(vdi_info, "name_description"),
             ty=_text(vdi_info, "ty", "user") or "user",
-            content_id=_text(vdi_info, "content_id") or str(uuid.uuid4()),
+            content_id=_text(vdi_info, "content_id") or ids.new(),
             metadata_of_pool=_text(vdi_info, "metadata_of_pool"),
             read_only=bool(vdi_info.get("read_only", False)),
             sm_config={**_sm_config(vdi_info), "vdi_type": "vhd"},
@@ -267,7 +269,7 @@ class SrEngine:
             with self.vdi_lock(src.vdi):
                 self.store.check_not_busy(src.volume)
                 base = self.store.push_down(src.volume)
-                key = str(uuid.uuid4())
+                key = ids.new()
                 other = self.store.snapshot(base, key)
                 new = VdiRecord(
                     vdi=key,
@@ -384,7 +386,7 @@ class SrEngine:
                 base = self.store.push_down(r1.volume)
                 self.store.set_hidden(base, True)
                 self.store.rebase(r2.volume, base)
-                r2.content_id = str(uuid.uuid4())
+                r2.content_id = ids.new()
                 self.meta.put(r2)
             Collector(self).run()
         log.info(
@@ -425,7 +427,7 @@ class SrEngine:
         with self.tree_lock():
             volume, info = self.store.convert_from(src_path)
             rec = VdiRecord(
-                vdi=str(uuid.uuid4()),
+                vdi=ids.new(),
                 volume=volume,
                 name_label=template.name_label,
                 name_description=template.name_description,

@@ -20,11 +20,13 @@ backend uses to find its VDI again.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
 
 from smcommon.errors import BackendError, InvalidRequest
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from smcommon.engine.datapath import DpState, Transition
     from smcommon.engine.meta import VdiRecord
     from smcommon.engine.sr import SrEngine

@@ -16,10 +16,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import uuid as uuidlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from smcommon import ids
 from smcommon.vhd import format as fmt
 from smcommon.vhd.batmap import Batmap
 from smcommon.vhd.errors import (
@@ -69,7 +69,7 @@ def new_file(path: str) -> Iterator[int]:
     except OSError as exc:
         if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
             raise from_os_error(path, exc, "creating the image") from None
-        tmp = os.path.join(directory, f".vhd-tmp-{uuidlib.uuid4().hex[:16]}")
+        tmp = os.path.join(directory, f".vhd-tmp-{ids.new_bytes().hex()[:16]}")
         try:
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         except OSError as exc2:
@@ -108,7 +108,7 @@ def _link_tmpfile(fd: int, dfd: int, path: str) -> None:
     except OSError as exc:
         if exc.errno not in (errno.EXDEV, errno.ENOENT, errno.EPERM, errno.EOPNOTSUPP):
             raise
-    tmp = f".vhd-tmp-{uuidlib.uuid4().hex[:16]}"
+    tmp = f".vhd-tmp-{ids.new_bytes().hex()[:16]}"
     out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644, dir_fd=dfd)
     try:
         size = os.fstat(fd).st_size
@@ -198,7 +198,7 @@ def write_dynamic_layout(
     else:
         table_offset = AFTER_HEADER
         header = fmt.Header.new(table_offset, entries, block_size)
-    footer = fmt.Footer.new(size, disk_type, uuid or uuidlib.uuid4().bytes, HEADER_AT)
+    footer = fmt.Footer.new(size, disk_type, uuid or ids.new_bytes(), HEADER_AT)
     batmap = Batmap.new(table_offset, entries)
     end = batmap.map_offset + batmap.map_bytes
     _pwrite_all(fd, footer.to_bytes(), 0)
@@ -234,7 +234,7 @@ def create(
     with new_file(path) as fd:
         if fixed:
             os.ftruncate(fd, size)
-            footer = fmt.Footer.new(size, fmt.DISK_FIXED, uuidlib.uuid4().bytes, fmt.NO_OFFSET)
+            footer = fmt.Footer.new(size, fmt.DISK_FIXED, ids.new_bytes(), fmt.NO_OFFSET)
             _pwrite_all(fd, footer.to_bytes(), size)
         else:
             write_dynamic_layout(fd, size, entries)

@@ -17,9 +17,12 @@ import struct
 import sys
 import time
 from dataclasses import dataclass, replace
-from typing import Any
 
 from smcommon.vhd.errors import Corrupt
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 SECTOR = 512
 FOOTER_SIZE = 512

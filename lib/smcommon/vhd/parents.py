@@ -11,11 +11,11 @@ outside the roots are never opened.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
 
 from smcommon.vhd import format as fmt
 from smcommon.vhd.errors import Corrupt, ParentMissing, ParentNotAllowed
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from smcommon.vhd.reader import ImageReader as Image
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import Self
 
 from smcommon.vhd import batmap as bmap
 from smcommon.vhd import format as fmt
@@ -29,6 +28,10 @@ from smcommon.vhd.errors import (
 from smcommon.vhd.info import Info, format_uuid
 from smcommon.vhd.layout import first_block_problem
 from smcommon.vhd.locks import lock_file
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Self
 
 MAX_CHAIN_DEPTH = 64
 

@@ -12,10 +12,9 @@ from __future__ import annotations
 import errno
 import os
 import stat
-import uuid
 from collections.abc import Callable
 
-from smcommon import progress
+from smcommon import ids, progress
 from smcommon.vhd import format as fmt
 from smcommon.vhd import layout
 from smcommon.vhd.create import check_size, new_file, write_dynamic_layout
@@ -196,7 +195,7 @@ def _build(path: str, size: int, reader: Callable[[int], bytes | None], *, fixed
                 data = reader(block)
                 if data is not None:
                     os.pwrite(fd, data[: min(BS, size - block * BS)], block * BS)
-            footer = fmt.Footer.new(size, fmt.DISK_FIXED, uuid.uuid4().bytes, fmt.NO_OFFSET)
+            footer = fmt.Footer.new(size, fmt.DISK_FIXED, ids.new_bytes(), fmt.NO_OFFSET)
             os.pwrite(fd, footer.to_bytes(), size)
             return
         entries = fmt.blocks_for(size, BS)

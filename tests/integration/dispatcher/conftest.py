@@ -2,9 +2,13 @@
 
 plugins_dir   a tmp plugins directory with FAKESR and OTHERSR (fake_plugin.py)
 fake_logs     the directory where fake plugins record their pids and spans
-start_daemon  start ``python -m dispatcher`` (Unix socket + TCP) with options;
-              each daemon is stopped with SIGTERM at the end of the test, and
-              the test fails if it did not exit 0 or left any process behind
+dispatch_mode "warm" or "exec": every test using start_daemon runs in both
+start_daemon  start ``python -m dispatcher`` (Unix socket + TCP) with options
+              (``--no-warm`` in exec mode; in warm mode it returns once the
+              warm parents are ready); each daemon is stopped with SIGTERM at
+              the end of the test, and the test fails if it did not exit 0 or
+              left any process behind
+start_in_mode the same, the mode given per daemon (``mode="warm"|"exec"``)
 daemon        one daemon with the defaults of these tests
 """
 
@@ -22,6 +26,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dispatcher_testlib import (
+    MODES,
     Daemon,
     alive,
     fake_pids,
@@ -50,19 +55,32 @@ def plugins_dir(tmp_path: Path, fake_logs: Path) -> Path:
     return d
 
 
+@pytest.fixture(params=MODES)
+def dispatch_mode(request: pytest.FixtureRequest) -> str:
+    """Every daemon test runs twice: plugin processes forked from warm parents,
+    and executed (--no-warm)."""
+    return str(request.param)
+
+
 @pytest.fixture
-def start_daemon(
+def start_in_mode(
     sm_root: Path, plugins_dir: Path, fake_logs: Path
 ) -> Iterator[Callable[..., Daemon]]:
+    """``start(*options, mode="warm"|"exec", plugins=..., check_banner=True)``."""
     started: list[Daemon] = []
 
     def start(
-        *extra: str, plugins: Path | None = None, check_banner: bool = True
+        *extra: str,
+        mode: str = "warm",
+        plugins: Path | None = None,
+        check_banner: bool = True,
     ) -> Daemon:
+        pdir = plugins or plugins_dir
         args = [
-            "--plugins-dir", str(plugins or plugins_dir),
+            "--plugins-dir", str(pdir),
             "--tcp", "127.0.0.1:0",
             "--timeout", "20", "--cancel-grace", "0.5", "--stop-timeout", "5",
+            *(["--no-warm"] if mode == "exec" else []),
             *extra,
         ]  # fmt: skip
         d = spawn_daemon(args, sm_root)
@@ -71,6 +89,10 @@ def start_daemon(
             assert "sm-dispatcher ready" in d.banner, (
                 f"no banner; stderr: {d.proc.stderr.read() if d.proc.stderr else ''}"
             )
+            if mode == "warm":
+                # calls run by exec until the warm parents are ready: wait,
+                # so that this mode's calls are forked ones
+                d.wait_warm(len(d.status()["plugins"]))
         return d
 
     yield start
@@ -80,16 +102,32 @@ def start_daemon(
             rc, err = d.stop()
             if rc != 0:
                 problems.append(f"daemon exited {rc}: {err[-2000:]}")
-    # nothing may outlive the daemons: no plugin, no grandchild
+    # nothing may outlive the daemons: no plugin, no grandchild, no warm parent
     time.sleep(0.05)
     left = [pid for pid in fake_pids(fake_logs) if alive(pid)]
+    deadline = time.monotonic() + 10
     left_procs = processes_with_root(sm_root)
+    while left_procs and time.monotonic() < deadline:
+        time.sleep(0.05)  # a warm parent exits when it reads the end of its socket
+        left_procs = processes_with_root(sm_root)
     for p in left_procs:
         with contextlib.suppress(psutil.Error):
             p.kill()
     assert not problems, problems
     assert not left, f"fake plugin processes left running: {left}"
-    assert not left_procs, f"processes left running: {[p.pid for p in left_procs]}"
+    assert not left_procs, f"processes left running: {[(p.pid, p.cmdline()) for p in left_procs]}"
+
+
+@pytest.fixture
+def start_daemon(
+    start_in_mode: Callable[..., Daemon], dispatch_mode: str
+) -> Callable[..., Daemon]:
+    def start(*extra: str, plugins: Path | None = None, check_banner: bool = True) -> Daemon:
+        return start_in_mode(
+            *extra, mode=dispatch_mode, plugins=plugins, check_banner=check_banner
+        )
+
+    return start
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ import time
 import xmlrpc.client
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -20,6 +21,8 @@ from dispatcher import client
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent.parent
 FAKE = HERE / "fake_plugin.py"
+ZYGOTE_MARK = "dispatcher/zygote.py"
+MODES = ("warm", "exec")  # how the daemon makes plugin processes (sm-dispatcher --no-warm)
 
 
 def install_fake(plugins: Path, name: str) -> Path:
@@ -89,25 +92,55 @@ class Daemon:
     def client(self) -> client.Client:
         return client.Client(self.socket)
 
-    def children(self) -> list[psutil.Process]:
+    def status(self) -> dict[str, Any]:
+        r = self.unix("/").Dispatcher.status({"dbg": "testlib"})
+        assert r["Status"] == "Success", r
+        return dict(r["Value"])
+
+    def warm_parents(self) -> list[int]:
+        """The pids of the daemon's warm parents (zygotes) that still run."""
+        return [w["pid"] for w in self.status()["warm"] if w["state"] in ("ready", "draining")]
+
+    def wait_warm(self, count: int, timeout: float = 60) -> list[int]:
+        """Wait until ``count`` warm parents are ready; their pids."""
+        def ready() -> list[int]:
+            ws = [w["pid"] for w in self.status()["warm"] if w["state"] == "ready"]
+            return ws if len(ws) >= count else []
+
+        found = wait_until(ready, timeout, f"{count} warm parent(s) ready")
+        assert isinstance(found, list)
+        return found
+
+    def _descendants(self) -> list[psutil.Process]:
+        """Every process below the daemon but its warm parents (which are
+        expected to live as long as it does)."""
         try:
-            return [
-                c
-                for c in psutil.Process(self.proc.pid).children(recursive=True)
-                if c.status() != psutil.STATUS_ZOMBIE
-            ]
+            procs = psutil.Process(self.proc.pid).children(recursive=True)
         except psutil.NoSuchProcess:
             return []
+        out = []
+        for c in procs:
+            with contextlib.suppress(psutil.Error):
+                if not (c.ppid() == self.proc.pid and ZYGOTE_MARK in " ".join(c.cmdline())):
+                    out.append(c)
+        return out
+
+    def children(self) -> list[psutil.Process]:
+        """Plugin processes (and what they started) still running."""
+        out = []
+        for c in self._descendants():
+            with contextlib.suppress(psutil.Error):
+                if c.status() != psutil.STATUS_ZOMBIE:
+                    out.append(c)
+        return out
 
     def zombies(self) -> list[psutil.Process]:
-        try:
-            return [
-                c
-                for c in psutil.Process(self.proc.pid).children(recursive=True)
-                if c.status() == psutil.STATUS_ZOMBIE
-            ]
-        except psutil.NoSuchProcess:
-            return []
+        out = []
+        for c in self._descendants():
+            with contextlib.suppress(psutil.Error):
+                if c.status() == psutil.STATUS_ZOMBIE:
+                    out.append(c)
+        return out
 
     def stop(self, timeout: float = 60) -> tuple[int, str]:
         if self.proc.poll() is None:

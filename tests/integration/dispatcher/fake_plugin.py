@@ -19,6 +19,13 @@ Behaviour of VDI.stat by ``vdi``:
   leaver      starts a background child that keeps sleeping, answers Success
   fault       answers an XML-RPC fault
   missing     answers Failure Vdi_does_not_exist
+  exit7       os._exit(7) without an answer
+  leak        holds 96 MiB, then Success
+
+``Probe.self`` answers what the process is: pids, process group, open file
+descriptors (from /proc), environment, cwd, umask, signal dispositions and
+mask, threads, a random number, argv: the same for a forked (warm) and an
+executed plugin.  ``Echo.args`` answers its arguments and ``VERSION``.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import time
 import xmlrpc.client
 
 SR_TYPE = os.path.basename(sys.argv[0]).removesuffix("SR").lower()
+VERSION = 1
 LOG_DIR = os.environ.get("FAKE_LOG_DIR", "")
 
 
@@ -83,11 +91,61 @@ def dispatch(method: str | None, arg: dict) -> None:
         else:
             success("")
     elif method == "Echo.args":
-        success({"type": SR_TYPE, "arg": arg, "root": os.environ.get("SM_ROOT", "")})
+        success(
+            {
+                "type": SR_TYPE,
+                "arg": arg,
+                "root": os.environ.get("SM_ROOT", ""),
+                "version": VERSION,
+            }
+        )
+    elif method == "Probe.self":
+        success(probe())
     elif method == "VDI.stat":
         stat(arg.get("vdi", ""), arg)
     else:
         reply({"Status": "Failure", "ErrorDescription": ["Unimplemented", str(method)]})
+
+
+def probe() -> dict:
+    import random
+    import threading
+
+    fds = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            fds[fd] = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            pass  # the directory listing's own descriptor, closed by now
+    mask = os.umask(0)
+    os.umask(mask)
+    names = {signal.SIG_DFL: "default", signal.SIG_IGN: "ignore"}
+    dispositions = {}
+    for sig in signal.valid_signals():
+        if sig in (signal.SIGKILL, signal.SIGSTOP):
+            continue
+        try:
+            handler = signal.getsignal(sig)
+        except ValueError:
+            continue
+        if handler is signal.default_int_handler:
+            dispositions[str(int(sig))] = "python-int"
+        else:
+            dispositions[str(int(sig))] = names.get(handler, "python")  # type: ignore[call-overload]
+    return {
+        "pid": os.getpid(),
+        "pgid": os.getpgid(0),
+        "fds": fds,
+        "env": dict(os.environ),
+        "cwd": os.getcwd(),
+        "umask": mask,
+        "signals": dispositions,
+        "blocked": sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])),
+        "threads": threading.active_count(),
+        "random": str(random.getrandbits(64)),
+        "argv": sys.argv,
+        "name": __name__,
+    }
 
 
 def stat(vdi: str, arg: dict) -> None:
@@ -127,6 +185,12 @@ def stat(vdi: str, arg: dict) -> None:
         subprocess.Popen(
             ["sleep", "62"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
+        success(info)
+    elif vdi == "exit7":
+        os._exit(7)
+    elif vdi == "leak":
+        hog = bytearray(96 << 20)
+        hog[:: 4096] = b"x" * len(hog[:: 4096])
         success(info)
     elif vdi == "fault":
         sys.stdout.write(

@@ -1,0 +1,245 @@
+"""A warm parent ("zygote"): a plugin's imports done once, one forked child per call.
+
+Run by the dispatcher (``dispatcher.warm``) as ``<interpreter> [plugin's
+interpreter flags] zygote.py <plugin>``, with the control socket (a
+SOCK_SEQPACKET socketpair end) as fd 3, stdin and stdout on /dev/null and
+stderr the dispatcher's.  Standard library only: it runs under the plugin's own
+flags (``-S``, ``-I``), where nothing else may be importable.
+
+Start-up: ``sys.argv`` and ``sys.path[0]`` as a run of the plugin script would
+have them; the plugin's top-level imports (and those in top-level ``try``
+blocks) are imported, then every module named by a ``WARM_IMPORTS`` list of an
+imported module (``plugins/ext/ext_driver.py`` names the engine).  Nothing is
+called: the zygote runs no thread and holds no lock, file or SR state.  It
+then sends ``{"ready": pid, "files": [...]}`` (the module files a change of
+which makes it stale) and serves, one message at a time:
+
+- ``{"op": "fork", "env": {...}, "cwd": ..., "umask": ...}`` with three file
+  descriptors (the call's stdin, stdout, stderr): forks a child and answers
+  ``{"pid": N}``.  The child, before it runs the plugin's code as
+  ``__main__``: becomes a process group leader; gets the three descriptors as
+  0, 1, 2 and no other (everything else is closed); a fresh environment, cwd
+  and umask; the signal dispositions and mask of a newly started interpreter;
+  new ``sys.std*`` streams; a reseeded ``random``; logging without handlers
+  (``logging.shutdown`` of what the zygote had: nothing).  It exits with the
+  plugin's exit status (``os._exit`` after ``atexit`` handlers and flushing).
+- ``{"op": "reap", "pid": N}``: the child has exited (the dispatcher saw its
+  pidfd): waits for it and answers ``{"pid": N, "status": <exit code,
+  negative for a signal>}``.  Children are reaped only when asked, so the
+  dispatcher can signal a finished call's process group before its leader's
+  pid may be reused.
+- end of file (the dispatcher is gone or retires this zygote): exits; the
+  children it did not reap are reaped by init.
+"""
+
+from __future__ import annotations
+
+import array
+import ast
+import contextlib
+import gc
+import importlib
+import json
+import os
+import signal
+import socket
+import sys
+import types
+
+CONTROL_FD = 3
+MAX_MSG = 1 << 20
+
+
+def _plugin_imports(tree: ast.Module) -> list[str]:
+    """Modules imported at the top level of a plugin script (or in a top-level try)."""
+    names: list[str] = []
+
+    def visit(body: list[ast.stmt]) -> None:
+        for node in body:
+            if isinstance(node, ast.Import):
+                names.extend(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names.append(node.module)
+                names.extend(f"{node.module}.{a.name}" for a in node.names)
+            elif isinstance(node, ast.Try):
+                visit(node.body)
+
+    visit(tree.body)
+    return names
+
+
+def _warm(names: list[str]) -> None:
+    seen: set[str] = set()
+    todo = list(names)
+    while todo:
+        name = todo.pop(0)
+        if name in seen:
+            continue
+        seen.add(name)
+        mod = None
+        with contextlib.suppress(Exception):  # an attribute, not a module; or it fails: the call says
+            mod = importlib.import_module(name)
+        extra = getattr(mod, "WARM_IMPORTS", None)
+        if isinstance(extra, (list, tuple)):
+            todo.extend(str(x) for x in extra)
+
+
+def _own_files(plugin: str) -> list[str]:
+    """The files whose change makes this zygote stale: the plugin and every
+    imported module outside the interpreter's standard library."""
+    import sysconfig
+
+    paths = sysconfig.get_paths()
+    stdlib = tuple(
+        os.path.realpath(paths[k]) + os.sep for k in ("stdlib", "platstdlib") if k in paths
+    )
+    files = {os.path.realpath(plugin)}
+    for mod in list(sys.modules.values()):
+        f = getattr(mod, "__file__", None)
+        if isinstance(f, str):
+            real = os.path.realpath(f)
+            if not real.startswith(stdlib) or "site-packages" in real:
+                files.add(real)
+    return sorted(files)
+
+
+def _send(sock: socket.socket, doc: dict[str, object]) -> None:
+    sock.send(json.dumps(doc).encode())
+
+
+def _child(code: types.CodeType, plugin: str, req: dict[str, object], fds: list[int]) -> None:
+    """In the forked child: become what an exec'd plugin would be, then run it."""
+    status = 1
+    try:
+        os.setpgid(0, 0)
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)  # dup2 clears O_CLOEXEC on the copy
+        os.closerange(3, _max_fd())
+        os.chdir(str(req.get("cwd") or "/"))
+        os.umask(int(req.get("umask", 0o022)))  # type: ignore[call-overload]
+        _fresh_signals()
+        env = req.get("env")
+        os.environ.clear()
+        if isinstance(env, dict):
+            os.environ.update({str(k): str(v) for k, v in env.items()})
+        sys.stdin = open(0, encoding=None, closefd=False)  # noqa: SIM115
+        sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115
+        sys.stderr = open(2, "w", 1, errors="backslashreplace", closefd=False)  # noqa: SIM115
+        if "random" in sys.modules:
+            sys.modules["random"].seed()
+        main = types.ModuleType("__main__")
+        main.__file__ = plugin
+        main.__builtins__ = __builtins__  # type: ignore[attr-defined]
+        sys.modules["__main__"] = main
+        sys.argv = [plugin]
+        try:
+            exec(code, main.__dict__)  # noqa: S102 -- the plugin's own code, as `python plugin` runs it
+            status = 0
+        except SystemExit as e:
+            status = _exit_status(e.code)
+        except BaseException:  # noqa: BLE001 -- as an uncaught exception ends a script
+            import traceback
+
+            traceback.print_exc()
+            status = 1
+        with contextlib.suppress(BaseException):
+            import atexit
+
+            atexit._run_exitfuncs()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(BaseException):  # the reader went away
+                stream.flush()
+    finally:
+        os._exit(status)
+
+
+def _exit_status(code: object) -> int:
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF
+    with contextlib.suppress(BaseException):
+        print(code, file=sys.stderr)
+    return 1
+
+
+def _fresh_signals() -> None:
+    """The dispositions and mask of a newly started interpreter."""
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    for sig in signal.valid_signals():
+        if sig in (signal.SIGKILL, signal.SIGSTOP):
+            continue
+        try:
+            signal.signal(sig, signal.SIG_DFL)
+        except (OSError, ValueError):
+            pass
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    if hasattr(signal, "SIGXFSZ"):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
+def _max_fd() -> int:
+    try:
+        return os.sysconf("SC_OPEN_MAX")
+    except (ValueError, OSError):
+        return 65536
+
+
+def serve(plugin: str) -> int:
+    sock = socket.socket(fileno=CONTROL_FD)
+    with open(plugin, "rb") as f:
+        source = f.read()
+    code = compile(source, plugin, "exec")
+    sys.argv = [plugin]
+    sys.path[0] = os.path.dirname(os.path.realpath(plugin))
+    _warm(_plugin_imports(ast.parse(source, plugin)))
+    # what is imported now lives as long as the zygote: keep it out of the
+    # collector's scans, so children do not copy its pages by touching them
+    gc.collect()
+    gc.freeze()
+    _send(sock, {"ready": os.getpid(), "files": _own_files(plugin)})
+    while True:
+        fds = array.array("i")
+        try:
+            data, ancdata, _flags, _addr = sock.recvmsg(MAX_MSG, socket.CMSG_SPACE(3 * fds.itemsize))
+        except InterruptedError:
+            continue
+        except OSError:
+            return 0
+        for level, kind, cdata in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(cdata[: len(cdata) - len(cdata) % fds.itemsize])
+        if not data:
+            return 0  # the dispatcher is gone, or retires us
+        try:
+            req = json.loads(data)
+        except ValueError:
+            req = {}
+        op = req.get("op") if isinstance(req, dict) else None
+        if op == "fork" and len(fds) == 3:
+            pid = os.fork()
+            if pid == 0:
+                sock.close()
+                _child(code, plugin, req, list(fds))
+            for fd in fds:
+                os.close(fd)
+            _send(sock, {"pid": pid})
+        elif op == "reap":
+            pid = int(req.get("pid", 0))
+            try:
+                _pid, st = os.waitpid(pid, 0)
+                _send(sock, {"pid": pid, "status": os.waitstatus_to_exitcode(st)})
+            except ChildProcessError:
+                _send(sock, {"pid": pid, "error": "not a child of this zygote"})
+        else:
+            for fd in fds:
+                os.close(fd)
+            _send(sock, {"error": f"bad request: {str(req)[:200]}"})
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        print("usage: zygote.py PLUGIN (started by the dispatcher)", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(serve(sys.argv[1]))

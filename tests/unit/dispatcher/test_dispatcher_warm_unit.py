@@ -1,0 +1,57 @@
+"""dispatcher.warm and dispatcher.install without a daemon: which interpreter runs a
+plugin, the rewritten first line, what a zygote imports."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+from pathlib import Path
+
+from dispatcher.install import rewrite
+from dispatcher.warm import interpreter
+
+ZYGOTE = Path(__file__).resolve().parents[3] / "dispatcher" / "zygote.py"
+
+
+def plugin(tmp_path: Path, first: str) -> Path:
+    p = tmp_path / "XSR"
+    p.write_text(first + "\nprint('x')\n")
+    return p
+
+
+def test_interpreter_of_a_plugin(tmp_path: Path) -> None:
+    own = "/opt/venv/bin/python"
+    i = interpreter(plugin(tmp_path, "#!/usr/bin/env python3"), own)
+    assert i is not None and (i.argv, i.python, i.via_env) == ([own], True, True)
+    i = interpreter(plugin(tmp_path, "#!/usr/bin/env python3 -S"), own)
+    assert i is not None and i.argv == [own, "-S"]
+    i = interpreter(plugin(tmp_path, "#!/usr/bin/python3.11 -I"), own)
+    assert i is not None and (i.argv, i.via_env) == (["/usr/bin/python3.11", "-I"], False)
+    assert interpreter(plugin(tmp_path, "#!/bin/sh"), own) is None
+    assert interpreter(plugin(tmp_path, "#!/usr/bin/env bash"), own) is None
+    assert interpreter(plugin(tmp_path, "no shebang"), own) is None
+    assert interpreter(tmp_path / "missing", own) is None
+
+
+def test_rewrite_the_first_line() -> None:
+    assert rewrite(b"#!/usr/bin/env python3\n", "/v/bin/python") == b"#!/v/bin/python\n"
+    assert rewrite(b"#!/usr/bin/env python3 -S\n", "/v/bin/python") == b"#!/v/bin/python -S\n"
+    assert rewrite(b"#!/bin/sh\n", "/v/bin/python") == b"#!/bin/sh\n"
+
+
+def test_zygote_imports_a_plugins_top_level_imports() -> None:
+    spec = importlib.util.spec_from_file_location("zygote_under_test", ZYGOTE)
+    assert spec is not None and spec.loader is not None
+    z = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(z)
+    tree = ast.parse(
+        "import os, sys\n"
+        "try:\n    import smcommon\nexcept ImportError:\n    pass\n"
+        "from smcommon import plugin\n"
+        "from . import relative\n"
+        "def f():\n    import json\n"
+        "plugin.main(None)\n"
+    )
+    assert z._plugin_imports(tree) == [
+        "os", "sys", "smcommon", "smcommon", "smcommon.plugin"
+    ]  # fmt: skip
