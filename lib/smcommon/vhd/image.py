@@ -195,8 +195,9 @@ class Image(ImageReader):
         self._check_writable()
         header = self.header_or_fail()
         base = layout.block_at(fmt.round_up(self.end(), fmt.SECTOR), header.bitmap_size)
-        self._set_end(base + (count - 1) * self.block_stride + header.bitmap_size
-                      + header.block_size if count else base)
+        if count:
+            self._set_end(base + (count - 1) * self.block_stride + header.bitmap_size
+                          + header.block_size)
         return base
 
     def put_block(self, bpos: int, block: int, first: int,

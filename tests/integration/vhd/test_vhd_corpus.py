@@ -198,6 +198,7 @@ def test_coalesce_and_relink_the_blktap_chain(corpus: Path) -> None:
     assert lv.load(corpus / "base.vhd").bmap[:2] == b"\x81\x20"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", vc.NAMES)
 @pytest.mark.parametrize("grown", [300 * 1024 * 1024, 2048 * 1024 * 1024 + 2 * 1024 * 1024])
 def test_resize_of_blktap_images(corpus: Path, name: str, grown: int) -> None:
