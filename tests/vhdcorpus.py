@@ -36,10 +36,14 @@ def extract(dest: Path) -> Path:
     """Extract the five images into ``dest`` (created); returns ``dest``."""
     dest.mkdir(parents=True, exist_ok=True)
     with tarfile.open(TARBALL, "r:xz") as tar:
-        members = [m for m in tar.getmembers() if m.isfile() and Path(m.name).name in NAMES]
-        for m in members:
-            m.name = Path(m.name).name
-            tar.extract(m, dest, filter="data")
+        # regular members only, written by name: no path from the archive is used
+        # (tarfile's extraction filters need Python 3.11.4; Debian 12 has 3.11.2)
+        for m in tar.getmembers():
+            name = Path(m.name).name
+            if m.isfile() and name in NAMES:
+                src = tar.extractfile(m)
+                assert src is not None
+                (dest / name).write_bytes(src.read())
     for name in NAMES:
         (dest / name).chmod(0o644)
     return dest
