@@ -20,6 +20,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import urllib.parse
 import uuid
 import xmlrpc.client
@@ -220,6 +221,27 @@ class SR:
 
     def err(self, method: str, **args: Any) -> list[str]:
         return self.ext.err(method, sr=self.uuid, **args)
+
+    def diagnostics(self) -> str:
+        """This SR's part of Query.diagnostics."""
+        text = self.ext.ok("Query.diagnostics")
+        assert isinstance(text, str)
+        head = f"SR {self.uuid} ("
+        start = text.find(head)
+        assert start >= 0, f"SR {self.uuid} not in the diagnostics:\n{text}"
+        end = text.find("\nSR ", start + len(head))
+        return text[start : end if end >= 0 else len(text)]
+
+    def wait_gc(self, timeout: float = 180.0) -> str:
+        """Wait until the SR's collector process has collected every request
+        (VDI.destroy, compose and set_persistent return before it does)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            diag = self.diagnostics()
+            if "gc collector: idle" in diag:
+                return diag
+            assert time.monotonic() < deadline, f"collector still busy:\n{diag}"
+            time.sleep(0.1)
 
     def create(
         self, name: str, size: int | str = 8 * MiB, **extra: Any
