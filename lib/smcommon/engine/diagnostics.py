@@ -151,7 +151,9 @@ def _collector(eng: SrEngine) -> list[str]:
     if doc is None:
         if collector.idle(eng):
             return ["gc collector: idle (every request collected)"]
-        return ["gc collector: not running (a request waits: the next change starts it)"]
+        return [
+            "gc collector: not running (a request waits: the next change starts it)"
+        ]
     done, total = int(doc.get("done", 0)), int(doc.get("total", 0))
     pct = f" ({100 * done // total}%)" if total else ""
     return [

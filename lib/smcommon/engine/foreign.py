@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 
 from smcommon.engine.store import NEW_SUFFIX, VHD_SUFFIX, VHD_TMP_RE
 from smcommon.errors import Error
+from smcommon.vhd.errors import ParentMissing, ParentNotAllowed
 
 if TYPE_CHECKING:
     from smcommon.engine.sr import SrEngine
@@ -103,6 +104,8 @@ def _why_not(
     if node is None:
         try:
             store.node(vol)
+        except (ParentMissing, ParentNotAllowed) as e:
+            return f"its parent lies outside the SR or is missing: {e}"
         except Error as e:
             return f"unreadable, corrupt or half-copied VHD: {e}"
         return "changed while it was read"

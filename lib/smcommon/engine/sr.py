@@ -155,7 +155,9 @@ class SrEngine:
         except (SmapiError, InvalidRequest):
             raise
         except Error as e:
-            raise BackendError(e.code, [f"SR {self.sr}: {what}: {e}"]) from None
+            errno = getattr(e, "errno", None)
+            code = io_code(OSError(errno, "")) if errno else e.code
+            raise BackendError(code, [f"SR {self.sr}: {what}: {e}"]) from None
         except OSError as e:
             raise BackendError(
                 io_code(e), [f"SR {self.sr}: {what}: {e.strerror or e}"]
@@ -287,8 +289,13 @@ class SrEngine:
         )
         with self.tree_lock():
             self.new_volumes(rec.vdi)
-            with self.step(f"creating the volume of VDI {rec.vdi}"):
-                volume, info = self.store.create(size, rec.vdi)
+            try:
+                with self.step(f"creating the volume of VDI {rec.vdi}"):
+                    volume, info = self.store.create(size, rec.vdi)
+            except BaseException:
+                with contextlib.suppress(Error, OSError):
+                    self.owned.forget(rec.vdi)
+                raise
             rec.volume = volume
             rec.virtual_size = int(info.virtual_size)
             try:

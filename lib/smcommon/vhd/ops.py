@@ -8,6 +8,7 @@ by default a parent must live in its child's own directory.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 
@@ -24,7 +25,7 @@ from smcommon.vhd.errors import (
     Unsupported,
     from_os_error,
 )
-from smcommon.vhd.image import LOCATOR_ORDER, Image, Info, open_image
+from smcommon.vhd.image import LOCATOR_ORDER, Image, Info, copy_range, open_image
 from smcommon.vhd.reader import ImageReader
 
 
@@ -161,8 +162,11 @@ def _copy_blocks(img: Image, parent: Image, locked: bool,
     one fdatasync); sectors of blocks the parent has are written in place.
     """
     assert img.bat is not None
-    blocks = img.bat.allocated()
+    bat = img.bat
+    blocks = sorted(bat.allocated(), key=bat.__getitem__)    # the child's file order
     total = len(blocks) * img.block_size
+    with contextlib.suppress(OSError):  # a cold child is read in file order
+        os.posix_fadvise(img.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
     if locked:
         parent.unlock()
     copied = 0
@@ -184,39 +188,59 @@ def _copy_blocks(img: Image, parent: Image, locked: bool,
 
 
 def _copy_batch(img: Image, parent: Image, blocks: list[int]) -> int:
-    bs, bm_size, vsize = img.block_size, img.bitmap_size, img.virtual_size
-    fresh = [b for b in blocks if not parent.is_fixed and parent.block_pos(b) is None]
-    span = parent.block_stride
+    """Copy the sectors of ``blocks`` the child has (its bitmap's runs, one
+    ``copy_file_range`` each): in place into blocks the parent has (then the
+    parent's bitmap bits), else into new blocks appended to the parent.  A new
+    block's space lies past the parent's old end, so what is not written
+    there reads as zeros (a file hole), never as stale bytes."""
+    bs, vsize = img.block_size, img.virtual_size
+    full = fmt.sector_mask(0, bs // fmt.SECTOR)
+    fresh = {b for b in blocks if not parent.is_fixed and parent.block_pos(b) is None}
+    stride = parent.block_stride
     base = parent.reserve_blocks(len(fresh)) if fresh else 0
+    diff = parent.footer.disk_type == fmt.DISK_DIFFERENCING
     placed: list[tuple[int, int]] = []
     copied = 0
     for block in blocks:
         pos = img.block_pos(block)
         assert pos is not None
-        raw = img._pread(bm_size + bs, pos, "a block")
-        if len(raw) != bm_size + bs:
-            raise Corrupt(f"{img.path}: short read in block {block}")
         bits = img.bitmap(block, pos)
+        bits = full if bits == -1 else bits
         limit = fmt.blocks_for(vsize - block * bs, fmt.SECTOR)   # sectors inside the disk
         if limit < bs // fmt.SECTOR:
             bits &= fmt.sector_mask(0, limit)
-        spans = fmt.runs(bits if bits != -1 else fmt.sector_mask(0, bs // fmt.SECTOR))
-        data = memoryview(raw)[bm_size:]
+        spans = fmt.runs(bits)
         copied += sum(c for _, c in spans) * fmt.SECTOR
-        if block not in fresh:
-            for first, count in spans:
-                chunk = data[first * fmt.SECTOR : (first + count) * fmt.SECTOR]
-                parent.write_aligned(block * bs + first * fmt.SECTOR, chunk, sync=False)
-            continue
-        if bits != -1:      # only the child's sectors; zeros elsewhere, never stale bytes
-            full = bytearray(bs)
-            for first, count in spans:
-                a, b = first * fmt.SECTOR, (first + count) * fmt.SECTOR
-                full[a:b] = data[a:b]
-            data = memoryview(full)
-        bpos = base + len(placed) * span
-        parent.put_block(bpos, block, 0, data, bits)
-        placed.append((block, bpos))
+        if parent.is_fixed:
+            dst = block * bs
+        elif block in fresh:
+            bpos = base + len(placed) * stride
+            if diff and not parent._is_full(bits):
+                bitmap = fmt.int_to_bitmap(bits, parent.bitmap_size)
+            else:       # a dynamic disk's unwritten sectors are the hole's zeros: all present
+                bitmap = b"\xff" * parent.bitmap_size
+                parent._filled.add(block)
+            parent._pwrite(bitmap, bpos, "a sector bitmap")
+            placed.append((block, bpos))
+            dst = bpos + parent.bitmap_size
+        else:
+            ppos = parent.block_pos(block)
+            assert ppos is not None
+            dst = ppos + parent.bitmap_size
+        src = pos + img.bitmap_size
+        for first, count in spans:
+            at = first * fmt.SECTOR
+            copy_range(img.fd, parent.fd, src + at, dst + at, count * fmt.SECTOR, parent.path)
+        if not parent.is_fixed and block not in fresh:
+            ppos = parent.block_pos(block)
+            assert ppos is not None
+            old = parent.bitmap(block, ppos)
+            if old != -1 and (old | bits) != old:
+                parent._pwrite(fmt.int_to_bitmap(old | bits, parent.bitmap_size), ppos,
+                               "a sector bitmap")
+            if parent._is_full(old | bits) and parent.batmap is not None \
+                    and not parent.batmap.test(block):
+                parent._filled.add(block)
     parent.commit_blocks(placed)         # syncs the in-place writes too, then the batmap
     return copied
 

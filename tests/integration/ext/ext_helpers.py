@@ -494,12 +494,26 @@ def sweep_stale_loop_devices() -> list[str]:
     return swept
 
 
-def leftover_processes(root: Path) -> list[psutil.Process]:
-    """Processes still running with our SM_ROOT (plugin calls, helpers)."""
-    out = []
-    for proc in psutil.process_iter(["pid", "cmdline", "environ"]):
-        with contextlib.suppress(psutil.Error):
-            env = proc.info.get("environ") or {}
-            if env.get("SM_ROOT") == str(root) and proc.pid != os.getpid():
-                out.append(proc)
-    return out
+def leftover_processes(root: Path, wait: float = 60.0) -> list[psutil.Process]:
+    """Processes still running with our SM_ROOT (plugin calls, helpers).
+
+    An SR's collector process outlives the call that started it, and stops
+    once it has collected: it is waited for (at most ``wait`` seconds) before
+    it counts as left running.  An exited process not yet reaped by init (a
+    zombie) is not running."""
+    deadline = time.monotonic() + wait
+    while True:
+        out = []
+        for proc in psutil.process_iter(["pid", "cmdline", "environ", "status"]):
+            with contextlib.suppress(psutil.Error):
+                env = proc.info.get("environ") or {}
+                if proc.info.get("status") == psutil.STATUS_ZOMBIE:
+                    continue
+                if env.get("SM_ROOT") == str(root) and proc.pid != os.getpid():
+                    out.append(proc)
+        collecting = [
+            p for p in out if "smcommon.engine.collector" in (p.info.get("cmdline") or [])
+        ]
+        if not collecting or time.monotonic() > deadline:
+            return out
+        time.sleep(0.05)

@@ -122,6 +122,7 @@ def check_snapshot(sr: SR, vdi: str, model: dict[int, int]) -> None:
                 raise AssertionError(f"snapshot {vdi} differs at offsets {bad[:10]}")
 
 
+@pytest.mark.timeout(3600)
 def test_rolling_snapshots_of_a_running_vm(sr: SR, tmp_path: Path) -> None:
     v = sr.create("vm-disk", 64 * MiB)["vdi"]
     leaf = sr.attach(v, "vm", True)
