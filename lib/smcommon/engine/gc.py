@@ -325,7 +325,9 @@ class Collector:
                 if in_use and tree[p].virtual_size < tree[c].virtual_size:
                     rep.skipped.append(f"{note}: chain in use by {', '.join(in_use)}")
                     continue
-                plan = Plan("interior", p, c, hidden=tree[c].hidden, started=timestamps.now())
+                plan = Plan(
+                    "interior", p, c, hidden=tree[c].hidden, started=timestamps.now()
+                )
                 merge.save(self.eng, plan)
                 return plan
             leaf_plan = self._plan_leaf(p, c, leaves[c], in_use, rep, note)
@@ -427,8 +429,11 @@ class Collector:
                             merge.drop(self.eng, plan)
                             rep.skipped.append(f"{plan.describe()}: abandoned, {why}")
                             return True
-                        merge.switch(self.eng, plan)
-                    rep.coalesced.append(f"{plan.child} into {plan.parent}")
+                        failed = merge.switch(self.eng, plan)
+                    if failed:
+                        rep.errors += [f"{plan.describe()}: {f}" for f in failed]
+                    else:
+                        rep.coalesced.append(f"{plan.child} into {plan.parent}")
                     return True
             except LockTimeout:
                 time.sleep(min(0.2 * 2**attempt, 2.0))

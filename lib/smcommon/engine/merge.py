@@ -214,8 +214,10 @@ def still_valid(
     return ""
 
 
-def switch(eng: SrEngine, plan: Plan) -> None:
-    """Step 3 (idempotent), under the SR lock: P takes C's place."""
+def switch(eng: SrEngine, plan: Plan) -> list[str]:
+    """Step 3 (idempotent), under the SR lock: P takes C's place.  Returns
+    the children that could not be re-linked (they stay on C, which is then
+    kept: every chain still reads the same)."""
     store = eng.store
     p, c = plan.parent, plan.child
     if plan.step != "switch":
@@ -228,22 +230,28 @@ def switch(eng: SrEngine, plan: Plan) -> None:
             store.set_hidden(c, False)
         eng.owned.forget(p)
         drop(eng, plan)
-        return
+        return []
     tree = store.tree()
+    failed = []
     for g, n in sorted(tree.items()):
         if n.parent == c and store.exists(p):
-            store.set_parent(g, p, live_ok=True)
+            try:
+                store.set_parent(g, p, live_ok=True)
+            except Error as e:  # e.g. no room for its locators without moving blocks
+                failed.append(f"{g} stays on {c}: {e}")
     for rec in eng.meta.records():
-        if rec.epoch_base == c:
+        if rec.epoch_base == c and not failed:
             rec.epoch_base = p
             eng.meta.put(rec)
     if store.exists(p):
         node = tree.get(p)
         if node is None or node.hidden != plan.hidden:
             store.set_hidden(p, plan.hidden)
-    store.remove(c)
-    eng.owned.forget(c)
+    if not failed:
+        store.remove(c)
+        eng.owned.forget(c)
     drop(eng, plan)
+    return failed
 
 
 def finish_switch(eng: SrEngine) -> None:
@@ -264,5 +272,3 @@ def pending_for(eng: SrEngine, volume: str) -> Plan | None:
     if plan is not None and volume in (plan.parent, plan.child):
         return plan
     return None
-
-

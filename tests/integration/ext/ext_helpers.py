@@ -368,8 +368,6 @@ class SR:
         return scan
 
 
-
-
 def _mounts_under(root: Path) -> list[str]:
     out = []
     with open("/proc/self/mounts") as f:
@@ -418,7 +416,9 @@ class SrFactory:
     def make(self, kind: str | None = None, *, attach: bool = True) -> SR:
         kind = kind or self.spec.kinds[0]
         if kind not in self.spec.kinds:
-            raise ValueError(f"{self.spec.name} SRs come in {self.spec.kinds}, not {kind}")
+            raise ValueError(
+                f"{self.spec.name} SRs come in {self.spec.kinds}, not {kind}"
+            )
         sr_uuid = str(uuid.uuid4())
         mount_point = self.ext.root / "run" / "sm" / "sr-mount" / sr_uuid
         backing: Path | None = None
@@ -512,8 +512,17 @@ def leftover_processes(root: Path, wait: float = 60.0) -> list[psutil.Process]:
                 if env.get("SM_ROOT") == str(root) and proc.pid != os.getpid():
                     out.append(proc)
         collecting = [
-            p for p in out if "smcommon.engine.collector" in (p.info.get("cmdline") or [])
+            p
+            for p in out
+            if "smcommon.engine.collector" in (p.info.get("cmdline") or [])
         ]
         if not collecting or time.monotonic() > deadline:
-            return out
+            return [p for p in out if _alive(p)]  # not one that exited meanwhile
         time.sleep(0.05)
+
+
+def _alive(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False

@@ -4,7 +4,6 @@ by SR.scan; everything else is listed in Query.diagnostics as foreign."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import uuid
 from pathlib import Path
@@ -63,7 +62,7 @@ def _foreign_files(sr: SR, tmp: Path) -> dict[str, bytes]:
     vhd.create(str(outside / "base.vhd"), 4 * MiB)
     child = str(uuid.uuid4())
     vhd.snapshot(str(outside / "base.vhd"), str(outside / f"{child}.vhd"))
-    os.replace(outside / f"{child}.vhd", sr.data_dir / f"{child}.vhd")
+    shutil.move(outside / f"{child}.vhd", sr.data_dir / f"{child}.vhd")
     # a text file, and a text file with the VHD suffix
     (sr.data_dir / "notes.txt").write_text("not a disk\n")
     (sr.data_dir / "README.vhd").write_text("not a disk either\n")

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from ext_helpers import SR, Ext, MiB, vinfo
 
-pytestmark = [pytest.mark.integration, pytest.mark.root]
+pytestmark = [pytest.mark.integration, pytest.mark.root, pytest.mark.sr_types("ext")]
 
 
 @contextlib.contextmanager

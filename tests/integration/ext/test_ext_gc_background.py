@@ -20,7 +20,7 @@ import psutil
 import pytest
 from ext_helpers import SR, MiB
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.sr_types("ext")]
 
 GiB = 1024 * MiB
 BLOCK = 2 * MiB

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from ext_helpers import SR, MiB
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.sr_types("ext")]
 
 HERE = Path(__file__).resolve().parent
 CYCLES = int(os.environ.get("EXT_LIVE_CYCLES", "100"))

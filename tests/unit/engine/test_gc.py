@@ -13,6 +13,7 @@ from engine_helpers import BLOCK, K4, MiB, hidden_volumes, inline_gc, pat, read,
 from smcommon.engine import vdipath
 from smcommon.engine.gc import Collector
 from smcommon.engine.sr import SrEngine
+from smcommon.errors import BackendError
 
 ZERO = b"\0" * K4
 
@@ -317,3 +318,37 @@ def test_a_kill_at_any_step_loses_no_data(
         )
         tree = after.store.tree()
         assert all(any(n2.parent == u for n2 in tree.values()) for u in unref), n
+
+
+def test_a_child_that_cannot_be_relinked_stays_on_its_parent(
+    eng: SrEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An interior merge whose switch cannot re-link one child (no room for
+    its locators without moving blocks, an I/O error) keeps that child on C,
+    keeps C, and reports it: every VDI reads the same."""
+    v = new(eng)
+    write(eng, v, {0: pat("v0")})
+    s1 = eng.snapshot({"vdi": v})["vdi"]
+    write(eng, v, {BLOCK: pat("v1")})
+    s2 = eng.snapshot({"vdi": v})["vdi"]
+    write(eng, v, {2 * BLOCK: pat("v2")})
+    want_v, want_s2 = read(eng, v, [0, BLOCK, 2 * BLOCK]), read(eng, s2, [0, BLOCK])
+    real = type(eng.store).set_parent
+
+    def refuse_s2(self: object, child: str, parent: str, live_ok: bool = False) -> None:
+        if child == s2:
+            raise BackendError("VHD_UNSUPPORTED", ["no room"])
+        real(self, child, parent, live_ok)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(type(eng.store), "set_parent", refuse_s2)
+    eng.meta.remove(s1)  # what VDI.destroy does, the pass below observed
+    rep = gc(eng)
+    monkeypatch.undo()
+    assert any("stays on" in e for e in rep.errors), rep  # type: ignore[attr-defined]
+    assert read(eng, v, [0, BLOCK, 2 * BLOCK]) == want_v
+    assert read(eng, s2, [0, BLOCK]) == want_s2
+    assert not eng.meta.gc_file.exists()
+    gc(eng)  # and later passes finish the job
+    assert read(eng, v, [0, BLOCK, 2 * BLOCK]) == want_v
+    assert read(eng, s2, [0, BLOCK]) == want_s2
+    assert len(eng.store.chain(eng.get(v).volume)) == 2
