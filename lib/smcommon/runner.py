@@ -17,6 +17,7 @@ error and log line this module produces.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -123,3 +124,60 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     except (ProcessLookupError, PermissionError):
         pass
     proc.wait()
+
+
+def spawn_detached(
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: str | None = None,
+) -> int:
+    """Start ``argv`` detached from this process and return its pid.
+
+    A double fork: the command runs in a session of its own, is never this
+    process's child (no zombie to reap, it outlives the caller and is not
+    killed with the caller's process group), and holds none of the caller's
+    descriptors (stdin, stdout and stderr are /dev/null; every other
+    descriptor is close-on-exec).  For long-lived helpers such as an SR's
+    garbage collector, which stop themselves when their work is done.
+    An exec failure raises ``CommandError`` (rc 127).
+    """
+    if isinstance(argv, (str, bytes)):
+        raise TypeError("spawn_detached() takes an argv list, never a shell string")
+    args = [os.fspath(a) for a in argv]
+    environ = dict(os.environ if env is None else env)
+    r, w = os.pipe()  # both close-on-exec
+    pid = os.fork()
+    if pid == 0:  # the intermediate child: only os.* calls until _exit
+        try:
+            os.close(r)
+            os.setsid()
+            if os.fork():
+                os._exit(0)
+            null = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(null, fd)
+            if cwd is not None:
+                os.chdir(cwd)
+            os.write(w, f"{os.getpid()}\n".encode())
+            os.execve(args[0], args, environ)
+        except BaseException as e:  # noqa: BLE001 - reported through the pipe
+            with contextlib.suppress(BaseException):
+                os.write(w, f"!{e}\n".encode())
+        os._exit(127)
+    os.close(w)
+    chunks = []
+    while True:
+        data = os.read(r, 4096)  # EOF once the exec closed the pipe (or failed)
+        if not data:
+            break
+        chunks.append(data)
+    os.close(r)
+    os.waitpid(pid, 0)
+    lines = b"".join(chunks).decode("utf-8", "replace").splitlines()
+    failed = [ln[1:] for ln in lines if ln.startswith("!")]
+    pids = [int(ln) for ln in lines if ln.isdigit()]
+    if failed or not pids:
+        raise CommandError(args, 127, "", "; ".join(failed) or "no process started")
+    log.debug("started %s detached as pid %d", args, pids[0])
+    return pids[0]

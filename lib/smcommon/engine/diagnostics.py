@@ -42,6 +42,7 @@ def report(driver: Driver) -> str:
 
 
 def sr_report(eng: SrEngine) -> list[str]:
+    from smcommon.engine import merge
     from smcommon.engine.gc import Collector
 
     out: list[str] = []
@@ -72,6 +73,8 @@ def sr_report(eng: SrEngine) -> list[str]:
         f"volumes: {len(tree)} ({sum(1 for n in tree.values() if n.hidden)} hidden)"
     )
 
+    owned = eng.owned.owned() | eng.needed_from(tree, recs)
+
     def walk(v: str, depth: int) -> None:
         n = tree[v]
         flags = "hidden" if n.hidden else "visible"
@@ -79,6 +82,8 @@ def sr_report(eng: SrEngine) -> list[str]:
         users = "; ".join(by_volume.get(v, [])) or (
             f"shared parent of {kids}" if kids else "unreferenced (garbage)"
         )
+        if v not in owned:
+            users = "foreign (not made by this SR): " + users
         out.append(
             f"{'  ' * (depth + 1)}{v} [{flags}, {n.physical_size} bytes]: {users}"
         )
@@ -94,14 +99,17 @@ def sr_report(eng: SrEngine) -> list[str]:
             f"{dp}={s.value}" for dp, s in sorted(eng.dps.states(vdi).items())
         )
         out.append(f"  {vdi}: {states}")
+    out += _foreign(eng, tree)
+    out += _collector(eng)
     col = Collector(eng)
-    try:
-        j = col.journal()
-    except Error as e:
-        j = {"unreadable": str(e)}
+    plan = merge.journal(eng)
     out.append(
         "gc journal: "
-        + (f"pending {_short(j)}" if j else "none (no collection in progress)")
+        + (
+            f"pending {_short(plan.to_json())}"
+            if plan
+            else "none (no collection in progress)"
+        )
     )
     last = col.last()
     if last:
@@ -115,6 +123,52 @@ def sr_report(eng: SrEngine) -> list[str]:
     else:
         out.append("gc last run: never")
     return out
+
+
+def _foreign(eng: SrEngine, tree: dict[str, Any]) -> list[str]:
+    from smcommon.engine import foreign
+
+    if not eng.owned.ready():
+        return [
+            (
+                "ownership: not recorded yet (an SR made by an earlier version: "
+                "recorded at its next change)"
+            )
+        ]
+    try:
+        found = foreign.survey(eng, tree)
+    except (Error, OSError) as e:
+        return [f"foreign files: unreadable ({e})"]
+    out = [f"foreign files (not made by this SR, never touched): {len(found)}"]
+    for f in found:
+        why = f.why or "a valid VHD: the next SR.scan adopts it as a VDI"
+        out.append(f"  {f.name}: {why}")
+    return out
+
+
+def _collector(eng: SrEngine) -> list[str]:
+    from smcommon.engine import collector
+
+    doc = collector.progress_of(eng)
+    if doc is None:
+        if collector.idle(eng):
+            return ["gc collector: idle (every request collected)"]
+        return [
+            "gc collector: not running (a request waits: the next change starts it)"
+        ]
+    done, total = int(doc.get("done", 0)), int(doc.get("total", 0))
+    pct = f" ({100 * done // total}%)" if total else ""
+    return [
+        (
+            f"gc collector: running (pid {doc.get('pid')} on {doc.get('host')}, "
+            f"since {doc.get('started')})"
+        ),
+        f"  step: {doc.get('step')}",
+        (
+            f"  progress: {done} of {total} bytes{pct}, "
+            f"{float(doc.get('rate', 0)) / 1e6:.1f} MB/s"
+        ),
+    ]
 
 
 def _short(doc: dict[str, Any]) -> str:

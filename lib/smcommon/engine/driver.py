@@ -6,9 +6,10 @@ What differs between SR types (how storage is prepared, mounted, wiped, and
 what Query.query says) is the ``SrType`` object; everything else (records,
 trees, datapaths, GC, host registry) is here and in the engine modules.
 
-Extra methods (``extra_methods``): ``SR.gc`` runs the collector now and
-answers its report; ``SR.stat`` answers the SR's space (total, free, used by
-VDIs, shared hidden parents and garbage).
+Extra methods (``extra_methods``): ``SR.gc`` runs a collector pass in the
+foreground (once a running collector process finished its own) and answers
+its report; ``SR.stat`` answers the SR's space (total, free, used by VDIs,
+shared hidden parents and garbage).
 
 ``VDI.import_raw {sr, vdi, path}`` writes a raw file the dispatcher
 spooled under ``<state_dir>/import`` into an empty VDI (the receiving end of a
@@ -32,6 +33,7 @@ from smcommon import timestamps
 from smcommon.engine import locks, vdipath
 from smcommon.engine.host import Attached, HostRegistry, public_config
 from smcommon.engine.meta import Metadata
+from smcommon.engine.owned import Ownership
 from smcommon.engine.sr import SrEngine
 from smcommon.errors import BackendError, InvalidRequest, SrAttached
 from smcommon.paths import Paths, safe_name
@@ -171,6 +173,8 @@ class Driver:
                             f"{sr_dir} holds VHD files of no SR ({names}): use an empty directory"
                         ],
                     )
+                # ownership records first: an SR with an identity always has them
+                Ownership(meta.sm_dir).init()
                 meta.write_sr(
                     {
                         "sr": sr,
@@ -211,9 +215,10 @@ class Driver:
                 )
             )
             eng = SrEngine(self.paths, sr, sr_dir, vhd=self.vhd)
-            if eng.meta.gc_file.exists():
-                with eng.tree_lock():
-                    pass  # finishes the interrupted collector step
+            with eng.tree_lock():
+                pass  # finishes an interrupted switch; ownership of an old SR
+        if eng.meta.gc_file.exists():
+            eng.request_gc()  # a merge a killed collector left: resume it
         log.info("attached SR %s at %s", sr, sr_dir)
 
     def _check_identity(self, sr: str, sr_dir: Path) -> None:
@@ -228,12 +233,17 @@ class Driver:
             )
 
     def sr_detach(self, dbg: str, sr: str) -> None:
+        from smcommon.engine import collector
+
         eng = self.engine(sr, check_dir=False)
+        # before any lock: a collector may be waiting for the tree lock to switch
+        collector.stop(eng)
         with locks.host_sr_lock(self.paths, eng.sr):
             entry = self.registry.require(eng.sr)
             with contextlib.ExitStack() as shared:
                 if eng.meta.sm_dir.is_dir():  # else nothing shared is left to lock
                     shared.enter_context(eng.tree_lock(resume_gc=False))
+                    collector.stop(eng)  # one a call started meanwhile
                 released = vdipath.release_all(eng)
                 if released:
                     log.info("SR.detach of %s released datapaths %s", sr, released)
@@ -243,18 +253,25 @@ class Driver:
             _rmtree(eng.dps.state_dir, ignore_errors=True)
 
     def sr_destroy(self, dbg: str, sr: str) -> None:
+        from smcommon.engine import collector
+
         eng = self.engine(sr)
         entry = self.registry.require(eng.sr)
+        collector.stop(eng)  # before the tree lock: it may wait for it to switch
         with locks.host_sr_lock(self.paths, eng.sr):
             with eng.tree_lock(resume_gc=False):
+                collector.stop(eng)  # one a call started meanwhile
                 vdipath.release_all(eng)
+                # only what the SR made goes: files copied into its directory stay
+                owned = eng.owned.owned() | eng.needed_volumes()
                 # The identity goes first: from then on the SR can be neither
                 # attached nor probed, even if the rest is interrupted.
                 with contextlib.suppress(FileNotFoundError):
                     eng.meta.sr_file.unlink()
                 for volume in eng.store.volumes():
-                    eng.store.remove(volume)
-                eng.store.cleanup_partial()
+                    if volume in owned:
+                        eng.store.remove(volume)
+                eng.store.cleanup_partial(owned)
                 _rmtree(eng.meta.sm_dir, ignore_errors=True)
                 _rmtree(eng.dps.state_dir, ignore_errors=True)
             # again once the lock file is closed (NFS keeps an open file that
@@ -290,12 +307,15 @@ class Driver:
         return space(self.engine(sr))
 
     def sr_gc(self, dbg: str, sr: str) -> str:
-        from smcommon.engine.gc import Collector
+        from smcommon.engine import collector
 
         eng = self.engine(sr)
-        with eng.tree_lock():
-            rep = Collector(eng).run()
-        return rep.summary() + "".join(f"\nskipped: {s}" for s in rep.skipped)
+        rep = collector.run_foreground(eng)
+        return (
+            rep.summary()
+            + "".join(f"\nskipped: {s}" for s in rep.skipped)
+            + "".join(f"\nerror: {s}" for s in rep.errors)
+        )
 
     # --- VDI -----------------------------------------------------------------
 

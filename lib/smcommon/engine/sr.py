@@ -53,8 +53,16 @@ from pathlib import Path
 from smcommon import ids, timestamps
 from smcommon.engine import locks
 from smcommon.engine.meta import Metadata, VdiRecord
+from smcommon.engine.owned import Ownership
 from smcommon.engine.store import FileStore, VolumeStore
-from smcommon.errors import BackendError, InvalidRequest, SrNotAttached, VdiDoesNotExist
+from smcommon.errors import (
+    BackendError,
+    Error,
+    InvalidRequest,
+    SmapiError,
+    SrNotAttached,
+    VdiDoesNotExist,
+)
 from smcommon.paths import Paths, safe_name
 
 TYPE_CHECKING = False
@@ -65,6 +73,17 @@ log = logging.getLogger(__name__)
 
 VDI_FIELDS_STR = ("name_label", "name_description", "ty", "metadata_of_pool")
 MAX_TEXT = 4096
+
+
+def io_code(e: OSError) -> str:
+    """The Backend_error code of an OS error met on an SR's storage."""
+    import errno
+
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "SR_FULL"
+    if e.errno == errno.EROFS:
+        return "SR_READ_ONLY"
+    return "SR_IO_ERROR"
 
 
 def _text(info: dict[str, Any], key: str, default: str = "") -> str:
@@ -103,6 +122,7 @@ class SrEngine:
         store: VolumeStore | None = None,
         vhd: Any = None,
         still_attached: Callable[[], bool] | None = None,
+        collect: Callable[[SrEngine], None] | None = None,
     ) -> None:
         from smcommon.engine.datapath import Datapaths
 
@@ -110,9 +130,40 @@ class SrEngine:
         self.sr = safe_name("sr", sr)
         self.sr_dir = Path(sr_dir)
         self.meta = Metadata(self.sr_dir)
-        self.store: Any = store if store is not None else FileStore(self.sr_dir, vhd)
+        self.owned = Ownership(self.meta.sm_dir)
+        self.store: VolumeStore = (
+            store if store is not None else FileStore(self.sr_dir, vhd)
+        )
         self.dps = Datapaths(paths.run_dir / "dp" / self.sr)
         self.still_attached = still_attached
+        # what destroy, compose and set_persistent call once they made
+        # garbage: by default, start the SR's collector process
+        self.collect = collect
+
+    def request_gc(self) -> None:
+        """Ask for a collection (after the SR lock is released)."""
+        if self.collect is not None:
+            self.collect(self)
+            return
+        from smcommon.engine import collector
+
+        collector.request(self)
+
+    @contextlib.contextmanager
+    def step(self, what: str) -> Iterator[None]:
+        """Name the SR and the step in an I/O failure (a full filesystem, EIO)."""
+        try:
+            yield
+        except (SmapiError, InvalidRequest):
+            raise
+        except Error as e:
+            errno = getattr(e, "errno", None)
+            code = io_code(OSError(errno, "")) if errno else e.code
+            raise BackendError(code, [f"SR {self.sr}: {what}: {e}"]) from None
+        except OSError as e:
+            raise BackendError(
+                io_code(e), [f"SR {self.sr}: {what}: {e.strerror or e}"]
+            ) from None
 
     def check_attached(self) -> None:
         """Under a lock: the SR may have been detached while we waited."""
@@ -122,16 +173,47 @@ class SrEngine:
     # --- locks ---------------------------------------------------------------
 
     @contextlib.contextmanager
-    def tree_lock(self, resume_gc: bool = True) -> Iterator[None]:
+    def tree_lock(
+        self, resume_gc: bool = True, timeout: float | None = None
+    ) -> Iterator[None]:
         """The SR's tree lock (on the SR's storage, shared by every host that
-        attached it); a GC step left by a killed process is finished first."""
-        with locks.tree_lock(self.store.shared_lock_dir()):
+        attached it).  First, a collector's re-link step left half done by a
+        killed process is finished (it is short: the copy before it is the
+        collector's), and an SR made by an earlier version gets its
+        ownership records."""
+        with locks.tree_lock(self.store.shared_lock_dir(), timeout):
             self.check_attached()
             if resume_gc and self.meta.gc_file.exists():
-                from smcommon.engine.gc import Collector
+                from smcommon.engine.merge import finish_switch
 
-                Collector(self).resume()
+                with self.step("finishing an interrupted collector step"):
+                    finish_switch(self)
+            if not self.owned.ready():
+                with self.step("recording the volumes of the SR as its own"):
+                    self.owned.migrate(self.needed_volumes())
             yield
+
+    def needed_volumes(self) -> set[str]:
+        """Volumes the VDI records need: leaves, epoch bases and their chains."""
+        return self.needed_from(self.store.tree(), self.meta.records())
+
+    @staticmethod
+    def needed_from(tree: dict[str, Any], recs: list[VdiRecord]) -> set[str]:
+        out: set[str] = set()
+        for r in recs:
+            for v in (r.volume, r.epoch_base):
+                seen = 0
+                while v is not None and v not in out and seen < 10000:
+                    out.add(v)
+                    node = tree.get(v)
+                    v = node.parent if node else None
+                    seen += 1
+        return out
+
+    def new_volumes(self, *names: str) -> None:
+        """Record volumes as the SR's own before they are made."""
+        with self.step("recording new volumes as the SR's own"):
+            self.owned.record(*names)
 
     def vdi_lock(self, vdi: str, timeout: float | None = None) -> Any:
         return locks.vdi_lock(self.store.shared_lock_dir(), safe_name("vdi", vdi), timeout)
@@ -148,7 +230,13 @@ class SrEngine:
         return self.vdi_info(self.get(vdi))
 
     def scan(self) -> list[dict[str, Any]]:
-        """Every VDI's vdi_info, oldest first."""
+        """Every VDI's vdi_info, oldest first; a valid ``<uuid>.vhd`` someone
+        copied into the SR is adopted first (``smcommon.engine.foreign``)."""
+        from smcommon.engine import foreign
+
+        if foreign.has_candidates(self):
+            with self.tree_lock():
+                foreign.adopt(self)
         recs = sorted(self.meta.records(), key=lambda r: (r.created, r.vdi))
         return [self.vdi_info(r) for r in recs]
 
@@ -202,10 +290,24 @@ class SrEngine:
             created=timestamps.now(precise=True),
         )
         with self.tree_lock():
-            volume, info = self.store.create(size, rec.vdi)
+            self.new_volumes(rec.vdi)
+            try:
+                with self.step(f"creating the volume of VDI {rec.vdi}"):
+                    volume, info = self.store.create(size, rec.vdi)
+            except BaseException:
+                with contextlib.suppress(Error, OSError):
+                    self.owned.forget(rec.vdi)
+                raise
             rec.volume = volume
             rec.virtual_size = int(info.virtual_size)
-            self.meta.put(rec)
+            try:
+                self.put(rec, f"saving the record of new VDI {rec.vdi}")
+            except BaseException:
+                # nothing half made: the volume goes (else the collector would)
+                with contextlib.suppress(Error, OSError):
+                    self.store.remove(volume)
+                    self.owned.forget(volume)
+                raise
             if persistent is False:
                 self._freeze(rec)
         log.info(
@@ -217,8 +319,6 @@ class SrEngine:
         return self.vdi_info(rec)
 
     def destroy(self, vdi: str) -> None:
-        from smcommon.engine.gc import Collector
-
         with self.tree_lock():
             rec = self.get(vdi)
             with self.vdi_lock(rec.vdi):
@@ -226,10 +326,16 @@ class SrEngine:
                 # Only the record goes here: its leaf is then an unreferenced
                 # volume, which the collector deletes (with any ancestors
                 # nobody needs any more); a crash in between loses nothing.
-                self.meta.remove(rec.vdi)
-                self.dps.forget(rec.vdi)
-            Collector(self).run()
+                with self.step(f"removing the record of VDI {rec.vdi}"):
+                    self.meta.remove(rec.vdi)
+                    self.dps.forget(rec.vdi)
+        self.request_gc()
         log.info("destroyed VDI %s", rec.vdi)
+
+    def put(self, rec: VdiRecord, what: str) -> None:
+        """Save a VDI record (atomically: a failure leaves the old one)."""
+        with self.step(what):
+            self.meta.put(rec)
 
     # --- metadata-only changes -------------------------------------------------
 
@@ -239,7 +345,7 @@ class SrEngine:
         with self.tree_lock():
             rec = self.get(vdi)
             rec.content_id = content_id
-            self.meta.put(rec)
+            self.put(rec, f"saving the content_id of VDI {rec.vdi}")
 
     def update(self, vdi: str, **changes: Any) -> dict[str, Any]:
         """Change record fields (name_label, sm_config ...) atomically."""
@@ -249,7 +355,7 @@ class SrEngine:
                 if not hasattr(rec, k) or k in ("vdi", "volume", "epoch_base"):
                     raise InvalidRequest(f"cannot set {k}")
                 setattr(rec, k, v)
-            self.meta.put(rec)
+            self.put(rec, f"saving the record of VDI {rec.vdi}")
             return self.vdi_info(rec)
 
     # --- snapshot / clone ------------------------------------------------------
@@ -268,9 +374,13 @@ class SrEngine:
             src = self.get(src_key)
             with self.vdi_lock(src.vdi):
                 self.store.check_not_busy(src.volume)
-                base = self.store.push_down(src.volume)
                 key = ids.new()
-                other = self.store.snapshot(base, key)
+                base = self.store.new_name()
+                self.new_volumes(base, key)
+                with self.step(f"freezing the content of VDI {src.vdi}"):
+                    self.store.push_down(src.volume, base)
+                with self.step(f"creating the volume of VDI {key}"):
+                    other = self.store.snapshot(base, key)
                 new = VdiRecord(
                     vdi=key,
                     volume=other,
@@ -295,8 +405,9 @@ class SrEngine:
                     },
                     created=timestamps.now(precise=True),
                 )
-                self.meta.put(new)
-                self.store.set_hidden(base, True)
+                self.put(new, f"saving the record of new VDI {key}")
+                with self.step(f"hiding volume {base}"):
+                    self.store.set_hidden(base, True)
         log.info(
             "%s of VDI %s: %s (volume %s over %s)",
             "snapshot" if snapshot else "clone",
@@ -312,16 +423,18 @@ class SrEngine:
     def _freeze(self, rec: VdiRecord) -> str:
         """Make the VDI's current content a hidden base; the VDI moves to a child."""
         self.store.check_not_busy(rec.volume)
-        base = self.store.push_down(rec.volume)
+        base = self.store.new_name()
+        self.new_volumes(base)
+        with self.step(f"freezing the content of VDI {rec.vdi}"):
+            self.store.push_down(rec.volume, base)
         rec.epoch_base = base
         rec.persistent = False
-        self.meta.put(rec)
-        self.store.set_hidden(base, True)
+        self.put(rec, f"saving the record of VDI {rec.vdi}")
+        with self.step(f"hiding volume {base}"):
+            self.store.set_hidden(base, True)
         return base
 
     def set_persistent(self, vdi: str, persistent: bool) -> None:
-        from smcommon.engine.gc import Collector
-
         if not isinstance(persistent, bool):
             raise InvalidRequest("persistent must be a boolean")
         collect = False
@@ -333,15 +446,15 @@ class SrEngine:
                         return
                     rec.persistent = True
                     rec.epoch_base = None
-                    self.meta.put(rec)
+                    self.put(rec, f"saving the record of VDI {rec.vdi}")
                     collect = True
                 elif rec.epoch_base is None:
                     self._freeze(rec)
                 elif rec.persistent:
                     rec.persistent = False
-                    self.meta.put(rec)
-            if collect:  # the old base may now be coalesced into the leaf
-                Collector(self).run()
+                    self.put(rec, f"saving the record of VDI {rec.vdi}")
+        if collect:  # the old base may now be coalesced into the leaf
+            self.request_gc()
 
     def epoch_begin(self, vdi: str) -> None:
         """A non-persistent VDI starts again from its frozen content."""
@@ -358,7 +471,8 @@ class SrEngine:
                 # The leaf is replaced in place by an empty child of the base
                 # (one rename): the VDI keeps its leaf path, so an attach
                 # made before still names the right image.
-                self.store.renew(rec.volume, rec.epoch_base)
+                with self.step(f"emptying the leaf of VDI {rec.vdi}"):
+                    self.store.renew(rec.volume, rec.epoch_base)
         log.info(
             "epoch_begin of %s: leaf %s emptied over base %s",
             rec.vdi,
@@ -373,8 +487,6 @@ class SrEngine:
     # --- compose and similar content --------------------------------------------
 
     def compose(self, vdi1: str, vdi2: str) -> None:
-        from smcommon.engine.gc import Collector
-
         if vdi1 == vdi2:
             raise InvalidRequest("compose needs two different VDIs")
         with self.tree_lock():
@@ -383,12 +495,16 @@ class SrEngine:
             with self.vdi_lock(r1.vdi), self.vdi_lock(r2.vdi):
                 self._require_unused(r2.vdi, "compose onto")
                 self.store.check_not_busy(r1.volume)
-                base = self.store.push_down(r1.volume)
-                self.store.set_hidden(base, True)
-                self.store.rebase(r2.volume, base)
+                base = self.store.new_name()
+                self.new_volumes(base)
+                with self.step(f"freezing the content of VDI {r1.vdi}"):
+                    self.store.push_down(r1.volume, base)
+                    self.store.set_hidden(base, True)
+                with self.step(f"re-basing VDI {r2.vdi}"):
+                    self.store.rebase(r2.volume, base)
                 r2.content_id = ids.new()
-                self.meta.put(r2)
-            Collector(self).run()
+                self.put(r2, f"saving the record of VDI {r2.vdi}")
+        self.request_gc()
         log.info(
             "composed %s (leaf %s) onto %s (base %s)", r2.vdi, r2.volume, r1.vdi, base
         )
@@ -425,7 +541,10 @@ class SrEngine:
     def import_image(self, src_path: str, template: VdiRecord) -> dict[str, Any]:
         """A new VDI holding the flattened content of the image ``src_path``."""
         with self.tree_lock():
-            volume, info = self.store.convert_from(src_path)
+            name = self.store.new_name()
+            self.new_volumes(name)
+            with self.step("copying an image into a new volume"):
+                volume, info = self.store.convert_from(src_path, name)
             rec = VdiRecord(
                 vdi=ids.new(),
                 volume=volume,
@@ -439,5 +558,5 @@ class SrEngine:
                 sm_config={**template.sm_config, "vdi_type": "vhd"},
                 created=timestamps.now(precise=True),
             )
-            self.meta.put(rec)
+            self.put(rec, f"saving the record of new VDI {rec.vdi}")
         return self.vdi_info(rec)

@@ -19,8 +19,9 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,8 +39,13 @@ else:
 VHD_SUFFIX = ".vhd"
 NEW_SUFFIX = ".vhd.new"
 VHD_TMP_PREFIX = ".vhd-tmp-"  # smcommon.vhd.create's fallback temp names
+VHD_TMP_RE = re.compile(r"\.vhd-tmp-[0-9a-f]{16}")
 COPY_CHUNK = 8 * 1024 * 1024
 CACHE_SETTLE_NS = 2_000_000_000
+LOCK_TRY = (
+    1.0  # seconds to wait for an image lock before treating its holder as long-lived
+)
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
 
 @dataclass(frozen=True)
@@ -58,26 +64,36 @@ class VolumeStore(Protocol):
     def path(self, volume: str) -> str: ...
     def exists(self, volume: str) -> bool: ...
     def volumes(self) -> list[str]: ...
+    def entries(self) -> list[str]: ...
     def create(self, size: int, name: str | None = None) -> tuple[str, Any]: ...
     def snapshot(self, parent: str, name: str | None = None) -> str: ...
-    def push_down(self, volume: str) -> str: ...
+    def push_down(self, volume: str, base: str | None = None) -> str: ...
     def check_not_busy(self, volume: str) -> None: ...
+    def busy(self, volume: str) -> bool: ...
+    def stamp(self, volume: str) -> list[int] | None: ...
     def replace(self, src: str, dst: str) -> None: ...
     def renew(self, volume: str, parent: str) -> None: ...
     def rebase(self, volume: str, parent: str) -> None: ...
     def remove(self, volume: str) -> bool: ...
     def info(self, volume: str) -> Any: ...
+    def node(self, volume: str) -> Node: ...
+    def chain(self, volume: str) -> list[str]: ...
     def tree(self, strict: bool = False) -> dict[str, Node]: ...
     def physical_utilisation(self, volume: str) -> int: ...
     def set_hidden(self, volume: str, hidden: bool) -> None: ...
-    def set_parent(self, child: str, parent: str) -> None: ...
-    def coalesce(self, child: str) -> int: ...
+    def set_parent(self, child: str, parent: str, live_ok: bool = False) -> None: ...
+    def coalesce(
+        self, child: str, progress: Callable[[int, int], None] | None = None
+    ) -> int: ...
     def resize(self, volume: str, size: int) -> Any: ...
-    def convert_from(self, src_path: str) -> tuple[str, Any]: ...
+    def convert_from(
+        self, src_path: str, name: str | None = None
+    ) -> tuple[str, Any]: ...
+    def check(self, volume: str) -> list[str]: ...
     def activate(self, volume: str, read_write: bool) -> None: ...
     def deactivate(self, volume: str) -> None: ...
     def space(self) -> tuple[int, int]: ...
-    def cleanup_partial(self) -> list[str]: ...
+    def cleanup_partial(self, owned: set[str]) -> list[str]: ...
     def shared_lock_dir(self) -> Path: ...
 
 
@@ -87,10 +103,10 @@ def load_vhd() -> Any:
     return vhd
 
 
-def vhd_call(what: str, fn: Any, *args: Any) -> Any:
+def vhd_call(what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
     """Call a vhd function; anything but a library error becomes Backend_error."""
     try:
-        return fn(*args)
+        return fn(*args, **kwargs)
     except Error:
         raise
     except OSError as e:
@@ -123,16 +139,20 @@ class FileStore:
     def exists(self, volume: str) -> bool:
         return os.path.exists(self.path(volume))
 
-    def volumes(self) -> list[str]:
+    def entries(self) -> list[str]:
+        """Every name in the SR directory (volumes, temps, and foreign files)."""
         try:
-            names = os.listdir(self.sr_dir)
+            return sorted(os.listdir(self.sr_dir))
         except FileNotFoundError:
             return []
-        return sorted(
+
+    def volumes(self) -> list[str]:
+        """Names of the ``<name>.vhd`` files whose name can be a volume's."""
+        return [
             n[: -len(VHD_SUFFIX)]
-            for n in names
-            if n.endswith(VHD_SUFFIX) and not n.startswith(".")
-        )
+            for n in self.entries()
+            if n.endswith(VHD_SUFFIX) and _NAME_RE.fullmatch(n[: -len(VHD_SUFFIX)])
+        ]
 
     def shared_lock_dir(self) -> Path:
         """Where the SR's locks live: in the SR, seen by every host (engine/locks.py)."""
@@ -164,7 +184,7 @@ class FileStore:
         vhd_call("snapshot", self.vhd.snapshot, self.path(parent), self.path(name))
         return name
 
-    def push_down(self, volume: str) -> str:
+    def push_down(self, volume: str, base: str | None = None) -> str:
         """Freeze ``volume``'s content as a new base; ``volume`` becomes its child.
 
         The volume keeps its name (so an attach_info path stays valid): its
@@ -174,7 +194,7 @@ class FileStore:
         name nobody references (the collector removes the name, not the
         data); after it, the volume reads the base through its parent.
         """
-        base = self.new_name()
+        base = base or self.new_name()
         os.link(self.path(volume), self.path(base))
         fsync_dir(self.sr_dir)
         self.renew(volume, base)
@@ -208,11 +228,43 @@ class FileStore:
         finally:
             os.close(fd)
 
+    def busy(self, volume: str) -> bool:
+        """Whether a writer holds ``volume``'s image (its exclusive lock) now."""
+        try:
+            self.check_not_busy(volume)
+        except BackendError:
+            return True
+        return False
+
+    def stamp(self, volume: str) -> list[int] | None:
+        """(inode, size, mtime, ctime) of the volume: any write changes it."""
+        try:
+            st = os.stat(self.path(volume))
+        except FileNotFoundError:
+            return None
+        return [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
     def replace(self, src: str, dst: str) -> None:
-        """Rename volume ``src`` over volume ``dst`` (atomic)."""
+        """Rename volume ``src`` over volume ``dst`` (atomic).
+
+        Done holding ``dst``'s exclusive image lock when it exists, so an
+        open of ``dst`` racing the rename waits, then sees that the name now
+        holds another file and opens that (``Image.open``).
+        """
+        from smcommon.vhd.locks import lock_file
+
         self._dirty.update((src, dst))
-        os.replace(self.path(src), self.path(dst))
-        fsync_dir(self.sr_dir)
+        fd = -1
+        with contextlib.suppress(FileNotFoundError):
+            fd = os.open(self.path(dst), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            if fd >= 0:
+                vhd_call("lock", lock_file, fd, self.path(dst), exclusive=True)
+            os.replace(self.path(src), self.path(dst))
+            fsync_dir(self.sr_dir)
+        finally:
+            if fd >= 0:
+                os.close(fd)
 
     def renew(self, volume: str, parent: str) -> None:
         """Replace ``volume`` by a new empty child of ``parent`` (one rename)."""
@@ -284,13 +336,17 @@ class FileStore:
         return vhd_call("info", self.vhd.info, self.path(volume))
 
     def node(self, volume: str) -> Node:
-        i = self.info(volume)
+        """What the volume's header says, read without its lock (a running
+        VM's backend holds its images locked for as long as it runs)."""
+        from smcommon.vhd.live import peek
+
+        i = vhd_call("peek", peek, self.path(volume))
         return Node(
             volume=volume,
             parent=self.volume_of(i.parent),
             hidden=bool(i.hidden),
             virtual_size=int(i.virtual_size),
-            physical_size=int(i.physical_size),
+            physical_size=self.physical_utilisation(volume),
         )
 
     def tree(self, strict: bool = False) -> dict[str, Node]:
@@ -375,25 +431,55 @@ class FileStore:
         self._dirty.add(volume)
         vhd_call("set_hidden", self.vhd.set_hidden, self.path(volume), hidden)
 
-    def set_parent(self, child: str, parent: str) -> None:
-        self._dirty.add(child)
-        vhd_call("set_parent", self.vhd.set_parent, self.path(child), self.path(parent))
+    def set_parent(self, child: str, parent: str, live_ok: bool = False) -> None:
+        """Re-link ``child`` to ``parent``.  With ``live_ok``, a child whose
+        lock stays taken for LOCK_TRY seconds (a running VM's backend holds
+        it) is re-linked without the lock (``vhd.live.set_parent_live``): the
+        caller guarantees ``parent`` reads what the child's parent reads."""
+        from smcommon.vhd.errors import Busy
+        from smcommon.vhd.live import set_parent_live
 
-    def coalesce(self, child: str) -> int:
         self._dirty.add(child)
-        return int(vhd_call("coalesce", self.vhd.coalesce, self.path(child)))
+        c, p = self.path(child), self.path(parent)
+        if not live_ok:
+            vhd_call("set_parent", self.vhd.set_parent, c, p)
+            return
+        try:
+            vhd_call("set_parent", self.vhd.set_parent, c, p, lock_timeout=LOCK_TRY)
+        except Busy:
+            vhd_call("set_parent_live", set_parent_live, c, p)
+
+    def coalesce(
+        self, child: str, progress: Callable[[int, int], None] | None = None
+    ) -> int:
+        """Copy ``child``'s sectors into its parent, which every reader reads
+        through ``child`` (the collector's rule): the parent is written
+        without its lock, so a running VM holding it is not waited for."""
+        self._dirty.add(child)
+        return int(
+            vhd_call(
+                "coalesce",
+                self.vhd.coalesce,
+                self.path(child),
+                shadowed=True,
+                on_batch=progress,
+            )
+        )
+
+    def check(self, volume: str) -> list[str]:
+        return list(vhd_call("check", self.vhd.check, self.path(volume)))
 
     def resize(self, volume: str, size: int) -> Any:
         self._dirty.add(volume)
         return vhd_call("resize", self.vhd.resize, self.path(volume), size)
 
-    def convert_from(self, src_path: str) -> tuple[str, Any]:
+    def convert_from(self, src_path: str, name: str | None = None) -> tuple[str, Any]:
         """A new volume holding the flattened content of the image ``src_path``.
 
         Written under a ``.vhd.new`` name and renamed when complete, so a
         crash never leaves a half-copied volume that looks like a real one.
         """
-        name = self.new_name()
+        name = name or self.new_name()
         final = self.path(name)
         tmp = final[: -len(VHD_SUFFIX)] + NEW_SUFFIX
         _drop_leftover(tmp)
@@ -407,16 +493,18 @@ class FileStore:
         fsync_dir(self.sr_dir)
         return name, self.info(name)
 
-    def cleanup_partial(self) -> list[str]:
-        """Remove ``.vhd.new`` files of copies that were killed midway, and
-        the hidden temp images (``.vhd-tmp-*``) of killed VHD creates."""
+    def cleanup_partial(self, owned: set[str]) -> list[str]:
+        """Remove ``<volume>.vhd.new`` files of owned volumes (copies killed
+        midway), and the temp images (``.vhd-tmp-<16 hex>``) of killed VHD
+        creates; the caller holds the SR lock, so none is being written."""
         gone = []
-        with contextlib.suppress(FileNotFoundError):
-            for n in os.listdir(self.sr_dir):
-                if n.endswith(NEW_SUFFIX) or n.startswith(VHD_TMP_PREFIX):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(self.sr_dir / n)
-                        gone.append(n)
+        for n in self.entries():
+            if (
+                n.endswith(NEW_SUFFIX) and n[: -len(NEW_SUFFIX)] in owned
+            ) or VHD_TMP_RE.fullmatch(n):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.sr_dir / n)
+                    gone.append(n)
         return gone
 
     # --- activation on this host ------------------------------------------

@@ -66,9 +66,16 @@ def change(
     eng: SrEngine, vdi: str, dp: str, op: str, read_write: bool | None = None
 ) -> Transition:
     """One datapath operation under the VDI lock; returns the transition made."""
-    from smcommon.engine.gc import pending_for
+    from smcommon.engine import merge
 
     rec = eng.get(vdi)
+    if op == "attach":
+        plan = merge.journal(eng)
+        if plan is not None and plan.step == "switch":
+            # a switch a killed collector left may have re-linked some images
+            # of this chain and not others: finished before any open
+            with eng.tree_lock():
+                pass
     with eng.vdi_lock(rec.vdi):
         eng.check_attached()
         rec = eng.get(vdi)
@@ -80,12 +87,14 @@ def change(
                     "VDI_READ_ONLY",
                     [f"VDI {rec.vdi} is read-only: attach it read-only"],
                 )
-            j = pending_for(eng, rec.volume)
-            if j is not None:
-                why = f"an interrupted coalesce of {j.get('child')} into {j.get('parent')}"
+            # a leaf merge copying this leaf is abandoned (the collector stops
+            # at its next batch); a switch is finished first (above)
+            merge.cancel_for(eng, rec.volume)
+            plan = merge.pending_for(eng, rec.volume)
+            if plan is not None and plan.step == "switch":
                 raise BackendError(
                     "GC_IN_PROGRESS",
-                    [why + " must finish first: run SR.gc, then retry"],
+                    [f"the {plan.describe()} must finish first: run SR.gc, then retry"],
                 )
         t = eng.dps.plan(rec.vdi, dp, op, read_write)
         if t.effective_changed:

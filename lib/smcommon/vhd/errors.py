@@ -121,6 +121,7 @@ class VhdIOError(VhdError):
     """The operating system refused an I/O (errno)."""
 
     code = "VHD_IO_ERROR"
+    errno: int | None = None  # the OSError's errno
 
 
 def from_os_error(path: str, exc: OSError, what: str = "") -> VhdError:
@@ -133,4 +134,6 @@ def from_os_error(path: str, exc: OSError, what: str = "") -> VhdError:
         return NotFound(f"{path}: no such file{action}")
     if exc.errno == errno.EEXIST:
         return AlreadyExists(f"{path}: already exists{action}")
-    return VhdIOError(f"{path}: {text}{action}")
+    err = VhdIOError(f"{path}: {text}{action}")
+    err.errno = exc.errno
+    return err

@@ -8,7 +8,9 @@ by default a parent must live in its child's own directory.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Callable
 
 from smcommon import progress
 from smcommon.vhd import format as fmt
@@ -23,7 +25,7 @@ from smcommon.vhd.errors import (
     Unsupported,
     from_os_error,
 )
-from smcommon.vhd.image import LOCATOR_ORDER, Image, Info, open_image
+from smcommon.vhd.image import LOCATOR_ORDER, Image, Info, copy_range, open_image
 from smcommon.vhd.reader import ImageReader
 
 
@@ -63,43 +65,70 @@ def set_parent(
     parent: str | os.PathLike[str],
     *,
     search_dirs: list[str] | None = None,
+    lock_timeout: float | None = None,
 ) -> None:
     """Re-link differencing ``child`` to ``parent``: its UUID, timestamp and locators.
 
     The new locators go into free space (never into the space of a locator
     in use, never past a locator's real space), then one header write
     switches to them: killed at any instant, the child names its old parent
-    or its new one, whole (see ``relayout.relink``).
+    or its new one, whole (see ``relayout.relink``).  The child's lock is
+    waited for at most ``lock_timeout`` seconds (Busy);
+    ``live.set_parent_live`` re-links a child a backend holds open.
     """
     child, parent = os.fspath(child), os.fspath(parent)
     check_parent_allowed(child, parent, search_dirs)
-    with Image.open(child, writable=True, parents=False) as img:
-        if img.footer.disk_type != fmt.DISK_DIFFERENCING:
-            raise Unsupported(f"{child}: a {img.footer.type_name} image has no parent to set")
-        st = os.fstat(img.fd)
-        # the child is locked exclusively: opening it again as an ancestor would wait
-        # on ourselves, so it is excluded up front (ParentLoop)
-        with Image.open(parent, search_dirs=search_dirs, _seen={(st.st_dev, st.st_ino)}) as pimg:
-            for anc in pimg.chain():
-                pst = os.fstat(anc.fd)
-                if (pst.st_dev, pst.st_ino) == (st.st_dev, st.st_ino):
-                    raise ParentLoop(f"{child}: {parent} is {child} or one of its descendants")
-            if not pimg.is_fixed and pimg.block_size != img.block_size:
-                raise Unsupported(f"{parent}: block size {pimg.block_size} differs from the "
-                                  f"child's {img.block_size}")
-            header = img.header_or_fail()
-            codes = tuple(loc.code for loc in header.locators
-                          if loc.used and loc.code in LOCATOR_ORDER) or LOCATOR_ORDER
-            name, payloads = parent_locators(child, parent, codes)
-            relayout.relink(img, pimg.footer, name, payloads)
+    with Image.open(child, writable=True, parents=False, lock_timeout=lock_timeout) as img:
+        write_parent_link(img, parent, search_dirs)
 
 
-def coalesce(child: str | os.PathLike[str], *, search_dirs: list[str] | None = None) -> int:
+def write_parent_link(img: Image, parent: str, search_dirs: list[str] | None, *,
+                      may_move: bool = True) -> None:
+    """The re-link of ``img`` (open for writing, footer, header and BAT loaded)
+    to ``parent``; ``may_move`` False refuses (Unsupported) rather than move
+    data blocks to make room for the locators."""
+    child = img.path
+    if img.footer.disk_type != fmt.DISK_DIFFERENCING:
+        raise Unsupported(f"{child}: a {img.footer.type_name} image has no parent to set")
+    st = os.fstat(img.fd)
+    # the child is locked exclusively: opening it again as an ancestor would wait
+    # on ourselves, so it is excluded up front (ParentLoop)
+    with Image.open(parent, search_dirs=search_dirs, _seen={(st.st_dev, st.st_ino)}) as pimg:
+        for anc in pimg.chain():
+            pst = os.fstat(anc.fd)
+            if (pst.st_dev, pst.st_ino) == (st.st_dev, st.st_ino):
+                raise ParentLoop(f"{child}: {parent} is {child} or one of its descendants")
+        if not pimg.is_fixed and pimg.block_size != img.block_size:
+            raise Unsupported(f"{parent}: block size {pimg.block_size} differs from the "
+                              f"child's {img.block_size}")
+        header = img.header_or_fail()
+        codes = tuple(loc.code for loc in header.locators
+                      if loc.used and loc.code in LOCATOR_ORDER) or LOCATOR_ORDER
+        name, payloads = parent_locators(child, parent, codes)
+        relayout.relink(img, pimg.footer, name, payloads, may_move=may_move)
+
+
+def coalesce(
+    child: str | os.PathLike[str],
+    *,
+    search_dirs: list[str] | None = None,
+    shadowed: bool = False,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> int:
     """Copy the child's allocated sectors into its parent; return the bytes copied.
 
     Only copies: the child is untouched, so a coalesce killed mid-way and run
     again finishes with the same result.  The parent grows first if it is
     smaller than the child.
+
+    ``shadowed``: the caller guarantees that every reader of the parent reads
+    it through the child (so never the sectors written here): the parent is
+    then written without its lock, and readers holding it open (a running
+    VM's backend) are not waited for; a parent smaller than the child is
+    refused (growing its BAT would move blocks under those readers).
+    ``on_batch(done, total)`` is called after each batch with the bytes of
+    child blocks handled so far and in all; an exception it raises stops the
+    coalesce (which a later run finishes).
     """
     child = os.fspath(child)
     with open_image(child, search_dirs=search_dirs) as img:
@@ -111,76 +140,107 @@ def coalesce(child: str | os.PathLike[str], *, search_dirs: list[str] | None = N
         img.parent.close()
         img.parent = None
         if psize < img.virtual_size:
+            if shadowed:
+                raise Unsupported(f"{ppath}: smaller than its child {child}; a shadowed "
+                                  "coalesce cannot grow it under its readers")
             resize(ppath, img.virtual_size, search_dirs=search_dirs)
-        copied = 0
-        with Image.open(ppath, writable=True, parents=False) as parent:
-            copied = _copy_blocks(img, parent)
-        return copied
+        with Image.open(ppath, writable=True, parents=False, lock=not shadowed) as parent:
+            return _copy_blocks(img, parent, not shadowed, on_batch)
 
 
 COALESCE_BATCH = 32
 
 
-def _copy_blocks(img: Image, parent: Image) -> int:
+def _copy_blocks(img: Image, parent: Image, locked: bool,
+                 on_batch: Callable[[int, int], None] | None) -> int:
     """Copy every allocated sector of ``img`` into ``parent``; return the bytes copied.
 
-    Works in batches of COALESCE_BATCH blocks, each under the parent's
-    exclusive lock (released between batches, so readers of the images above
-    wait for one batch, not the whole coalesce).  Blocks new to the parent are
+    Works in batches of COALESCE_BATCH blocks; when ``locked``, each under the
+    parent's exclusive lock (released between batches, so readers of the
+    images above wait for one batch, not the whole coalesce).  Blocks new to the parent are
     appended (footer moved once, data streamed, one fdatasync, BAT entries,
     one fdatasync); sectors of blocks the parent has are written in place.
     """
     assert img.bat is not None
-    blocks = img.bat.allocated()
-    parent.unlock()
+    bat = img.bat
+    blocks = sorted(bat.allocated(), key=bat.__getitem__)    # the child's file order
+    total = len(blocks) * img.block_size
+    with contextlib.suppress(OSError):  # a cold child is read in file order
+        os.posix_fadvise(img.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+    if locked:
+        parent.unlock()
     copied = 0
-    with progress.track("coalesce", len(blocks) * img.block_size) as done:
+    with progress.track("coalesce", total) as done:
         for i in range(0, len(blocks), COALESCE_BATCH):
-            parent.relock(exclusive=True)
+            if locked:
+                parent.relock(exclusive=True)
             try:
                 if parent.footer.uuid != img.header_or_fail().parent_uuid:
                     raise ParentMismatch(f"{parent.path}: changed while coalescing {img.path}")
                 copied += _copy_batch(img, parent, blocks[i : i + COALESCE_BATCH])
             finally:
-                parent.unlock()
+                if locked:
+                    parent.unlock()
             done.set(min(len(blocks), i + COALESCE_BATCH) * img.block_size)
+            if on_batch is not None:
+                on_batch(min(len(blocks), i + COALESCE_BATCH) * img.block_size, total)
     return copied
 
 
 def _copy_batch(img: Image, parent: Image, blocks: list[int]) -> int:
-    bs, bm_size, vsize = img.block_size, img.bitmap_size, img.virtual_size
-    fresh = [b for b in blocks if not parent.is_fixed and parent.block_pos(b) is None]
-    span = parent.block_stride
+    """Copy the sectors of ``blocks`` the child has (its bitmap's runs, one
+    ``copy_file_range`` each): in place into blocks the parent has (then the
+    parent's bitmap bits), else into new blocks appended to the parent.  A new
+    block's space lies past the parent's old end, so what is not written
+    there reads as zeros (a file hole), never as stale bytes."""
+    bs, vsize = img.block_size, img.virtual_size
+    full = fmt.sector_mask(0, bs // fmt.SECTOR)
+    fresh = {b for b in blocks if not parent.is_fixed and parent.block_pos(b) is None}
+    stride = parent.block_stride
     base = parent.reserve_blocks(len(fresh)) if fresh else 0
+    diff = parent.footer.disk_type == fmt.DISK_DIFFERENCING
     placed: list[tuple[int, int]] = []
     copied = 0
     for block in blocks:
         pos = img.block_pos(block)
         assert pos is not None
-        raw = img._pread(bm_size + bs, pos, "a block")
-        if len(raw) != bm_size + bs:
-            raise Corrupt(f"{img.path}: short read in block {block}")
         bits = img.bitmap(block, pos)
+        bits = full if bits == -1 else bits
         limit = fmt.blocks_for(vsize - block * bs, fmt.SECTOR)   # sectors inside the disk
         if limit < bs // fmt.SECTOR:
             bits &= fmt.sector_mask(0, limit)
-        spans = fmt.runs(bits if bits != -1 else fmt.sector_mask(0, bs // fmt.SECTOR))
-        data = memoryview(raw)[bm_size:]
+        spans = fmt.runs(bits)
         copied += sum(c for _, c in spans) * fmt.SECTOR
-        if block not in fresh:
-            for first, count in spans:
-                chunk = data[first * fmt.SECTOR : (first + count) * fmt.SECTOR]
-                parent.write_aligned(block * bs + first * fmt.SECTOR, chunk, sync=False)
-            continue
-        if bits != -1:      # only the child's sectors; zeros elsewhere, never stale bytes
-            full = bytearray(bs)
-            for first, count in spans:
-                a, b = first * fmt.SECTOR, (first + count) * fmt.SECTOR
-                full[a:b] = data[a:b]
-            data = memoryview(full)
-        bpos = base + len(placed) * span
-        parent.put_block(bpos, block, 0, data, bits)
-        placed.append((block, bpos))
+        if parent.is_fixed:
+            dst = block * bs
+        elif block in fresh:
+            bpos = base + len(placed) * stride
+            if diff and not parent._is_full(bits):
+                bitmap = fmt.int_to_bitmap(bits, parent.bitmap_size)
+            else:       # a dynamic disk's unwritten sectors are the hole's zeros: all present
+                bitmap = b"\xff" * parent.bitmap_size
+                parent._filled.add(block)
+            parent._pwrite(bitmap, bpos, "a sector bitmap")
+            placed.append((block, bpos))
+            dst = bpos + parent.bitmap_size
+        else:
+            ppos = parent.block_pos(block)
+            assert ppos is not None
+            dst = ppos + parent.bitmap_size
+        src = pos + img.bitmap_size
+        for first, count in spans:
+            at = first * fmt.SECTOR
+            copy_range(img.fd, parent.fd, src + at, dst + at, count * fmt.SECTOR, parent.path)
+        if not parent.is_fixed and block not in fresh:
+            ppos = parent.block_pos(block)
+            assert ppos is not None
+            old = parent.bitmap(block, ppos)
+            if old != -1 and (old | bits) != old:
+                parent._pwrite(fmt.int_to_bitmap(old | bits, parent.bitmap_size), ppos,
+                               "a sector bitmap")
+            if parent._is_full(old | bits) and parent.batmap is not None \
+                    and not parent.batmap.test(block):
+                parent._filled.add(block)
     parent.commit_blocks(placed)         # syncs the in-place writes too, then the batmap
     return copied
 

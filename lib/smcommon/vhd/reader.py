@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 
 from smcommon.vhd import batmap as bmap
 from smcommon.vhd import format as fmt
@@ -21,8 +22,11 @@ from smcommon.vhd.errors import (
     ChainTooDeep,
     Corrupt,
     InvalidArgument,
+    NotFound,
     ParentLoop,
     ParentMismatch,
+    ParentMissing,
+    VhdError,
     from_os_error,
 )
 from smcommon.vhd.info import Info, format_uuid
@@ -34,6 +38,10 @@ if TYPE_CHECKING:
     from typing import Self
 
 MAX_CHAIN_DEPTH = 64
+OPEN_RETRIES = 5           # opens that race a collector's re-link or rename (_load_and_link)
+OPEN_RETRY_PAUSE = 0.005
+# footer copy, dynamic header and the locator area (image.LOCATOR_AREA) after it
+_HEAD_PEEK = fmt.FOOTER_SIZE + fmt.HEADER_SIZE + 3 * 8192
 
 class ImageReader:
     """One open VHD file and, for a differencing disk, its opened parent chain (read side)."""
@@ -53,6 +61,7 @@ class ImageReader:
         self.batmap_problem: str | None = None
         self.repairing = False            # repair writes through a damaged batmap
         self._filled: set[int] = set()    # blocks made full, their batmap bits not set yet
+        self._seen_head = b""             # the first bytes when loaded (_header_changed)
 
     # --- opening ---------------------------------------------------------------
 
@@ -64,51 +73,101 @@ class ImageReader:
         writable: bool = False,
         search_dirs: list[str] | None = None,
         parents: bool = True,
+        lock: bool = True,
+        lock_timeout: float | None = None,
         _seen: set[tuple[int, int]] | None = None,
         _depth: int = 1,
     ) -> Self:
+        """Open ``path`` (and, with ``parents``, its chain, read-only).
+
+        The image is locked (exclusive if ``writable``, else shared; Busy after
+        ``lock_timeout``, default ``locks.LOCK_TIMEOUT``) unless ``lock`` is
+        False: only for a writer that knows no reader can see what it writes
+        (a coalesce into a parent every reader reads through the child).
+        """
         path = os.fspath(path)
         flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NONBLOCK
-        try:
-            fd = os.open(path, flags)
-        except OSError as exc:
-            raise from_os_error(path, exc, "opening the image") from None
-        img = cls(path, fd, writable)
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise InvalidArgument(f"{path}: not a regular file")
-            seen = set() if _seen is None else _seen
-            key = (st.st_dev, st.st_ino)
-            if key in seen:
-                raise ParentLoop(f"{path}: parent loop (this image is its own ancestor)")
-            seen.add(key)
-            lock_file(fd, path, exclusive=writable)
-            img._size = os.fstat(fd).st_size       # after the lock: a writer may have grown it
-            img.depth = _depth
-            img._load()
-            if writable:
-                img._heal_head()
-            if parents and img.footer.disk_type == fmt.DISK_DIFFERENCING:
-                if _depth >= MAX_CHAIN_DEPTH:
-                    raise ChainTooDeep(f"{path}: chain deeper than {MAX_CHAIN_DEPTH} images")
-                ppath = img.find_parent(search_dirs)
-                img.parent = cls.open(
-                    ppath, search_dirs=search_dirs, _seen=seen, _depth=_depth + 1
+        for attempt in range(OPEN_RETRIES):
+            try:
+                fd = os.open(path, flags)
+            except OSError as exc:
+                raise from_os_error(path, exc, "opening the image") from None
+            img = cls(path, fd, writable)
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    raise InvalidArgument(f"{path}: not a regular file")
+                seen = set() if _seen is None else _seen
+                key = (st.st_dev, st.st_ino)
+                if key in seen:
+                    raise ParentLoop(f"{path}: parent loop (this image is its own ancestor)")
+                if lock:
+                    lock_file(fd, path, exclusive=writable, timeout=lock_timeout)
+                if not _still_named(path, st) and attempt + 1 < OPEN_RETRIES:
+                    img.close()     # renamed over while we waited for the lock
+                    continue
+                seen.add(key)
+                img._size = os.fstat(fd).st_size       # after the lock: a writer may have grown it
+                img.depth = _depth
+                img._load_and_link(parents, search_dirs, seen, _depth)
+            except BaseException:
+                img.close()
+                raise
+            return img
+        raise AssertionError("unreachable")
+
+    def _load_and_link(self, parents: bool, search_dirs: list[str] | None,
+                       seen: set[tuple[int, int]], depth: int) -> None:
+        """Load the metadata and open the parent chain.
+
+        A collector may re-link a child whose backend holds it open (its
+        header is rewritten without the image lock, see docs/design.md,
+        "Chains of running VMs"): a failure to read the header or to find
+        the parent is retried when the header bytes changed meanwhile, so an
+        open racing a re-link sees the old or the new parent, never an error.
+        """
+        for attempt in range(OPEN_RETRIES):
+            try:
+                self._link(parents, search_dirs, seen, depth)
+                return
+            except (Corrupt, ParentMissing, ParentMismatch, NotFound):
+                if self.parent is not None:
+                    self.parent.close()
+                    self.parent = None
+                if attempt + 1 >= OPEN_RETRIES or not self._header_changed():
+                    raise
+                time.sleep(OPEN_RETRY_PAUSE * (attempt + 1))
+
+    def _link(self, parents: bool, search_dirs: list[str] | None,
+              seen: set[tuple[int, int]], depth: int) -> None:
+        path = self.path
+        self._load()
+        if self.writable:
+            self._heal_head()
+        if parents and self.footer.disk_type == fmt.DISK_DIFFERENCING:
+            if depth >= MAX_CHAIN_DEPTH:
+                raise ChainTooDeep(f"{path}: chain deeper than {MAX_CHAIN_DEPTH} images")
+            ppath = self.find_parent(search_dirs)
+            self.parent = type(self).open(
+                ppath, search_dirs=search_dirs, _seen=set(seen), _depth=depth + 1
+            )
+            if not self.parent.is_fixed and self.parent.block_size != self.block_size:
+                raise Corrupt(f"{path}: block size {self.block_size} differs from its "
+                              f"parent's {self.parent.block_size} ({ppath})")
+            if self.parent.footer.uuid != self.header_or_fail().parent_uuid:
+                raise ParentMismatch(
+                    f"{path}: parent {ppath} has UUID "
+                    f"{format_uuid(self.parent.footer.uuid)}, expected "
+                    f"{format_uuid(self.header_or_fail().parent_uuid)}"
                 )
-                if not img.parent.is_fixed and img.parent.block_size != img.block_size:
-                    raise Corrupt(f"{path}: block size {img.block_size} differs from its "
-                                  f"parent's {img.parent.block_size} ({ppath})")
-                if img.parent.footer.uuid != img.header_or_fail().parent_uuid:
-                    raise ParentMismatch(
-                        f"{path}: parent {ppath} has UUID "
-                        f"{format_uuid(img.parent.footer.uuid)}, expected "
-                        f"{format_uuid(img.header_or_fail().parent_uuid)}"
-                    )
-        except BaseException:
-            img.close()
-            raise
-        return img
+
+    def _header_changed(self) -> bool:
+        """Whether the metadata a parent link depends on changed since it was read."""
+        try:
+            head = self._pread(_HEAD_PEEK, 0, "the header")
+        except VhdError:
+            return False
+        return head != self._seen_head
 
     def _pread(self, length: int, offset: int, what: str) -> bytes:
         try:
@@ -119,6 +178,7 @@ class ImageReader:
 
     def _load(self) -> None:
         path = self.path
+        self._seen_head = self._pread(_HEAD_PEEK, 0, "the header")
         if self._size < fmt.FOOTER_SIZE:
             raise Corrupt(f"{path}: file of {self._size} bytes is too small for a VHD footer")
         raw = self._pread(fmt.FOOTER_SIZE, self.end(), "the footer")
@@ -427,6 +487,15 @@ def tail_offset(size: int) -> int:
     changes this, not its callers.
     """
     return size - fmt.FOOTER_SIZE
+
+
+def _still_named(path: str, st: os.stat_result) -> bool:
+    """Whether ``path`` still names the file ``st`` describes (not renamed over)."""
+    try:
+        now = os.stat(path)
+    except OSError:
+        return False
+    return (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
 
 
 def check_int(name: str, value: object) -> None:

@@ -16,7 +16,7 @@ from smcommon.vhd import batmap as bmap
 from smcommon.vhd import format as fmt
 from smcommon.vhd import layout
 from smcommon.vhd.create import locator_bytes, locator_space_for, place_locators
-from smcommon.vhd.errors import Corrupt
+from smcommon.vhd.errors import Corrupt, Unsupported
 from smcommon.vhd.image import Image
 
 
@@ -46,11 +46,11 @@ def canonical_region(header: fmt.Header) -> tuple[int, int]:
     return at, fmt.BATMAP_HEADER_SIZE + fmt.batmap_sectors(header.max_table_entries) * fmt.SECTOR
 
 
-def room(img: Image, length: int, lo: int) -> int:
+def room(img: Image, length: int, lo: int, may_move: bool = True) -> int:
     """Free space for ``length`` bytes of metadata at or after ``lo``, before the
     first data block: a gap nothing references if there is one, else made
     right after the metadata (blocks in the way moved to the end, the tail
-    footer moved past it)."""
+    footer moved past it), unless ``may_move`` is False (Unsupported)."""
     header = img.header_or_fail()
     assert img.bat is not None
     taken = occupied(img)
@@ -59,6 +59,9 @@ def room(img: Image, length: int, lo: int) -> int:
     at = layout.find_gap(taken, length, lo, first)
     if at is not None:
         return at
+    if not may_move:
+        raise Unsupported(f"{img.path}: no free room for {length} bytes of metadata "
+                          "without moving data blocks")
     bm = img.batmap.header if img.batmap is not None else None
     meta = layout.metadata_regions(img.footer.data_offset, header, bm)
     at = fmt.round_up(max(lo, layout.end_of_headers(meta), *(s + n for s, n in taken
@@ -88,13 +91,13 @@ def move_locators(img: Image, indices: list[int], lo: int) -> None:
 
 
 def relink(img: Image, parent: fmt.Footer, name: str,
-           payloads: list[tuple[bytes, bytes]]) -> None:
+           payloads: list[tuple[bytes, bytes]], may_move: bool = True) -> None:
     """Point differencing ``img`` at the image whose footer is ``parent``: the
     locators' data into free space, fdatasync, then the header (UUID,
-    timestamp, name, locators) in one write."""
+    timestamp, name, locators) in one write.  ``may_move``: see ``room``."""
     img._check_writable()
     header = img.header_or_fail()
-    at = room(img, sum(locator_space_for(d) for _, d in payloads), 0)
+    at = room(img, sum(locator_space_for(d) for _, d in payloads), 0, may_move)
     placed = place_locators(payloads, at)
     img._pwrite(locator_bytes(placed, payloads), at, "parent locators")
     img.sync()

@@ -54,19 +54,41 @@ def alive(pid: int, grace: float = 5.0) -> bool:
         time.sleep(0.01)
 
 
-def processes_with_root(root: Path) -> list[psutil.Process]:
-    """Every live process whose environment has SM_ROOT=root (except us)."""
-    found = []
-    for p in psutil.process_iter(["pid"]):
-        if p.pid == os.getpid():
-            continue
-        with contextlib.suppress(psutil.Error):
-            if (
-                p.environ().get("SM_ROOT") == str(root)
-                and p.status() != psutil.STATUS_ZOMBIE
-            ):
-                found.append(p)
-    return found
+def processes_with_root(
+    root: Path, collectors_wait: float = 60.0
+) -> list[psutil.Process]:
+    """Every live process whose environment has SM_ROOT=root (except us).
+
+    An SR's collector process (``smcommon.engine.collector``) outlives the
+    call that started it and stops once it has collected: it is waited for,
+    at most ``collectors_wait`` seconds, before it counts."""
+    deadline = time.monotonic() + collectors_wait
+    while True:
+        found = []
+        for p in psutil.process_iter(["pid"]):
+            if p.pid == os.getpid():
+                continue
+            with contextlib.suppress(psutil.Error):
+                if (
+                    p.environ().get("SM_ROOT") == str(root)
+                    and p.status() != psutil.STATUS_ZOMBIE
+                ):
+                    found.append(p)
+        collecting = []
+        for p in found:
+            with contextlib.suppress(psutil.Error):
+                if "smcommon.engine.collector" in p.cmdline():
+                    collecting.append(p)
+        if not collecting or time.monotonic() > deadline:
+            return [p for p in found if _alive(p)]  # not one that exited meanwhile
+        time.sleep(0.05)
+
+
+def _alive(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 class Daemon:

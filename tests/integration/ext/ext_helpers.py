@@ -20,6 +20,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import urllib.parse
 import uuid
 import xmlrpc.client
@@ -221,6 +222,27 @@ class SR:
     def err(self, method: str, **args: Any) -> list[str]:
         return self.ext.err(method, sr=self.uuid, **args)
 
+    def diagnostics(self) -> str:
+        """This SR's part of Query.diagnostics."""
+        text = self.ext.ok("Query.diagnostics")
+        assert isinstance(text, str)
+        head = f"SR {self.uuid} ("
+        start = text.find(head)
+        assert start >= 0, f"SR {self.uuid} not in the diagnostics:\n{text}"
+        end = text.find("\nSR ", start + len(head))
+        return text[start : end if end >= 0 else len(text)]
+
+    def wait_gc(self, timeout: float = 180.0) -> str:
+        """Wait until the SR's collector process has collected every request
+        (VDI.destroy, compose and set_persistent return before it does)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            diag = self.diagnostics()
+            if "gc collector: idle" in diag:
+                return diag
+            assert time.monotonic() < deadline, f"collector still busy:\n{diag}"
+            time.sleep(0.1)
+
     def create(
         self, name: str, size: int | str = 8 * MiB, **extra: Any
     ) -> dict[str, Any]:
@@ -346,8 +368,6 @@ class SR:
         return scan
 
 
-
-
 def _mounts_under(root: Path) -> list[str]:
     out = []
     with open("/proc/self/mounts") as f:
@@ -396,7 +416,9 @@ class SrFactory:
     def make(self, kind: str | None = None, *, attach: bool = True) -> SR:
         kind = kind or self.spec.kinds[0]
         if kind not in self.spec.kinds:
-            raise ValueError(f"{self.spec.name} SRs come in {self.spec.kinds}, not {kind}")
+            raise ValueError(
+                f"{self.spec.name} SRs come in {self.spec.kinds}, not {kind}"
+            )
         sr_uuid = str(uuid.uuid4())
         mount_point = self.ext.root / "run" / "sm" / "sr-mount" / sr_uuid
         backing: Path | None = None
@@ -472,12 +494,35 @@ def sweep_stale_loop_devices() -> list[str]:
     return swept
 
 
-def leftover_processes(root: Path) -> list[psutil.Process]:
-    """Processes still running with our SM_ROOT (plugin calls, helpers)."""
-    out = []
-    for proc in psutil.process_iter(["pid", "cmdline", "environ"]):
-        with contextlib.suppress(psutil.Error):
-            env = proc.info.get("environ") or {}
-            if env.get("SM_ROOT") == str(root) and proc.pid != os.getpid():
-                out.append(proc)
-    return out
+def leftover_processes(root: Path, wait: float = 60.0) -> list[psutil.Process]:
+    """Processes still running with our SM_ROOT (plugin calls, helpers).
+
+    An SR's collector process outlives the call that started it, and stops
+    once it has collected: it is waited for (at most ``wait`` seconds) before
+    it counts as left running.  An exited process not yet reaped by init (a
+    zombie) is not running."""
+    deadline = time.monotonic() + wait
+    while True:
+        out = []
+        for proc in psutil.process_iter(["pid", "cmdline", "environ", "status"]):
+            with contextlib.suppress(psutil.Error):
+                env = proc.info.get("environ") or {}
+                if proc.info.get("status") == psutil.STATUS_ZOMBIE:
+                    continue
+                if env.get("SM_ROOT") == str(root) and proc.pid != os.getpid():
+                    out.append(proc)
+        collecting = [
+            p
+            for p in out
+            if "smcommon.engine.collector" in (p.info.get("cmdline") or [])
+        ]
+        if not collecting or time.monotonic() > deadline:
+            return [p for p in out if _alive(p)]  # not one that exited meanwhile
+        time.sleep(0.05)
+
+
+def _alive(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False

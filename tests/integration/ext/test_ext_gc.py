@@ -58,7 +58,8 @@ def test_gc_runs_after_destroy_by_itself(sr: SR) -> None:
     sr.write(a, {0: pat("x")})
     s = sr.snapshot(a)["vdi"]
     sr.ok("VDI.destroy", vdi=s)
-    # no SR.gc call: the destroy created garbage, the collector ran
+    # no SR.gc call: the destroy created garbage, the collector process ran
+    sr.wait_gc()
     files = sr.vhd_files()
     assert [i for i in files.values() if i.hidden] == [], files
     assert len(files) == 1

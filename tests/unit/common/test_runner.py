@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -105,3 +106,37 @@ def test_a_command_dies_with_its_killed_caller(tmp_path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_spawn_detached_outlives_its_caller_and_holds_nothing_of_it(tmp_path) -> None:
+    """A detached command: own session, not our child, stdio on /dev/null,
+    none of our descriptors (a pipe we hold stays at EOF once we close it)."""
+    r, w = os.pipe()
+    os.set_inheritable(w, True)  # even an inheritable fd does not reach it
+    out = tmp_path / "out"
+    script = (
+        "import os, sys; "
+        f"open({str(out)!r}, 'w').write('%d %d %d %s' % (os.getpid(), os.getppid(), "
+        "os.getsid(0), os.readlink('/proc/self/fd/1')))"
+    )
+    pid = runner.spawn_detached([sys.executable, "-c", script])
+    os.close(w)
+    deadline = time.monotonic() + 30
+    while not out.exists() or not out.read_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    got_pid, ppid, sid, stdout = out.read_text().split()
+    assert int(got_pid) == pid
+    assert int(sid) != os.getsid(0)  # a session of its own (not its leader)
+    assert int(ppid) != os.getpid()
+    assert stdout == "/dev/null"
+    assert os.read(r, 1) == b""  # nobody else holds the pipe's write end
+    os.close(r)
+    with pytest.raises(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)  # never our child: nothing to reap
+
+
+def test_spawn_detached_reports_an_exec_failure(tmp_path) -> None:
+    with pytest.raises(CommandError) as e:
+        runner.spawn_detached([str(tmp_path / "no-such-program")])
+    assert e.value.rc == 127

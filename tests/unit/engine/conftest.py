@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from engine_helpers import SR
+from engine_helpers import SR, inline_gc
 from smcommon.engine.meta import Metadata
 from smcommon.engine.sr import SrEngine
 from smcommon.paths import Paths
@@ -30,4 +30,4 @@ def sr_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def eng(paths: Paths, sr_dir: Path) -> SrEngine:
-    return SrEngine(paths, SR, sr_dir)
+    return SrEngine(paths, SR, sr_dir, collect=inline_gc)

@@ -36,3 +36,12 @@ def read(eng: SrEngine, vdi: str, offsets: list[int], length: int = K4) -> list[
 
 def hidden_volumes(eng: SrEngine) -> list[str]:
     return sorted(v for v, n in eng.store.tree().items() if n.hidden)
+
+
+def inline_gc(eng: SrEngine) -> None:
+    """What the engine calls after making garbage: here a collector pass in
+    this process, at once (the SR's collector process is tested end to end in
+    tests/integration/ext)."""
+    from smcommon.engine.gc import Collector
+
+    Collector(eng).run()

@@ -3,6 +3,9 @@ compose, similar_content, on real VHD images in a tmp SR."""
 
 from __future__ import annotations
 
+import errno
+import os
+
 import pytest
 from engine_helpers import BLOCK, K4, MiB, hidden_volumes, pat, read, write
 from smcommon.engine.sr import SrEngine
@@ -236,3 +239,40 @@ def test_snapshot_of_an_image_held_by_a_writer_is_refused_at_once(
         eng.snapshot({"vdi": v})
     assert {i["vdi"] for i in eng.scan()} == {v}
     eng.snapshot({"vdi": v})  # released: fine
+
+
+@pytest.mark.parametrize(
+    ("err", "code"),
+    [
+        (errno.EIO, "SR_IO_ERROR"),
+        (errno.ENOSPC, "SR_FULL"),
+        (errno.EROFS, "SR_READ_ONLY"),
+    ],
+)
+def test_io_errors_while_saving_metadata_name_the_sr_and_the_step(
+    eng: SrEngine, monkeypatch: pytest.MonkeyPatch, err: int, code: str
+) -> None:
+    """EIO/ENOSPC/EROFS while a record is saved: Backend_error naming the SR
+    and the step; the old record stays, no temp file is left."""
+    v = new(eng)
+    before = eng.stat(v)
+    real = os.replace
+
+    def failing(src: object, dst: object) -> None:
+        raise OSError(err, os.strerror(err))
+
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(BackendError) as info:
+        eng.set_content_id(v, "new-content")
+    with pytest.raises(BackendError) as info2:
+        eng.create({"name_label": "n", "virtual_size": MiB})
+    monkeypatch.setattr(os, "replace", real)
+    for e, step in ((info.value, "content_id"), (info2.value, "record of new VDI")):
+        assert e.code == code
+        assert eng.sr in e.details[0] and step in e.details[0], e.details
+        assert os.strerror(err) in e.details[0]
+    assert eng.stat(v) == before
+    assert [r.vdi for r in eng.meta.records()] == [v]
+    assert eng.store.volumes() == [v]  # the failed create left no volume
+    leftovers = [p for p in eng.meta.sm_dir.rglob(".*.tmp")]
+    assert leftovers == []
