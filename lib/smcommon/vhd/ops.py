@@ -231,6 +231,8 @@ def _copy_batch(img: Image, parent: Image, blocks: list[int]) -> int:
         for first, count in spans:
             at = first * fmt.SECTOR
             copy_range(img.fd, parent.fd, src + at, dst + at, count * fmt.SECTOR, parent.path)
+        with contextlib.suppress(OSError):  # write it back now, not all at the batch's sync
+            os.posix_fadvise(parent.fd, dst, bs, os.POSIX_FADV_DONTNEED)
         if not parent.is_fixed and block not in fresh:
             ppos = parent.block_pos(block)
             assert ppos is not None

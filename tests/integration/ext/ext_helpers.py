@@ -521,6 +521,24 @@ def leftover_processes(root: Path, wait: float = 60.0) -> list[psutil.Process]:
         time.sleep(0.05)
 
 
+def collector_processes(root: Path) -> list[psutil.Process]:
+    """The SR collector processes running with our SM_ROOT."""
+    out = []
+    for p in psutil.process_iter(["cmdline", "environ", "status"]):
+        try:
+            env = p.info.get("environ") or {}
+            cmd = p.info.get("cmdline") or []
+        except psutil.Error:
+            continue
+        if (
+            env.get("SM_ROOT") == str(root)
+            and "smcommon.engine.collector" in cmd
+            and p.info.get("status") != psutil.STATUS_ZOMBIE
+        ):
+            out.append(p)
+    return out
+
+
 def _alive(p: psutil.Process) -> bool:
     try:
         return p.is_running() and p.status() != psutil.STATUS_ZOMBIE

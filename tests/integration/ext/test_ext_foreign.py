@@ -5,11 +5,12 @@ by SR.scan; everything else is listed in Query.diagnostics as foreign."""
 from __future__ import annotations
 
 import shutil
+import time
 import uuid
 from pathlib import Path
 
 import pytest
-from ext_helpers import BLOCK, SR, MiB
+from ext_helpers import BLOCK, SR, MiB, collector_processes
 
 pytestmark = pytest.mark.integration
 
@@ -80,12 +81,15 @@ def _foreign_files(sr: SR, tmp: Path) -> dict[str, bytes]:
 def test_foreign_files_survive_destroy_gc_and_are_reported(
     sr: SR, tmp_path: Path
 ) -> None:
+    from smcommon import vhd
+
     a = sr.create("a", 8 * MiB)["vdi"]
     sr.write(a, {0: pat("a0")})
     s = sr.snapshot(a)["vdi"]
     sr.write(a, {BLOCK: pat("a1")})
     made = _foreign_files(sr, tmp_path)
     adoptable = made.pop("__adoptable__").decode()
+    source = vhd.read(str(tmp_path / "src-uuid.vhd"), 0, 8 * MiB)
     assert len(made) == 6
     sr.ok("VDI.destroy", vdi=s)
     sr.ok("SR.gc")
@@ -100,11 +104,29 @@ def test_foreign_files_survive_destroy_gc_and_are_reported(
             assert name in diag, f"{name} not listed as foreign:\n{diag}"
     assert "foreign" in diag
 
+    # a collector killed (kill -9) as soon as it starts, then SR.gc
+    s2 = sr.snapshot(a)["vdi"]
+    sr.write(a, {b * BLOCK: pat(f"k{b}") for b in range(4)})
+    sr.ok("VDI.destroy", vdi=s2)
+    deadline = time.monotonic() + 30
+    killed = 0
+    while time.monotonic() < deadline and not killed:
+        for p in collector_processes(sr.ext.root):
+            p.kill()
+            killed += 1
+    assert killed, "the collector was never seen running"
+    sr.ok("SR.gc")
+    for name, data in made.items():
+        assert (sr.data_dir / name).read_bytes() == data, f"{name} was touched"
+    assert sr.read(a, [(b * BLOCK, K4) for b in range(4)]) == [
+        pat(f"k{b}") for b in range(4)
+    ]
+
     # the next SR.scan adopts the valid uuid-named VHD, and only it
     scan = sr.scan()
     assert adoptable in scan
     assert set(scan) == {a, adoptable}
-    assert sr.read(adoptable, [(0, K4), (BLOCK, K4)]) == [b"\0" * K4, pat("adopt-me")]
+    assert sr.read(adoptable, [(0, 8 * MiB)]) == [source]
     assert int(scan[adoptable]["virtual_size"]) == 8 * MiB
     # adopted: an ordinary VDI from now on
     snap = sr.snapshot(adoptable)["vdi"]

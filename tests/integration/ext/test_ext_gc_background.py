@@ -18,7 +18,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from ext_helpers import SR, MiB
+from ext_helpers import SR, MiB, collector_processes
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.sr_types("ext")]
 
@@ -67,19 +67,7 @@ def verify(sr: SR, vdi: str, blocks: dict[int, int], spot: list[int]) -> None:
 
 
 def collector_pids(sr: SR) -> list[psutil.Process]:
-    out = []
-    for p in psutil.process_iter(["cmdline", "environ"]):
-        try:
-            env = p.info.get("environ") or {}
-            cmd = " ".join(p.info.get("cmdline") or [])
-        except psutil.Error:
-            continue
-        if (
-            env.get("SM_ROOT") == str(sr.ext.root)
-            and "smcommon.engine.collector" in cmd
-        ):
-            out.append(p)
-    return out
+    return collector_processes(sr.ext.root)
 
 
 def wait_copying(sr: SR, timeout: float = 60.0) -> str:
