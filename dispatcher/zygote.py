@@ -19,7 +19,8 @@ which makes it stale) and serves, one message at a time:
   ``{"pid": N}``.  The child, before it runs the plugin's code as
   ``__main__``: becomes a process group leader; gets the three descriptors as
   0, 1, 2 and no other (everything else is closed); a fresh environment, cwd
-  and umask; the signal dispositions and mask of a newly started interpreter;
+  and umask; the signal dispositions of a newly started interpreter (set once
+  in the zygote, inherited) and an empty signal mask;
   new ``sys.std*`` streams; a reseeded ``random``; logging without handlers
   (``logging.shutdown`` of what the zygote had: nothing).  It exits with the
   plugin's exit status (``os._exit`` after ``atexit`` handlers and flushing).
@@ -117,7 +118,7 @@ def _child(code: types.CodeType, plugin: str, req: dict[str, object], fds: list[
         os.closerange(3, _max_fd())
         os.chdir(str(req.get("cwd") or "/"))
         os.umask(int(req.get("umask", 0o022)))  # type: ignore[call-overload]
-        _fresh_signals()
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])  # dispositions: fresh since serve()
         env = req.get("env")
         os.environ.clear()
         if isinstance(env, dict):
@@ -194,6 +195,9 @@ def serve(plugin: str) -> int:
     sys.argv = [plugin]
     sys.path[0] = os.path.dirname(os.path.realpath(plugin))
     _warm(_plugin_imports(ast.parse(source, plugin)))
+    # once, here (after the imports, which may set handlers): every child
+    # inherits these dispositions, and only its mask is reset
+    _fresh_signals()
     # what is imported now lives as long as the zygote: keep it out of the
     # collector's scans, so children do not copy its pages by touching them
     gc.collect()

@@ -101,7 +101,10 @@ class Type:
                 raise _mistyped(where, f"a list of {self.item.name}", value)  # type: ignore[union-attr]
             item = self.item
             assert item is not None
-            return [item.convert(v, f"{where}[{i}]") for i, v in enumerate(value)]
+            try:  # the index is named only in the error (SR.scan results hold thousands)
+                return [item.convert(v, where) for v in value]
+            except InvalidRequest:
+                return [item.convert(v, f"{where}[{i}]") for i, v in enumerate(value)]
         if kind == "map":
             if not isinstance(value, dict):
                 raise _mistyped(where, "a string->string map (struct)", value)
@@ -121,7 +124,14 @@ class Type:
             out: dict[str, object] = {}
             for name, f in self.fields.items():
                 if name in value:
-                    out[name] = f.type.convert(value[name], f"{where}.{name}")
+                    v = value[name]
+                    if _plain(f.type.kind, v):
+                        out[name] = v
+                        continue
+                    try:
+                        out[name] = f.type.convert(value[name], where)
+                    except InvalidRequest:  # again, naming the field
+                        out[name] = f.type.convert(value[name], f"{where}.{name}")
                 else:
                     out[name] = f.default_value()
             return out
@@ -267,6 +277,19 @@ def _type_name(value: object) -> str:
 def _short(value: object) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _plain(kind: str, value: object) -> bool:
+    """``value`` is already what ``convert`` would return for a scalar ``kind``
+    (the fast path of a struct's fields: an SR.scan result holds 10,000 structs)."""
+    t = type(value)
+    if kind == "string":
+        return t is str
+    if kind == "bool":
+        return t is bool
+    if kind == "int64":
+        return t is int and INT64_MIN <= value <= INT64_MAX  # type: ignore[operator]
+    return False
 
 
 def _int64(value: object, where: str) -> int:

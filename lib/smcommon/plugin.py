@@ -72,7 +72,7 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 class Outcome:
     """What a call produced: a Value, or an ErrorDescription."""
 
-    __slots__ = ("error", "method", "value")
+    __slots__ = ("_body", "error", "method", "value")
 
     def __init__(
         self,
@@ -83,15 +83,20 @@ class Outcome:
         self.method = method
         self.value = value
         self.error = error
+        self._body: bytes | None = None
 
     @property
     def ok(self) -> bool:
         return self.error is None
 
     def response(self) -> bytes:
-        if self.error is not None:
-            return rpc.failure(self.error)
-        return rpc.success(self.value, self.method.output if self.method else None)
+        """The methodResponse, marshalled once (an SR.scan answer is megabytes)."""
+        if self._body is None:
+            if self.error is not None:
+                self._body = rpc.failure(self.error)
+            else:
+                self._body = rpc.success(self.value, self.method.output if self.method else None)
+        return self._body
 
     def as_struct(self) -> dict[str, object]:
         if self.error is not None:
@@ -158,7 +163,7 @@ class Call:
             result = fn(**kwargs)
             outcome = Outcome(method, method.check_result(result))
             # a result that cannot be marshalled is a bug, answered as one
-            rpc.success(outcome.value, method.output)
+            outcome.response()
         except Error as e:
             outcome = Outcome(method, error=to_wire(e))
             self._log_call(

@@ -356,7 +356,7 @@ def _marshal_struct(out: list[str], value: dict[str, object], type: Type) -> Non
     for k, v in value.items():
         f = fields.get(k)
         kind = f.type.kind if f is not None and v is not None else "other"
-        name = escape(k)
+        name = k if f is not None else escape(k)  # a field's name is plain text
         if kind == "string" or kind == "key":
             append(
                 f"<member><name>{name}</name><value>{escape(str(v))}</value></member>"

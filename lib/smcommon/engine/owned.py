@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -90,6 +89,8 @@ class Ownership:
 
     def migrate(self, needed: Iterable[str]) -> None:
         """Create the record set of an SR made by an earlier version."""
+        import shutil  # rare: shutil imports zlib, bz2 and lzma, which a call pays for
+
         tmp = self.sm_dir / _TMP
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
