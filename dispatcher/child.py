@@ -41,6 +41,9 @@ if TYPE_CHECKING:
     from dispatcher.warm import Zygote
 
 log = logging.getLogger(__name__)
+# A plugin starts with every signal at its default disposition (then Python's
+# own), not with what the daemon inherited: under nohup, SIGHUP ignored.
+DEFAULT_SIGNALS = frozenset(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP}
 
 ERR_TAIL = 8192
 DRAIN_BOUND = 2.0  # seconds to wait for pipes after the group was killed
@@ -181,7 +184,8 @@ class Child:
                         pass  # the call that finds the zygote gone runs by exec
                 if self.warm is None:
                     pid = os.posix_spawnp(
-                        self.argv[0], self.argv, env, file_actions=actions, setpgroup=0
+                        self.argv[0], self.argv, env, file_actions=actions, setpgroup=0,
+                        setsigdef=DEFAULT_SIGNALS,
                     )
                 self.pid = pid
             except OSError as e:
