@@ -129,9 +129,9 @@ class Type:
                         out[name] = v
                         continue
                     try:
-                        out[name] = f.type.convert(value[name], where)
+                        out[name] = f.type.convert(v, where)
                     except InvalidRequest:  # again, naming the field
-                        out[name] = f.type.convert(value[name], f"{where}.{name}")
+                        out[name] = f.type.convert(v, f"{where}.{name}")
                 else:
                     out[name] = f.default_value()
             return out
