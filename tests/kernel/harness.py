@@ -108,7 +108,7 @@ class GuestFailure(AssertionError):
 
 
 def run_scenario(
-    guest: Guest,
+    guest: Guest | None,
     workdir: Path,
     repo: Path,
     scenario: str,
@@ -118,9 +118,11 @@ def run_scenario(
     disks: tuple[Disk, ...] = (),
     deadline: float = 600.0,
     on_checkpoint: Checkpoint | None = None,
+    launcher: Callable[[Path, Path], list[str]] | None = None,
 ) -> Run:
     """Boot, run ``scenario`` with ``params``, return its Run; GuestFailure
-    if any step fails, the guest dies or the deadline passes."""
+    if any step fails, the guest dies or the deadline passes. ``launcher``
+    (console, control socket) -> argv replaces qemu (the harness's tests)."""
     workdir.mkdir(parents=True, exist_ok=True)
     console = workdir / "console.log"
     sock_path = workdir / "ctl.sock"
@@ -129,7 +131,11 @@ def run_scenario(
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(sock_path))
     listener.listen(1)
-    argv = qemu_argv(guest, repo, console, sock_path, disks)
+    if launcher is None:
+        assert guest is not None, "a guest image, or a launcher"
+        argv = qemu_argv(guest, repo, console, sock_path, disks)
+    else:
+        argv = launcher(console, sock_path)
     (workdir / "qemu.argv").write_text(json.dumps(argv, indent=1))
     started = time.monotonic()
     end = started + deadline
