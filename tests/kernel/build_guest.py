@@ -70,6 +70,9 @@ PACKAGES = [
     "procps",
     "util-linux",
     "busybox-static",
+    # every Debian host has it (priority important), minbase does not:
+    # /etc/rpc, /etc/services (rpcinfo resolves "nfs", "mountd" there)
+    "netbase",
 ]
 # Modules a VM with virtio devices never loads: ~60% of the package's size.
 PRUNE = [

@@ -73,7 +73,8 @@ class Run:
     scenario: str
     boot_seconds: float = 0.0  # qemu start to the agent's hello
     kernel_uptime: float = 0.0  # the guest's uptime at hello
-    total_seconds: float = 0.0
+    total_seconds: float = 0.0  # set when the run ends
+    started: float = field(default_factory=time.monotonic)
     kernel: str = ""
     steps: list[Step] = field(default_factory=list)
     checkpoints: dict[str, float] = field(default_factory=dict)
@@ -89,7 +90,11 @@ class Run:
             (
                 f"{self.scenario}: boot to agent {self.boot_seconds:.1f} s "
                 f"(guest uptime {self.kernel_uptime:.1f} s, kernel {self.kernel}), "
-                f"whole run {self.total_seconds:.1f} s"
+                + (
+                    f"whole run {self.total_seconds:.1f} s"
+                    if self.total_seconds
+                    else f"{time.monotonic() - self.started:.1f} s so far"
+                )
             )
         ]
         for s in self.steps:
@@ -139,7 +144,7 @@ def run_scenario(
     (workdir / "qemu.argv").write_text(json.dumps(argv, indent=1))
     started = time.monotonic()
     end = started + deadline
-    run = Run(scenario)
+    run = Run(scenario, started=started)
     qemu = subprocess.Popen(
         argv,
         stdin=subprocess.DEVNULL,
@@ -219,9 +224,9 @@ def run_scenario(
                 break
         with contextlib.suppress(subprocess.TimeoutExpired):
             qemu.wait(timeout=EXIT_WAIT)
-        run.total_seconds = time.monotonic() - started
         return run
     finally:
+        run.total_seconds = time.monotonic() - started
         _stop(qemu)
         listener.close()
         with contextlib.suppress(FileNotFoundError):

@@ -131,6 +131,7 @@ class Steps:
             result["timings"] = _take_timed()
             tb = traceback.format_exc()
             print(f"smtest: step {name}: FAILED after {took:.2f} s\n{tb}", flush=True)
+            _print_kernel_log()
             self.ch.send(
                 {
                     "ev": "end",
@@ -173,6 +174,20 @@ class Steps:
         if not ack.get("ok"):
             raise RuntimeError(f"checkpoint {name}: the host found: {ack.get('error')}")
         return ack
+
+
+def _print_kernel_log(lines: int = 40) -> None:
+    """The kernel's last messages on the console (the boot is ``quiet``):
+    what the kernel said about a failed step (NFS timeouts, SCSI errors)."""
+    with contextlib.suppress(Exception):
+        out = subprocess.run(
+            ["dmesg", "--ctime"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        ).stdout.splitlines()
+        print("smtest: kernel log tail:", *out[-lines:], sep="\n", flush=True)
 
 
 def sh(
