@@ -25,13 +25,14 @@ Debian packages, as root:
    Boots use it with ``snapshot=on``, so every boot starts from the same
    state and the image is never written.
 
-Result: ``<cache>/<key>/`` with ``vmlinux`` (the kernel's ELF image), ``initrd.img``, ``root.img`` and
-``manifest.json``. ``<key>`` is the sha256 of this file: editing it (the
-package list, the inits, the mirror default) builds a new image; older ones
-are removed, keeping the newest ``KEEP``. The cache is ``$SM_GUEST_CACHE``,
-default ``/var/cache/smcommon-guest``, outside the clone. One build at a time
-per cache (flock, bounded wait); a build killed half way leaves only a
-``.build-*`` directory that the next build removes.
+Result: ``<cache>/<key>/`` with ``vmlinux`` (the kernel's ELF image),
+``initrd.img``, ``root.img`` and ``manifest.json``. ``<key>`` is the sha256
+of this file: editing it (the package list, the inits, the mirror default)
+builds a new image; after a build, images of other versions unused for
+``UNUSED_FOR`` are removed (another clone may still boot them). The cache is
+``$SM_GUEST_CACHE``, default ``/var/cache/smcommon-guest``, outside the
+clone. One build at a time per cache (flock, bounded wait); a build killed
+half way leaves only a ``.build-*`` directory that the next build removes.
 
 Run by hand: ``python3 tests/kernel/build_guest.py`` prints the image
 directory (building it if needed); ``--rebuild`` ignores the cache.
@@ -56,7 +57,7 @@ from pathlib import Path
 SUITE = "bookworm"
 MIRROR = os.environ.get("SM_GUEST_MIRROR", "http://deb.debian.org/debian")
 CACHE = Path(os.environ.get("SM_GUEST_CACHE", "/var/cache/smcommon-guest"))
-KEEP = 2
+UNUSED_FOR = 6 * 3600.0  # seconds since an image was last used before it goes
 LOCK_WAIT = 1800.0  # another build of the same cache: at most ~2 builds long
 PACKAGES = [
     "lvm2",
@@ -183,6 +184,7 @@ def ensure(log: Callable[[str], None] = print, rebuild: bool = False) -> Guest:
     dest = CACHE / key()
     with _cache_lock(log):
         if not rebuild and (dest / "manifest.json").exists():
+            os.utime(dest / "manifest.json")  # last used: now
             return _load(dest, built_now=False)
         _sweep(log)
         work = CACHE / f".build-{key()}-{os.getpid()}"
@@ -511,13 +513,14 @@ def _sweep(log: Callable[[str], None]) -> None:
 
 
 def _prune_old(keep: Path, log: Callable[[str], None]) -> None:
-    built = [
-        p for p in CACHE.iterdir() if p.is_dir() and (p / "manifest.json").exists()
-    ]
-    built.sort(key=lambda p: p.stat().st_mtime, reverse=True)
-    for p in [b for b in built if b != keep][KEEP - 1 :]:
-        log(f"guest build: removing the older image {p}")
-        _remove(p)
+    """Images of other versions of this script, unused for UNUSED_FOR."""
+    for p in CACHE.iterdir():
+        manifest = p / "manifest.json"
+        if p == keep or not manifest.exists():
+            continue
+        if time.time() - manifest.stat().st_mtime > UNUSED_FOR:
+            log(f"guest build: removing {p} (unused for {UNUSED_FOR / 3600:.0f} h)")
+            _remove(p)
 
 
 def main(argv: list[str]) -> int:
