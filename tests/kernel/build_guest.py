@@ -35,17 +35,23 @@ clone. One build at a time per cache (flock, bounded wait); a build killed
 half way leaves only a ``.build-*`` directory that the next build removes.
 
 Run by hand: ``python3 tests/kernel/build_guest.py`` prints the image
-directory (building it if needed); ``--rebuild`` ignores the cache.
+directory (building it if needed); ``--rebuild`` ignores the cache;
+``--detach LOG`` builds in a process of its own session (niced, output to
+LOG) and returns once it holds the cache lock: the tier's conftest starts
+a cold build so while the rest of the suite runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import gzip
 import hashlib
 import json
 import os
+import select
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -59,6 +65,7 @@ MIRROR = os.environ.get("SM_GUEST_MIRROR", "http://deb.debian.org/debian")
 CACHE = Path(os.environ.get("SM_GUEST_CACHE", "/var/cache/smcommon-guest"))
 UNUSED_FOR = 6 * 3600.0  # seconds since an image was last used before it goes
 LOCK_WAIT = 1800.0  # another build of the same cache: at most ~2 builds long
+DETACH_WAIT = 10.0  # --detach: how long the caller waits for the lock to be taken
 PACKAGES = [
     "lvm2",
     "open-iscsi",
@@ -175,14 +182,32 @@ class Guest:
 
 
 def key() -> str:
-    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+    """The cache key: this file's content as it was when it was imported
+    (an edit during a build must not file the image under the new key)."""
+    return _KEY
 
 
-def ensure(log: Callable[[str], None] = print, rebuild: bool = False) -> Guest:
-    """The cached guest for this script's content, built first if needed."""
+_KEY = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+
+
+def cached() -> bool:
+    """The image for this script's content is in the cache."""
+    return (CACHE / key() / "manifest.json").exists()
+
+
+def ensure(
+    log: Callable[[str], None] = print,
+    rebuild: bool = False,
+    on_locked: Callable[[], None] | None = None,
+) -> Guest:
+    """The cached guest for this script's content, built first if needed.
+    ``on_locked`` is called once this process holds the cache lock (a build
+    started afterwards by anyone else waits for this one)."""
     CACHE.mkdir(parents=True, exist_ok=True)
     dest = CACHE / key()
     with _cache_lock(log):
+        if on_locked is not None:
+            on_locked()
         if not rebuild and (dest / "manifest.json").exists():
             os.utime(dest / "manifest.json")  # last used: now
             return _load(dest, built_now=False)
@@ -523,7 +548,61 @@ def _prune_old(keep: Path, log: Callable[[str], None]) -> None:
             _remove(p)
 
 
+def _detach(log_path: str) -> int:
+    """``--detach LOG``: build in a process of its own session, not a child
+    of the caller (the caller goes on, e.g. pytest running other tests);
+    return once that process holds the cache lock, printing its pid, so that
+    any later ensure() waits for its build instead of starting another."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(w)
+        # another build may hold the lock (then ensure() waits for that one)
+        ready, _, _ = select.select([r], [], [], DETACH_WAIT)
+        said = os.read(r, 64).decode().strip() if ready else ""
+        os.close(r)
+        if ready and not said:
+            print(
+                f"guest build: the detached build stopped at once ({log_path})",
+                file=sys.stderr,
+            )
+            return 1
+        print(said or pid)
+        return 0
+    os.close(r)
+    os.setsid()
+    # stopped (pytest's run cut short): unwind, so the half-built tree and
+    # what debootstrap mounted in it are removed
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    with contextlib.suppress(OSError):
+        os.nice(10)  # below the work that waits for nothing
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+
+    def locked() -> None:
+        os.write(w, f"{os.getpid()}\n".encode())
+        os.close(w)
+
+    code = 1
+    try:
+        t = time.monotonic()
+        g = ensure(log=lambda s: print(s, flush=True), on_locked=locked)
+        how = "built" if g.built_now else "cached"
+        print(f"{how} in {time.monotonic() - t:.1f} s: {g.dir}", flush=True)
+        code = 0
+    except BaseException as e:  # noqa: BLE001 - a detached process: say it in its log
+        print(f"guest build failed: {type(e).__name__}: {e}", flush=True)
+    finally:
+        sys.stdout.flush()
+        os._exit(code)
+
+
 def main(argv: list[str]) -> int:
+    if "--detach" in argv:
+        return _detach(argv[argv.index("--detach") + 1])
     rebuild = "--rebuild" in argv
     t = time.monotonic()
     g = ensure(log=lambda s: print(s, file=sys.stderr, flush=True), rebuild=rebuild)
