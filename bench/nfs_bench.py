@@ -38,6 +38,9 @@ import xmlrpc.client
 from pathlib import Path
 from typing import Any
 
+# the bench keeps its SRs in temporary directories: those are its SR roots
+os.environ.setdefault("SM_SR_PATHS", tempfile.gettempdir())
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests" / "integration" / "nfs"))
 

@@ -39,6 +39,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+# the bench keeps its SRs in temporary directories: those are its SR roots
+os.environ.setdefault("SM_SR_PATHS", tempfile.gettempdir())
+
 REPO = Path(__file__).resolve().parent.parent
 PLUGIN = REPO / "plugins" / "ext" / "EXTSR"
 MiB = 1024 * 1024

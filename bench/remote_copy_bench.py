@@ -1,14 +1,19 @@
 #!/usr/bin/env python3
-"""VDI.copy to another host: MB/s of a remote copy against a local copy, same run.
+"""VDI.copy to another host over mutual TLS: MB/s against plain HTTP and a local copy, same run.
 
-Starts two dispatchers ("hosts" A and B: own SM_ROOTs, default ext SRs, TCP on
-127.0.0.1) in a temporary directory, fills a VDI on A (every other 2 MiB block
-random data, the rest zeros), then times, ``--runs`` times each:
+Starts three dispatchers in a temporary directory (own SM_ROOTs, default ext
+SRs): A (Unix socket only), B (TCP on 127.0.0.1 with mutual TLS, letting A in)
+and C (TCP on 127.0.0.1, ``--insecure``: plain HTTP); certificates from
+scripts/make-certs; A's pool.json lists B (https) and C (http, insecure, on
+loopback) as peers.  It fills a VDI on A (every other 2 MiB block random
+data, the rest zeros), then times, ``--runs`` times each, in turn:
 
   local   VDI.copy on A into a second SR of A (url "")
-  remote  VDI.copy on A into B's SR (url = B's http URL)
+  http    VDI.copy on A into C's SR (plain HTTP)
+  tls     VDI.copy on A into B's SR (mutual TLS)
 
-and prints the medians, MB/s of the virtual size, and the ratio remote/local.
+and prints the medians, MB/s of the virtual size, and the ratios: TLS
+throughput / plain HTTP throughput (target >= 0.8), remote / local time.
 Each copy is checked equal to the source (vhd.export_raw) once.
 
     python3 bench/remote_copy_bench.py [--size-mib 256] [--runs 3]
@@ -17,6 +22,7 @@ Each copy is checked equal to the source (vhd.export_raw) once.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import statistics
@@ -46,15 +52,25 @@ def ok(r: dict[str, Any]) -> Any:
     return r["Value"]
 
 
-def start(base: Path, name: str) -> tuple[subprocess.Popen[str], str, str, Path]:
+def pool(base: Path, name: str, allow: list[str], peers: list[dict[str, Any]]) -> None:
+    pki = base / "pki"
+    doc = {"cert": str(pki / f"{name}.pem"), "key": str(pki / f"{name}.key"),
+           "ca": str(pki / "ca.pem"), "allow": allow, "peers": peers}  # fmt: skip
+    etc = base / name / "root" / "etc" / "sm"
+    etc.mkdir(parents=True, exist_ok=True)
+    (etc / "pool.json").write_text(json.dumps(doc))
+
+
+def start(
+    base: Path, name: str, tcp: list[str]
+) -> tuple[subprocess.Popen[str], str | None, str, Path]:
     root = base / name / "root"
-    root.mkdir(parents=True)
+    root.mkdir(parents=True, exist_ok=True)
     argv = [
         sys.executable, "-m", "dispatcher", "--plugins-dir", str(REPO / "plugins"),
-        "--tcp", "127.0.0.1:0", "--timeout", "600",
-        "--default-sr", str(base / name / "sr"),
+        *tcp, "--timeout", "600", "--default-sr", str(base / name / "sr"),
     ]  # fmt: skip
-    env = dict(os.environ, PYTHONUNBUFFERED="1", SM_ROOT=str(root))
+    env = dict(os.environ, PYTHONUNBUFFERED="1", SM_ROOT=str(root), SM_SR_PATHS=str(base))
     proc = subprocess.Popen(
         argv,
         stdout=subprocess.PIPE,
@@ -69,13 +85,13 @@ def start(base: Path, name: str) -> tuple[subprocess.Popen[str], str, str, Path]
         banner += line
         if line.startswith("  python:"):
             break
-    url = re.search(r"tcp: (http://\S+)", banner)
+    url = re.search(r"tcp: (https?://\S+)", banner)
     sr = re.search(r"default SR: (\S+)", banner)
     sock = re.search(r"unix socket: (\S+)", banner)
-    if not (url and sr and sock):
+    if not (sr and sock) or (tcp and not url):
         proc.kill()
         raise SystemExit(f"dispatcher {name} did not start:\n{banner}")
-    return proc, url.group(1), sr.group(1), Path(sock.group(1))
+    return proc, url.group(1) if url else None, sr.group(1), Path(sock.group(1))
 
 
 def leaf(sm: Any, sr: str, vdi: str) -> str:
@@ -91,11 +107,27 @@ def main() -> int:
     size = ns.size_mib * MiB
     with tempfile.TemporaryDirectory(prefix="remote-copy-bench-") as tmp:
         base = Path(tmp)
-        pa, _url_a, sra, sock_a = start(base, "a")
-        pb, url_b, srb, sock_b = start(base, "b")
+        subprocess.run(
+            [sys.executable, str(REPO / "scripts" / "make-certs"), str(base / "pki"), "a", "b"],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        pool(base, "a", [], [])
+        pool(base, "b", ["a"], [])
+        procs = []
         try:
+            pa, _, sra, sock_a = start(base, "a", [])
+            procs.append(pa)
+            pb, url_b, srb, sock_b = start(base, "b", ["--tcp", "127.0.0.1:0"])
+            procs.append(pb)
+            pc, url_c, src_, sock_c = start(base, "c", ["--tcp", "127.0.0.1:0", "--insecure"])
+            procs.append(pc)
+            pool(base, "a", [], [
+                {"name": "b", "url": url_b, "cert_name": "b"},
+                {"name": "c", "url": url_c, "insecure": True},
+            ])  # fmt: skip
             a = client.connect(sock_a, timeout=900)
             b = client.connect(sock_b, timeout=900)
+            c = client.connect(sock_c, timeout=900)
             ext = client.connect(sock_a, path="/ext", timeout=900)
             sr2 = str(uuid.uuid4())
             dc = {"path": str(base / "a" / "sr2")}
@@ -117,11 +149,12 @@ def main() -> int:
             ok(a.VDI.detach(args))
             src_raw = base / "src.raw"
             vhd.export_raw(params, src_raw)
-            times: dict[str, list[float]] = {"local": [], "remote": []}
+            times: dict[str, list[float]] = {"local": [], "http": [], "tls": []}
             for i in range(ns.runs):
                 for kind, sm_dest, url, dest in (
                     ("local", a, "", sr2),
-                    ("remote", b, url_b, srb),
+                    ("http", c, url_c, src_),
+                    ("tls", b, url_b, srb),
                 ):
                     t0 = time.monotonic()
                     new = ok(
@@ -152,12 +185,11 @@ def main() -> int:
                 print(
                     f"  {kind:6s} median {med:.3f}s  {mb / med:7.1f} MB/s  (runs: {', '.join(f'{t:.3f}' for t in ts)})"
                 )
-            ratio = statistics.median(times["remote"]) / statistics.median(
-                times["local"]
-            )
-            print(f"  remote/local time ratio: {ratio:.2f}")
+            meds = {k: statistics.median(v) for k, v in times.items()}
+            print(f"  TLS / plain HTTP throughput: {meds['http'] / meds['tls']:.2f} (target >= 0.8)")
+            print(f"  remote (TLS) / local time: {meds['tls'] / meds['local']:.2f}")
         finally:
-            for proc in (pa, pb):
+            for proc in procs:
                 proc.terminate()
                 proc.wait(timeout=30)
     return 0

@@ -9,7 +9,16 @@ Owns:
       sm = c.connect()                       # default socket, POST /
       sm.SR.ls({"dbg": "me"})
       ext = c.connect(path="/ext")           # POST /ext
-      c.connect("http://127.0.0.1:8080/")    # TCP
+      c.connect("https://host-a:8443/")      # TCP: mutual TLS (below)
+
+- ``tls_context(cert, key, ca)``: the client side of mutual TLS: this
+  client's certificate presented, the dispatcher's verified against the CA.
+  Each file comes from the argument, else ``$SM_TLS_CERT`` / ``$SM_TLS_KEY``
+  / ``$SM_TLS_CA``, else the host's ``pool.json`` (``smcommon.pool``).  The
+  dispatcher's certificate must carry the URL's host name, or the name given
+  as ``server_name`` (``$SM_TLS_SERVER_NAME``): a pool's certificates name
+  hosts, not addresses.  ``http://`` URLs are for a dispatcher run with
+  ``--insecure`` on loopback.
 
 - ``Client``: what smctl uses.  It marshals int64 values as ``<i8>`` (the
   standard marshaller refuses integers beyond 32 bits), and parses replies
@@ -20,7 +29,9 @@ Owns:
 from __future__ import annotations
 
 import http.client
+import os
 import socket
+import ssl
 import xmlrpc.client
 from pathlib import Path
 from typing import Any
@@ -30,6 +41,8 @@ from smcommon.paths import Paths
 from dispatcher import wire
 
 SOCKET_NAME = "sm-dispatcher.sock"
+TLS_ENV = {"cert": "SM_TLS_CERT", "key": "SM_TLS_KEY", "ca": "SM_TLS_CA"}
+SERVER_NAME_ENV = "SM_TLS_SERVER_NAME"
 
 
 def default_socket(paths: Paths | None = None) -> Path:
@@ -77,11 +90,86 @@ class UnixTransport(xmlrpc.client.Transport):
         return conn
 
 
+def tls_context(
+    cert: str | None = None, key: str | None = None, ca: str | None = None
+) -> ssl.SSLContext:
+    """The client side of mutual TLS (see the module doc); ConnectError if
+    this client has no certificate, key or CA, or they do not load."""
+    from smcommon.errors import Error
+    from smcommon.pool import PoolConfig
+
+    given = {"cert": cert, "key": key, "ca": ca}
+    for k, env in TLS_ENV.items():
+        given[k] = given[k] or os.environ.get(env) or None
+    try:
+        if not all(given.values()):
+            pool = PoolConfig.load(Paths.from_env())
+            given = {k: v or getattr(pool, k) for k, v in given.items()}
+        return PoolConfig(given["cert"], given["key"], given["ca"]).client_context()
+    except Error as e:
+        raise ConnectError(
+            f"cannot speak TLS: {e} (--tls-cert/--tls-key/--tls-ca, "
+            f"${TLS_ENV['cert']}/${TLS_ENV['key']}/${TLS_ENV['ca']}, or pool.json)"
+        ) from None
+
+
+class _TlsConnection(http.client.HTTPConnection):
+    """HTTPS presenting a client certificate; the server's certificate must
+    carry ``server_name`` (default: the URL's host)."""
+
+    def __init__(
+        self,
+        hostport: str,
+        context: ssl.SSLContext,
+        server_name: str | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        super().__init__(hostport, timeout=timeout)
+        self._context = context
+        self._server_name = server_name or os.environ.get(SERVER_NAME_ENV) or self.host
+
+    def connect(self) -> None:
+        super().connect()
+        self.sock = self._context.wrap_socket(self.sock, server_hostname=self._server_name)
+
+
+class TlsTransport(xmlrpc.client.Transport):
+    """``xmlrpc.client`` transport for mutual TLS (``tls_context``)."""
+
+    def __init__(
+        self,
+        context: ssl.SSLContext,
+        server_name: str | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.context = context
+        self.server_name = server_name
+        self.timeout = timeout
+
+    def make_connection(self, host: Any) -> http.client.HTTPConnection:
+        if self._connection and host == self._connection[0] and self._connection[1]:
+            return self._connection[1]
+        chost, self._extra_headers, _x509 = self.get_host_info(host)
+        conn = _TlsConnection(chost, self.context, self.server_name, self.timeout)
+        self._connection = host, conn
+        return conn
+
+
 def connect(
-    address: str | Path | None = None, *, path: str = "/", timeout: float | None = None
+    address: str | Path | None = None,
+    *,
+    path: str = "/",
+    timeout: float | None = None,
+    context: ssl.SSLContext | None = None,
+    server_name: str | None = None,
 ) -> xmlrpc.client.ServerProxy:
-    """A ``ServerProxy`` for a URL (http://...) or a socket path (default socket)."""
-    if isinstance(address, str) and address.startswith(("http://", "https://")):
+    """A ``ServerProxy`` for a URL or a socket path (default socket); an
+    ``https://`` URL with ``context`` (default ``tls_context()``)."""
+    if isinstance(address, str) and address.startswith("https://"):
+        transport = TlsTransport(context or tls_context(), server_name, timeout)
+        return xmlrpc.client.ServerProxy(address.rstrip("/") + path, transport=transport)
+    if isinstance(address, str) and address.startswith("http://"):
         return xmlrpc.client.ServerProxy(address.rstrip("/") + path)
     sock = Path(address) if address else default_socket()
     return xmlrpc.client.ServerProxy(
@@ -102,33 +190,42 @@ class Client:
         address: str | Path | None = None,
         timeout: float | None = None,
         keep_alive: bool = False,
+        tls: ssl.SSLContext | None = None,
+        server_name: str | None = None,
     ) -> None:
         self.timeout = timeout
         self.keep_alive = keep_alive
         self.url: str | None = None
         self.sock: str | None = None
+        self.tls = tls
+        self.server_name = server_name
         self._conn: http.client.HTTPConnection | None = None
-        if isinstance(address, str) and address.startswith("http://"):
+        if isinstance(address, str) and address.startswith(("http://", "https://")):
             self.url = address.rstrip("/")
+            if self.url.startswith("https://") and self.tls is None:
+                self.tls = tls_context()
         else:
             self.sock = str(address or default_socket())
 
     def describe(self) -> str:
         return self.url or f"unix:{self.sock}"
 
+    def _split(self) -> tuple[str, str]:
+        assert self.url is not None
+        hostport, _, path = self.url.split("://", 1)[1].partition("/")
+        return hostport, ("/" + path if path else "")
+
     def _connection(self) -> http.client.HTTPConnection:
         if self.url is not None:
-            rest = self.url[len("http://") :]
-            hostport = rest.split("/", 1)[0]
+            hostport = self._split()[0]
+            if self.tls is not None:
+                return _TlsConnection(hostport, self.tls, self.server_name, self.timeout)
             return http.client.HTTPConnection(hostport, timeout=self.timeout)
         assert self.sock is not None
         return _UnixConnection(self.sock, self.timeout)
 
     def _base_path(self) -> str:
-        if self.url is None:
-            return ""
-        rest = self.url[len("http://") :]
-        return "/" + rest.split("/", 1)[1] if "/" in rest else ""
+        return "" if self.url is None else self._split()[1]
 
     def close(self) -> None:
         if self._conn is not None:

@@ -59,6 +59,7 @@ from dispatcher import fanout, wire
 from dispatcher.budget import Limits
 from dispatcher.calls import CallRecord, CallTable
 from dispatcher.child import Child, ChildResult
+from dispatcher.grants import Grants
 from dispatcher.outcomes import ENV as OUTCOME_ENV
 from dispatcher.outcomes import Entry, OutcomeStore
 from dispatcher.pool import Pool
@@ -121,6 +122,7 @@ class Served:
     out: bytes
     fields: dict[str, str]
     entries: list[Entry] = field(default_factory=list)
+    client: str = ""  # who called: a certificate name, unix:<uid>, insecure:<address>
 
 
 class Dispatcher:
@@ -150,6 +152,7 @@ class Dispatcher:
                 max_calls=config.warm_max_calls,
                 max_growth=config.warm_max_growth,
             )
+        self.grants = Grants()  # who may upload into the VDIs TCP callers made
 
     # -- plugins -----------------------------------------------------------------
 
@@ -206,10 +209,11 @@ class Dispatcher:
 
     # -- the entry point -------------------------------------------------------
 
-    def serve(self, route: str | None, body: bytes) -> Served:
+    def serve(self, route: str | None, body: bytes, client: str = "") -> Served:
         """``handle`` for a caller on a connection: calls that change something
-        keep their outcome until ``settle`` says the reply was delivered."""
-        served = Served(b"", {})
+        keep their outcome until ``settle`` says the reply was delivered; a
+        VDI.create grants ``client`` the upload of its data (``grants``)."""
+        served = Served(b"", {}, client=client)
         served.out, served.fields = self.handle(route, body, served)
         return served
 
@@ -275,6 +279,10 @@ class Dispatcher:
             fields["outcome"] = resp.outcome
         sr = call.arg.get("sr")
         if resp is not None and resp.status == "Success" and isinstance(sr, str):
+            if call.method == "VDI.create" and served is not None and served.client:
+                made = resp.value.get("Value") if isinstance(resp.value, dict) else None
+                if isinstance(made, dict) and isinstance(made.get("vdi"), str):
+                    self.grants.grant(sr, made["vdi"], served.client)
             if call.method in LEARN_METHODS and _safe(sr):
                 self.routes.learn(sr, sr_type)
             elif call.method == "SR.destroy":

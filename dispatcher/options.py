@@ -38,7 +38,64 @@ def parse_args(argv: Sequence[str] | None, plugins_default: Path) -> argparse.Na
     p.add_argument(
         "--tcp",
         metavar="[HOST:]PORT",
-        help="also listen on TCP (HOST default 127.0.0.1)",
+        help="also listen on TCP (HOST default 127.0.0.1): mutual TLS only, see --tls-*",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="serve --tcp as plain HTTP with no client authentication: loopback "
+        "addresses only, for tests and benchmarks",
+    )
+    p.add_argument(
+        "--pool-config",
+        type=Path,
+        default=None,
+        help="this host's TLS identity, allowed clients and peers "
+        "(default <etc_dir>/pool.json, i.e. /etc/sm/pool.json)",
+    )
+    p.add_argument("--tls-cert", help="this host's certificate (PEM) for --tcp")
+    p.add_argument("--tls-key", help="its private key (PEM)")
+    p.add_argument("--tls-ca", help="the CA every client certificate must be signed by (PEM)")
+    p.add_argument(
+        "--allow-client",
+        action="append",
+        metavar="NAME",
+        help="a client certificate name (DNS subjectAltName or CN) let in over --tcp "
+        "(repeatable; default: pool.json's allow)",
+    )
+    p.add_argument(
+        "--socket-group",
+        help="let this group use the Unix socket (mode 0660; default: root only, 0600)",
+    )
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        default=20.0,
+        help="a whole request (line, headers, body) must arrive within this, seconds (20)",
+    )
+    p.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=30.0,
+        help="a connection waiting for a request is closed after this, seconds (30)",
+    )
+    p.add_argument(
+        "--max-reading",
+        type=int,
+        default=128,
+        help="connections reading a request at once; beyond, the slowest goes (128)",
+    )
+    p.add_argument(
+        "--max-per-client",
+        type=int,
+        default=64,
+        help="TCP connections one client address may hold (64)",
+    )
+    p.add_argument(
+        "--max-inflight",
+        type=int,
+        default=64 << 20,
+        help="bytes of request bodies held in memory by all connections together (64 MiB)",
     )
     p.add_argument(
         "--timeout",
@@ -162,17 +219,24 @@ def parse_args(argv: Sequence[str] | None, plugins_default: Path) -> argparse.Na
     if args.no_socket and not args.tcp:
         p.error("--no-socket needs --tcp: the dispatcher must listen somewhere")
     if args.tcp:
-        _host, _, port = args.tcp.rpartition(":")
+        host, _, port = args.tcp.rpartition(":")
         if not port.isdigit() or not 0 <= int(port) < 65536:
             p.error(f"--tcp {args.tcp!r}: expected [HOST:]PORT")
+        args.tcp_host, args.tcp_port = host.strip("[]") or "127.0.0.1", int(port)
+    elif args.insecure:
+        p.error("--insecure applies to --tcp only")
     for name in (
         "timeout", "queue_timeout", "cancel_grace", "stop_timeout", "short_timeout",
-        "min_rate", "stall_timeout", "outcome_ttl",
+        "min_rate", "stall_timeout", "outcome_ttl", "request_timeout", "idle_timeout",
     ):  # fmt: skip
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
     if args.workers < 1 or args.max_body < 1 or args.max_connections < 1:
         p.error("--workers, --max-body and --max-connections must be at least 1")
+    if args.max_per_client < 1 or args.max_reading < 1:
+        p.error("--max-per-client and --max-reading must be at least 1")
+    if args.max_inflight < args.max_body:
+        p.error("--max-inflight must be at least --max-body")
     return args
 
 
@@ -180,7 +244,7 @@ def setup_logging(args: argparse.Namespace) -> None:
     handler: logging.Handler
     if args.log_file:
         args.log_file.parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(args.log_file)
+        handler = logging.FileHandler(args.log_file)  # 0600: the daemon's umask
     else:
         handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from smcommon.engine.host import HostRegistry
-from smcommon.fileio import atomic_write
+from smcommon.fileio import atomic_write, private_dir
 from smcommon.paths import Paths
 
 log = logging.getLogger(__name__)
@@ -134,5 +134,5 @@ class RouteTable:
         }
 
     def _save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(self.path.parent)
         atomic_write(self.path, json.dumps(self._doc(), indent=1).encode())

@@ -1,18 +1,23 @@
-"""The ``sm-dispatcher`` daemon: HTTP over a Unix socket (and TCP), start, stop.
+"""The ``sm-dispatcher`` daemon: start, stop, listeners, the embedded default SR.
 
-Owns the HTTP layer (``Handler``), the listening servers, the command line,
-the embedded default SR and the daemon's life cycle.  Routing and plugin
-processes are ``dispatcher.core``'s.
+Owns the daemon's life cycle; the HTTP layer is ``dispatcher.httpd``, its
+bounds ``dispatcher.frontend``, the command line ``dispatcher.options``,
+routing and plugin processes ``dispatcher.core``.
 
-- Listens on ``<run_dir>/sm-dispatcher.sock`` by default (``--socket``), and on
-  TCP when asked (``--tcp [HOST:]PORT``; HOST defaults to 127.0.0.1).
-- ``POST /`` and ``POST /RPC2`` route by SR; ``POST /<type>`` to one plugin.
-- ``PUT /data/<sr>/<vdi>``: the data of a VDI.copy from another host
-  (``dispatcher.upload``).
+- Listens on ``<run_dir>/sm-dispatcher.sock`` by default (``--socket``; mode
+  0600, or 0660 for ``--socket-group``), and on TCP when asked (``--tcp
+  [HOST:]PORT``; HOST defaults to 127.0.0.1).  TCP is mutual TLS only: the
+  host's certificate, key and CA and the client names to let in come from
+  ``<etc_dir>/pool.json`` (``smcommon.pool``) or ``--tls-cert``,
+  ``--tls-key``, ``--tls-ca``, ``--allow-client``; without them the daemon
+  refuses to start, unless ``--insecure``, which serves plain HTTP on a
+  loopback address only and says so in the log and the banner.
 - Request limits: a body must have a Content-Length no larger than
-  ``--max-body``; a bigger one gets an XML-RPC fault (-32702) and the
-  connection is closed; a body with a DTD gets fault -32701.  At most
-  ``--max-connections`` connections are served at once (503 beyond).
+  ``--max-body`` (beyond: XML-RPC fault -32702, connection closed); a body
+  with a DTD gets fault -32701; deadlines, connection and memory bounds:
+  ``dispatcher.frontend``.
+- Files: the daemon's umask is 077: what it creates (state, log, spool) is
+  root's alone.
 - SIGTERM/SIGINT: stop accepting, let in-flight calls finish within
   ``--stop-timeout``, then cancel the rest (SIGTERM, SIGKILL after
   ``--cancel-grace``), remove socket and pid file, exit 0.
@@ -24,13 +29,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import http.server
 import logging
 import os
 import shutil
 import signal
-import socket
 import socketserver
+import ssl
 import sys
 import threading
 import time
@@ -40,10 +44,15 @@ from pathlib import Path
 from typing import Any
 
 from smcommon.engine.remote import import_dir
+from smcommon.errors import Error
+from smcommon.fileio import private_dir
 from smcommon.paths import Paths
+from smcommon.pool import PoolConfig, is_loopback
 
 from dispatcher import client, options, upload, wire
-from dispatcher.core import TYPE_RE, Config, Dispatcher
+from dispatcher.core import Config, Dispatcher
+from dispatcher.frontend import BodyBudget, Frontend, Limits
+from dispatcher.httpd import TcpServer, bind_tcp, bind_unix
 from dispatcher.outcomes import OutcomeStore
 from dispatcher.routes import RouteTable
 
@@ -60,251 +69,11 @@ def default_plugins_dir() -> Path:
     return Path(os.environ.get(PLUGINS_ENV) or REPO_PLUGINS)
 
 
-class Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = "sm-dispatcher/1"
-    timeout = 120  # an idle or stalled connection is dropped after this
-    server: _ServerMixin  # type: ignore[assignment]
-
-    def setup(self) -> None:
-        super().setup()
-        if self.connection.family in (socket.AF_INET, socket.AF_INET6):
-            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
-
-    def address_string(self) -> str:
-        return (
-            self.client_address[0] if isinstance(self.client_address, tuple) else "unix"
-        )
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("http %s: " + format, self.address_string(), *args)
-
-    def _reply(
-        self, code: int, body: bytes, ctype: str = "text/xml", close: bool = False
-    ) -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        if close:
-            self.send_header("Connection", "close")
-            self.close_connection = True
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_GET(self) -> None:
-        self._reply(
-            405,
-            b"sm-dispatcher speaks XML-RPC: POST / or /<type>\n",
-            "text/plain",
-            close=True,
-        )
-
-    def do_POST(self) -> None:
-        disp = self.server.dispatcher
-        started = time.monotonic()
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            self._reply(
-                411,
-                b"a Content-Length is required (chunked bodies are not accepted)\n",
-                "text/plain",
-                True,
-            )
-            return
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-            if length < 0:
-                raise ValueError
-        except ValueError:
-            self._reply(
-                411, b"a valid Content-Length is required\n", "text/plain", close=True
-            )
-            return
-        limit = disp.config.max_body
-        if length > limit:
-            self._drain(length)
-            msg = f"the request body is {length} bytes, more than the limit of {limit} bytes"
-            call_log.info(
-                "dbg=- method=- sr=- plugin=- duration=0.000s outcome=TooLarge(%d)",
-                length,
-            )
-            self._reply(200, wire.dumps_fault(wire.FAULT_TOO_LARGE, msg), close=True)
-            return
-        body = self.rfile.read(length)
-        if len(body) != length:
-            self.close_connection = True
-            return
-        path = self.path.split("?", 1)[0].rstrip("/")
-        route: str | None = None
-        if path not in ("", "/RPC2"):
-            route = path.lstrip("/")
-            if "/" in route or not TYPE_RE.fullmatch(route):
-                msg = f"no such endpoint {self.path!r}: POST / or /<type> (a lower-case SR type)\n"
-                self._reply(404, msg.encode(), "text/plain")
-                return
-        self.server.enter()
-        try:
-            served = disp.serve(route, body)
-            fields = served.fields
-            call_log.info(
-                "dbg=%s method=%s sr=%s plugin=%s duration=%.3fs outcome=%s",
-                _clean(fields["dbg"]), _clean(fields["method"]), _clean(fields["sr"]),
-                fields["plugin"], time.monotonic() - started, fields["outcome"],
-            )  # fmt: skip
-            try:
-                self._reply(200, served.out, close=disp.stopping)
-            except BaseException:
-                disp.settle(served, delivered=False)
-                raise
-            disp.settle(served, delivered=True)
-        finally:
-            self.server.leave()
-
-    def do_PUT(self) -> None:
-        """``PUT /data/<sr>/<vdi>``: a remote VDI.copy's data (dispatcher.upload)."""
-        started = time.monotonic()
-        self.server.enter()
-        try:
-            disp = self.server.dispatcher
-            code, body, ctype = upload.put(disp, self.path, self.headers, self.rfile)
-            call_log.info(
-                "dbg=- method=PUT sr=- plugin=- duration=%.3fs outcome=HTTP%d path=%s",
-                time.monotonic() - started, code, _clean(self.path),
-            )  # fmt: skip
-            # a refused body was not read: the connection cannot go on
-            self._reply(code, body, ctype, close=code != 200 or disp.stopping)
-            if code != 200:
-                # read (bounded) what the sender still sends, so that closing
-                # does not reset the connection before it has read the answer
-                self._drain(1 << 62)
-        finally:
-            self.server.leave()
-
-    def _drain(self, length: int) -> None:
-        """Read and drop an oversized body (bounded), so the client sees our answer."""
-        budget = min(length, 8 * self.server.dispatcher.config.max_body + (1 << 20))
-        self.connection.settimeout(5)
-        try:
-            while budget > 0:
-                chunk = self.rfile.read(min(budget, 1 << 16))
-                if not chunk:
-                    break
-                budget -= len(chunk)
-        except OSError:
-            pass
-
-
-def _clean(text: str, limit: int = 200) -> str:
-    """A request's string made safe for one log line (no newlines, bounded)."""
-    text = text if len(text) <= limit else text[:limit] + "..."
-    return text.encode("unicode_escape").decode("ascii").replace(" ", "\\x20")
-
-
-class _ServerMixin:
-    dispatcher: Dispatcher
-    max_connections: int = 512
-    # connections the kernel queues before accept: socketserver's 5 makes a
-    # burst of clients fail to connect (EAGAIN on a Unix socket with a timeout)
-    request_queue_size = 128
-    daemon_threads = True
-    block_on_close = False
-    _conn_lock: threading.Lock
-    _connections: int
-    _in_flight: int
-
-    def init_limits(self, dispatcher: Dispatcher, max_connections: int) -> None:
-        self.dispatcher = dispatcher
-        self.max_connections = max_connections
-        self._conn_lock = threading.Lock()
-        self._connections = 0
-        self._in_flight = 0
-
-    def enter(self) -> None:
-        with self._conn_lock:
-            self._in_flight += 1
-
-    def leave(self) -> None:
-        with self._conn_lock:
-            self._in_flight -= 1
-
-    def in_flight(self) -> int:
-        with self._conn_lock:
-            return self._in_flight
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """A connection that broke (client gone mid-call): one log line, no traceback."""
-        exc = sys.exc_info()[1]
-        if isinstance(exc, OSError):
-            log.info("connection dropped by the client: %s", exc)
-        else:
-            log.exception("unexpected error on a connection")
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        with self._conn_lock:
-            full = self._connections >= self.max_connections
-            if not full:
-                self._connections += 1
-        if full:
-            try:
-                request.sendall(
-                    b"HTTP/1.1 503 Busy\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-                )
-            except OSError:
-                pass
-            self.shutdown_request(request)  # type: ignore[attr-defined]
-            return
-        super().process_request(request, client_address)  # type: ignore[misc]
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)  # type: ignore[misc]
-        finally:
-            with self._conn_lock:
-                self._connections -= 1
-
-
-class UnixServer(_ServerMixin, socketserver.ThreadingUnixStreamServer):
-    pass
-
-
-class TcpServer(_ServerMixin, socketserver.ThreadingTCPServer):
-    allow_reuse_address = True
-
-
-def _bind_unix(path: Path, dispatcher: Dispatcher, max_connections: int) -> UnixServer:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists() or path.is_symlink():
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(str(path))
-        except OSError:
-            path.unlink()  # stale: nobody listens there
-        else:
-            raise SystemExit(
-                f"sm-dispatcher: another dispatcher already listens on {path}"
-            )
-        finally:
-            probe.close()
-    old = os.umask(0o117)
-    try:
-        srv = UnixServer(str(path), Handler, bind_and_activate=True)
-    finally:
-        os.umask(old)
-    srv.init_limits(dispatcher, max_connections)
-    return srv
-
-
-def _bind_tcp(spec: str, dispatcher: Dispatcher, max_connections: int) -> TcpServer:
-    host, _, port = spec.rpartition(":")
-    srv = TcpServer((host or "127.0.0.1", int(port)), Handler)
-    srv.init_limits(dispatcher, max_connections)
-    return srv
-
-
 def _clean_progress(directory: Path | None) -> None:
     """A fresh progress directory (what an earlier run left is stale)."""
     if directory is None:
         return
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_dir(directory)
     for f in directory.iterdir():
         with contextlib.suppress(OSError):
             f.unlink()
@@ -358,10 +127,49 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return options.parse_args(argv, default_plugins_dir())
 
 
+def tls_setup(
+    args: argparse.Namespace, paths: Paths
+) -> tuple[ssl.SSLContext | None, list[str]]:
+    """The TCP listener's TLS context and allowed client names; SystemExit
+    when --tcp lacks them (or --insecure names a non-loopback address)."""
+    if args.insecure:
+        if not is_loopback(args.tcp_host):
+            raise SystemExit(
+                f"sm-dispatcher: --insecure serves plain HTTP with no authentication: "
+                f"it binds only to a loopback address, not {args.tcp_host}"
+            )
+        log.warning(
+            "INSECURE: TCP %s:%d is plain HTTP with no client authentication (--insecure)",
+            args.tcp_host, args.tcp_port,
+        )  # fmt: skip
+        return None, []
+    try:
+        pool = PoolConfig.load(paths, args.pool_config)
+    except Error as e:
+        raise SystemExit(f"sm-dispatcher: {e}") from None
+    pool.cert = args.tls_cert or pool.cert
+    pool.key = args.tls_key or pool.key
+    pool.ca = args.tls_ca or pool.ca
+    allow = list(args.allow_client or pool.allow)
+    if not pool.has_identity() or not allow:
+        raise SystemExit(
+            "sm-dispatcher: --tcp serves mutual TLS only: it needs this host's certificate, "
+            "key and CA and the client names to let in (pool.json in "
+            f"{paths.etc_dir}, or --tls-cert, --tls-key, --tls-ca and --allow-client); "
+            "--insecure serves plain HTTP on loopback, for tests"
+        )
+    try:
+        return pool.server_context(), allow
+    except Error as e:
+        raise SystemExit(f"sm-dispatcher: {e}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    os.umask(0o077)  # state, log, spool: root's alone
     options.setup_logging(args)
     paths = Paths.from_env()
+    tls, allow = tls_setup(args, paths) if args.tcp else (None, [])
     plugins_dir = (args.plugins_dir or default_plugins_dir()).resolve()
     instance = uuid.uuid4().hex[:12]
     config = Config(
@@ -420,17 +228,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     sock_path = (
         None if args.no_socket else (args.socket or client.default_socket(paths))
     )
+    budget = BodyBudget(args.max_inflight, args.max_body)
+    limits = Limits(
+        request_timeout=args.request_timeout,
+        idle_timeout=args.idle_timeout,
+        max_connections=args.max_connections,
+        max_reading=args.max_reading,
+        max_per_client=args.max_per_client,
+    )
     try:
         if sock_path is not None:
-            servers.append(_bind_unix(sock_path, dispatcher, args.max_connections))
+            # the Unix socket is root's (or one group's): no per-client bound,
+            # and its own connections, which nothing on TCP can take
+            fe = Frontend(Limits(**{**limits.__dict__, "max_per_client": None}), budget)
+            servers.append(bind_unix(sock_path, dispatcher, fe, args.socket_group))
         if args.tcp:
-            servers.append(_bind_tcp(args.tcp, dispatcher, args.max_connections))
+            servers.append(
+                bind_tcp(
+                    args.tcp_host, args.tcp_port, dispatcher, Frontend(limits, budget), tls, allow
+                )
+            )
     except OSError as e:
         for srv in servers:
             srv.server_close()
         raise SystemExit(f"sm-dispatcher: cannot listen: {e}") from None
     pid_file = args.pid_file or paths.run_dir / "sm-dispatcher.pid"
-    pid_file.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(pid_file.parent)
     pid_file.write_text(f"{os.getpid()}\n")
     threads = [
         threading.Thread(
@@ -463,6 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for srv in servers:
             srv.shutdown()
             srv.server_close()
+            srv.frontend.stop()  # type: ignore[attr-defined]
         if sock_path is not None:
             try:
                 sock_path.unlink()
@@ -524,9 +348,20 @@ def _announce(
         if isinstance(srv, TcpServer):
             host, port = srv.server_address[0], srv.server_address[1]
             host = host.decode() if isinstance(host, bytes) else host
-            lines.append(f"  tcp: http://{host}:{port}/")
+            host = f"[{host}]" if ":" in host else host
+            if srv.ssl_context is None:
+                url = f"http://{host}:{port}/"
+                lines.append(
+                    f"  tcp: {url} INSECURE: plain HTTP, no client authentication "
+                    "(--insecure, loopback only)"
+                )
+            else:
+                url = f"https://{host}:{port}/"
+                lines.append(
+                    f"  tcp: {url} (mutual TLS; clients: {', '.join(sorted(srv.allow))})"
+                )
             if not address:
-                address = f"--url http://{host}:{port}/"
+                address = f"--url {url}"
     if default_sr:
         lines.append(f"  default SR: {default_sr} (ext on {args.default_sr.resolve()})")
         lines.append(

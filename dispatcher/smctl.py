@@ -1,7 +1,9 @@
 """``smctl``: the storage manager for people (and scripts).
 
 Owns the command line: one subcommand per SR/VDI operation, talking to the
-dispatcher (its Unix socket by default, ``--socket PATH`` or ``--url URL``)
+dispatcher (its Unix socket by default, ``--socket PATH`` or ``--url URL``:
+``https://`` with this client's certificate, ``--tls-*`` or ``$SM_TLS_*`` or
+the host's pool.json, see ``dispatcher.client``)
 or running the plugin directly (``--direct``: the same routing as the daemon,
 in this process, no daemon needed).
 
@@ -275,8 +277,8 @@ def _add_args(p: argparse.ArgumentParser, kinds: list[str]) -> None:
                 "--remote",
                 metavar="URL",
                 default="",
-                help="copy to another host: its dispatcher's URL, e.g. "
-                "http://host2:8089/ (default: an SR of this host)",
+                help="copy to another host: a peer's URL as this host's pool.json lists "
+                "it, e.g. https://host-b:8443/ (default: an SR of this host)",
             ),
         ),
         "content-id": lambda: p.add_argument("content_id", help="the new content_id"),
@@ -301,7 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"the dispatcher's socket (default {client.default_socket()})",
     )
     where.add_argument(
-        "--url", help="the dispatcher's URL, e.g. http://127.0.0.1:8080/"
+        "--url",
+        help="the dispatcher's URL: https://HOST:PORT/ (mutual TLS), or http:// for a "
+        "dispatcher run --insecure on loopback",
     )
     where.add_argument(
         "--direct",
@@ -312,6 +316,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--plugins-dir",
         type=Path,
         help="with --direct: where <TYPE>SR executables live",
+    )
+    tls = p.add_argument_group(
+        "TLS (--url https://...)",
+        "this client's certificate, key and the pool's CA; default $SM_TLS_CERT, "
+        "$SM_TLS_KEY, $SM_TLS_CA, else the host's pool.json (<etc_dir>/pool.json)",
+    )
+    tls.add_argument("--tls-cert", help="this client's certificate (PEM)")
+    tls.add_argument("--tls-key", help="its private key (PEM)")
+    tls.add_argument("--tls-ca", help="the CA the dispatcher's certificate is signed by (PEM)")
+    tls.add_argument(
+        "--tls-server-name",
+        help="the name the dispatcher's certificate must carry (default: the URL's host; "
+        "$SM_TLS_SERVER_NAME)",
     )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument(
@@ -415,8 +432,13 @@ class Target:
             )
             self._local = Dispatcher(config, RouteTable.for_host(Paths.from_env()))
         else:
-            self._client = client.Client(ns.url or ns.socket, timeout=ns.timeout)
-            self._watcher = client.Client(ns.url or ns.socket, timeout=10)
+            tls = None
+            if ns.url and ns.url.startswith("https://"):
+                tls = client.tls_context(ns.tls_cert, ns.tls_key, ns.tls_ca)
+            where = ns.url or ns.socket
+            name = ns.tls_server_name
+            self._client = client.Client(where, ns.timeout, tls=tls, server_name=name)
+            self._watcher = client.Client(where, 10, tls=tls, server_name=name)
 
     def status(self) -> dict[str, Any]:
         """``Dispatcher.status`` (from any thread): the progress bar's view."""

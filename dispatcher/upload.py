@@ -4,6 +4,10 @@ Owns ``put(disp, path, headers, rfile) -> (HTTP status, body, content type)``
 and ``Spool``, the directory uploads are spooled into:
 
 1. ``sr`` and ``vdi`` must be safe names, ``sr`` an SR in the routing table;
+   the caller (``client``: its certificate name over mutual TLS,
+   ``dispatcher.httpd``) must hold the grant of that VDI: its own VDI.create
+   made it, and it has not uploaded into it yet (``dispatcher.grants``; else
+   403: from the Unix socket, from another peer, a second time);
    the body needs a Content-Length no larger than the VDI (asked with
    ``VDI.stat``) nor than ``Config.max_import``;
 2. the body is streamed, holding one of the SR's plugin slots (the upload is a
@@ -21,7 +25,8 @@ and ``Spool``, the directory uploads are spooled into:
 
 Errors before the plugin runs are plain-text answers: 400 (bad request),
 404 (unknown SR or VDI), 413 (too large), 411 (no length), 500 (cannot
-spool), 502, 503 (no slot, no spool), 507 (spool full).
+spool), 403 (not this caller's VDI), 502, 503 (no slot, no spool), 507
+(spool full).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from typing import Any
 
 from smcommon import progress
 from smcommon.errors import InvalidRequest
+from smcommon.fileio import private_dir
 from smcommon.paths import safe_name
 
 from dispatcher import wire
@@ -114,7 +120,7 @@ class Spool:
         cancelled: Any,
     ) -> int:
         """Copy ``length`` body bytes into the new sparse file ``spool``; the bytes received."""
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dir(self.dir)
         self._take(0, True)
         fd = os.open(spool, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         got = taken = chunks = 0
@@ -154,9 +160,14 @@ class Spool:
 
 
 def put(
-    disp: Any, path: str, headers: Any, rfile: io.BufferedIOBase, dbg: str = "put"
+    disp: Any,
+    path: str,
+    headers: Any,
+    rfile: io.BufferedIOBase,
+    dbg: str = "put",
+    client: str = "",
 ) -> tuple[int, bytes, str]:
-    """The HTTP status, body and content type answering one PUT."""
+    """The HTTP status, body and content type answering one PUT from ``client``."""
     length: int | None = None
     if "chunked" not in headers.get("Transfer-Encoding", "").lower():
         with contextlib.suppress(ValueError):
@@ -176,6 +187,14 @@ def put(
         return 400, f"{e}\n".encode(), "text/plain"
     if length is None:
         return 411, b"a valid Content-Length is required\n", "text/plain"
+    if not client or client.startswith("unix:"):
+        return 403, b"uploads come from peers, over TCP\n", "text/plain"
+    if not disp.grants.take(sr, vdi, client):  # one upload per VDI.create
+        msg = (
+            f"VDI {vdi} of SR {sr} was not made by a VDI.create of {client} "
+            "(or its data came already): no upload into it\n"
+        )
+        return 403, msg.encode(), "text/plain"
     sr_type = disp.routes.get(sr)
     if sr_type is None:
         return 404, f"SR {sr} is not known to this dispatcher\n".encode(), "text/plain"

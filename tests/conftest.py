@@ -8,6 +8,10 @@
   caller's PATH: a test that needs a tool installed by hand, or a script of
   the venv found through PATH, fails here as it would on a fresh machine.
   Scripts of the package are found next to the interpreter (``venv_script``).
+- Path SRs may live only under the host's SR roots (``SM_SR_PATHS``,
+  ``smcommon.devsafety``): for the run, the roots are pytest's base temporary
+  directory (where every test's tmp_path is) and the defaults; tests of the
+  roots themselves set their own.
 - Under ``CI`` (set by .ci/run's caller), a skipped test fails the run: a tool
   or privilege missing on the CI machine is a set-up bug (scripts/setup), not
   something to pass over.
@@ -26,6 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from testenv import CI_PATH, REPO
 
 os.environ["PATH"] = CI_PATH
+
+
+@pytest.fixture(scope="session", autouse=True)
+def sr_roots(tmp_path_factory: pytest.TempPathFactory) -> str:
+    roots = f"{tmp_path_factory.getbasetemp().resolve()}:/srv:/var/lib/sm-srs"
+    os.environ["SM_SR_PATHS"] = roots
+    return roots
 
 
 @pytest.fixture

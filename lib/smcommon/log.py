@@ -5,7 +5,9 @@ record of every logger goes to the log file (``Paths.log_file``, directories
 created), tagged with the program name, pid and the call's ``dbg``; ``-v``
 also sends them to stderr.  If the log file cannot be opened the records go to
 syslog (``/dev/log``) instead, or nowhere: logging never fails a call.  Nothing
-is ever logged to stdout (stdout carries the response).
+is ever logged to stdout (stdout carries the response).  The values of the
+call's secrets (``CallContext.secrets``: its device_config's secret keys, set
+by ``smcommon.plugin``) are masked in every record, traceback included.
 """
 
 from __future__ import annotations
@@ -24,17 +26,38 @@ FORMAT = (
 SYSLOG_FORMAT = "%(prog)s[%(process)d]: %(levelname)s [%(dbg)s] %(name)s: %(message)s"
 
 
+MASK = "******"
+
+
+def mask(text: str, secrets: list[str]) -> str:
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, MASK)
+    return text
+
+
 class CallContext(logging.Filter):
-    """Adds ``prog`` and ``dbg`` to every record that reaches a handler."""
+    """Adds ``prog`` and ``dbg`` to every record that reaches a handler, and
+    masks ``secrets`` in it."""
 
     def __init__(self, prog: str) -> None:
         super().__init__()
         self.prog = prog
         self.dbg = "-"
+        self.secrets: list[str] = []
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.prog = self.prog
         record.dbg = self.dbg
+        if self.secrets:
+            record.msg = mask(record.getMessage(), self.secrets)
+            record.args = None
+            if record.exc_info and not record.exc_text:
+                record.exc_text = logging.Formatter().formatException(record.exc_info)
+            if record.exc_text:
+                record.exc_text = mask(record.exc_text, self.secrets)
+            if record.stack_info:
+                record.stack_info = mask(record.stack_info, self.secrets)
         return True
 
 

@@ -2,7 +2,7 @@
 
 The root is ``$SM_ROOT`` when set (tests use a tmp_path, the README's main job
 uses the project's ``.state/``), else ``/``: then the paths are the standard
-system places (``/run/sm``, ``/var/lib/sm``, ``/var/log/sm``).
+system places (``/run/sm``, ``/var/lib/sm``, ``/var/log/sm``, ``/etc/sm``).
 
 Names that come from requests (an SR or VDI key) go through ``safe_name``
 before they touch a path, so no request can name a path outside its place.
@@ -72,6 +72,12 @@ class Paths:
     def state_dir(self) -> Path:
         """Persistent host state: which SRs this host knows."""
         return self.root / "var" / "lib" / "sm"
+
+    @property
+    def etc_dir(self) -> Path:
+        """Host configuration: ``pool.json`` (this host's TLS identity, the
+        clients it lets in, the peers it copies to; ``smcommon.pool``)."""
+        return self.root / "etc" / "sm"
 
     @property
     def lock_dir(self) -> Path:

@@ -114,6 +114,7 @@ class Call:
         self.prog = prog
         self.context = context
         self._driver: object | None = None
+        self.secrets: list[str] = []
 
     @property
     def log(self) -> logging.Logger:
@@ -127,6 +128,29 @@ class Call:
 
             self._driver = self.driver_factory(Paths.from_env())
         return self._driver
+
+    def _secrets(self, device_config: object) -> list[str]:
+        """The values of ``device_config``'s secret keys, which the driver
+        declares (``secret_keys``); every value of length 4 or more when it
+        declares nothing.  Masked in this call's log records and errors."""
+        if not isinstance(device_config, dict):
+            return []
+        declared = getattr(self.driver(), "secret_keys", None)
+        if declared is None:
+            found = [v for v in device_config.values() if isinstance(v, str) and len(v) >= 4]
+        else:
+            found = [device_config[k] for k in declared if isinstance(device_config.get(k), str)]
+        found = sorted({v for v in found if v}, key=len, reverse=True)
+        if self.context is not None:
+            self.context.secrets = found
+        return found
+
+    def _masked(self, error: list[str]) -> list[str]:
+        if not self.secrets:
+            return error
+        from smcommon.log import mask
+
+        return [mask(e, self.secrets) for e in error]
 
     def extra_methods(self) -> list[api.Method]:
         return list(getattr(self.driver(), "extra_methods", None) or ())
@@ -157,6 +181,7 @@ class Call:
                     f"not {len(params)} parameters"
                 )
             kwargs = method.validate(params[0])
+            self.secrets = self._secrets(kwargs.get("device_config"))
             fn = getattr(self.driver(), method.attr, None)
             if fn is None:
                 raise Unimplemented(name)
@@ -165,14 +190,14 @@ class Call:
             # a result that cannot be marshalled is a bug, answered as one
             outcome.response()
         except Error as e:
-            outcome = Outcome(method, error=to_wire(e))
+            outcome = Outcome(method, error=self._masked(to_wire(e)))
             self._log_call(
                 name, sr, started, f"failed: {' '.join(outcome.error or ())}"
             )
             return outcome
         except BaseException as e:
             # a bug: the traceback goes to the log, the answer is INTERNAL_ERROR
-            outcome = Outcome(method, error=to_wire(e))
+            outcome = Outcome(method, error=self._masked(to_wire(e)))
             self.log.exception("%s: internal error", name)
             self._log_call(
                 name, sr, started, f"failed: {' '.join(outcome.error or ())}"
@@ -370,6 +395,7 @@ def main(driver_factory: DriverFactory, argv: list[str] | None = None) -> NoRetu
     """The body of a plugin executable; exits 0 after a wire call (see module doc)."""
     args = sys.argv[1:] if argv is None else list(argv)
     prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "plugin"
+    os.umask(0o077)  # host state, logs, SR metadata: root's alone
     # The response goes to a private copy of stdout; fd 1 points at stderr while
     # the driver runs, so nothing else can write into the response.  The copy is
     # not inherited by children, so none of them can hold the caller's pipe open.

@@ -4,9 +4,15 @@ device_config (one of):
   device   a block device: SR.create runs mkfs.ext4 on it; SR.attach mounts it
            at ``Paths.sr_mount(sr)``; SR.detach unmounts; SR.destroy wipes
            the filesystem signature (wipefs) so it is not found again.
+           Refused when it, a partition or a holder is mounted, and on
+           SR.create when it holds a filesystem, an LVM PV, a partition
+           table or partitions, unless ``force=true`` (``smcommon.devsafety``).
   path     a directory used as it is (the unprivileged, embedded form): the
            SR's volumes and metadata live in it; SR.create makes it (and its
-           parents) when it does not exist.
+           parents) when it does not exist.  Only under the host's SR roots
+           (``SM_SR_PATHS``; symlinks resolved, ``smcommon.devsafety``).
+  force    ``true``: SR.create formats a device that holds something.
+No device_config key of ext is secret (``SECRET_KEYS``).
 
 This module is imported by every call of EXTSR, so it imports nothing heavy:
 ``factory`` returns a small object that answers Query.query itself and hands
@@ -44,11 +50,14 @@ MKFS_TIMEOUT = 600.0
 MOUNT_TIMEOUT = 120.0
 
 CONFIGURATION = {
-    "device": "a block device to format as ext4 and mount (needs root); "
-    "SR.create formats it, destroying what it holds",
-    "path": "a directory to hold the SR as it is (no root needed); SR.create makes it "
-    "if it does not exist",
+    "device": "a block device to format as ext4 and mount (needs root); SR.create "
+    "refuses one that is mounted or holds a filesystem, an LVM PV or partitions",
+    "path": "a directory to hold the SR as it is (no root needed), under one of the "
+    "host's SR roots (SM_SR_PATHS); SR.create makes it if it does not exist",
+    "force": "true: SR.create formats the device even if it holds something, "
+    "destroying it (never one in use)",
 }
+SECRET_KEYS: frozenset[str] = frozenset()  # none of ext's keys holds a secret
 FEATURES = [
     "SR_ATTACH",
     "SR_DETACH",
@@ -91,6 +100,8 @@ class ExtType:
     """The engine's SrType for ext: prepare, release and wipe the storage."""
 
     name = DRIVER
+    keys = frozenset(CONFIGURATION)
+    secret_keys = SECRET_KEYS
 
     def __init__(self, paths: Paths, runner: Any = None) -> None:
         self.paths = paths
@@ -129,11 +140,12 @@ class ExtType:
     ) -> tuple[Path, bool]:
         from pathlib import Path
 
-        from smcommon import mount
+        from smcommon import devsafety, mount
         from smcommon.errors import BackendError
 
         kind, value = self._which(device_config)
         if kind == "path":
+            value = str(devsafety.allowed_path(value))
             if create and not os.path.lexists(value):
                 try:
                     os.makedirs(value, mode=0o755)
@@ -164,11 +176,7 @@ class ExtType:
             # SR.create is only reached for an SR not attached here: this
             # mount is the leftover of a killed SR.create; undo it first.
             self.close(sr, mnt, True)
-        users = mount.mount_points_of(value)
-        if users:
-            raise BackendError(
-                "DEVICE_IN_USE", [f"{value} is mounted at {', '.join(users)}"]
-            )
+        devsafety.check_device(value, create, devsafety.forced(device_config), self.run)
         if create:
             self.run(
                 ["mkfs.ext4", "-q", "-F", "-E", "nodiscard", value],
@@ -227,6 +235,8 @@ class ExtType:
 
 class ExtPlugin:
     """What plugin.main calls: Query.query here, the rest in the engine."""
+
+    secret_keys = SECRET_KEYS
 
     def __init__(self, paths: Paths) -> None:
         self.paths = paths

@@ -6,7 +6,8 @@ engine and its FileStore are the ones ext uses.  Several hosts attach the same
 SR: what they must agree on is locked on the share (``smcommon.engine.locks``),
 what only a host knows (its mount, datapaths) stays on the host.
 
-device_config: see ``CONFIGURATION`` (Query.query lists it).
+device_config: see ``CONFIGURATION`` (Query.query lists it); none of its keys
+is secret (``SECRET_KEYS``).
 
 SR.create mounts ``<serverpath>`` for a moment to make ``<sr>`` in it;
 SR.attach mounts ``<serverpath>/<sr>``; SR.detach unmounts it (a mount in use
@@ -68,6 +69,7 @@ CONFIGURATION = {
     "timeo 5-600, retrans 1-5, actimeo, noatime, nconnect, sec, ...); hard, nolock, "
     "retry, vers and port are refused",
 }
+SECRET_KEYS: frozenset[str] = frozenset()  # none of nfs's keys holds a secret
 FEATURES = [
     "SR_ATTACH",
     "SR_DETACH",
@@ -178,6 +180,7 @@ class NfsType:
     """The engine's SrType for nfs: mount, unmount and remove the SR directory."""
 
     name = DRIVER
+    secret_keys = SECRET_KEYS
 
     def __init__(self, paths: Paths, runner: Any = None, mounter: Any = None) -> None:
         self.paths = paths
@@ -401,6 +404,8 @@ class NfsType:
 class NfsPlugin:
     """What plugin.main calls: Query.query here, the rest in the engine,
     every call on an attached SR after a probe of its server."""
+
+    secret_keys = SECRET_KEYS
 
     def __init__(self, paths: Paths) -> None:
         self.paths = paths

@@ -18,8 +18,9 @@ remote VDI.copy; ``smcommon.engine.remote``).
 VDI.copy copies into an SR attached on *this* host when ``url`` is empty,
 ``local`` or a ``file://`` URL, or an http(s)/xmlrpc URL naming this host
 (localhost, a loopback address, or this host's name) while ``dest`` is
-attached here.  Otherwise ``url`` is another host's dispatcher
-(``http://HOST:PORT/``) and the copy goes there (``remote.copy_to_remote``).
+attached here.  Otherwise ``url`` is another host's dispatcher, which must be
+a peer in this host's pool.json (``https://HOST:PORT/``, mutual TLS), and the
+copy goes there (``remote.copy_to_remote``).
 """
 
 from __future__ import annotations
@@ -48,9 +49,15 @@ log = logging.getLogger(__name__)
 
 
 class SrType(Protocol):
-    """What is specific to one SR type (see plugins/ext/ext_driver.py)."""
+    """What is specific to one SR type (see plugins/ext/ext_driver.py).
+
+    ``secret_keys``: the device_config keys that hold secrets (a CHAP
+    password): never written to the host registry, a log line or an error
+    (``host.public_config``, ``smcommon.plugin`` masks their values).  A type
+    that does not declare it has none of its device_config written down."""
 
     name: str
+    secret_keys: frozenset[str]
 
     def query(self) -> dict[str, Any]: ...
 
@@ -189,6 +196,22 @@ class Driver:
                     self.type.close(sr, sr_dir, mounted)
         log.info("created SR %s (%s) in %s", sr, self.type.name, sr_dir)
 
+    @property
+    def secret_keys(self) -> frozenset[str] | None:
+        """The SR type's declared secret keys (None: it declares nothing)."""
+        return getattr(self.type, "secret_keys", None)
+
+    def public_config(self, device_config: dict[str, str]) -> dict[str, str]:
+        """device_config as the host registry keeps it (see ``SrType``)."""
+        secret = self.secret_keys
+        if secret is None:
+            log.warning(
+                "SR type %s declares no secret_keys: its device_config is not kept",
+                self.type.name,
+            )
+        known = self.type.query().get("configuration") or {}
+        return public_config(device_config, known, secret)
+
     def sr_attach(self, dbg: str, sr: str, device_config: dict[str, str]) -> None:
         sr = safe_name("sr", sr)
         with locks.host_sr_lock(self.paths, sr):
@@ -209,7 +232,7 @@ class Driver:
                     sr=sr,
                     type=self.type.name,
                     sr_dir=str(sr_dir),
-                    device_config=public_config(device_config),
+                    device_config=self.public_config(device_config),
                     mounted=mounted,
                     attached=timestamps.now(),
                 )

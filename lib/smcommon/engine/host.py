@@ -2,8 +2,10 @@
 
 One JSON file per attached SR, ``<state_dir>/sr/<sr>.json``:
 ``{"sr", "type", "sr_dir", "device_config", "mounted", "attached"}``;
-``device_config`` is kept minus anything that looks like a secret (keys
-holding "password", "secret", "chap", "key" in their name).  SR.attach
+``device_config`` keeps only the keys the SR type declares (its Query.query
+``configuration``) and none it declares secret (``SrType.secret_keys``:
+CHAP passwords ...; ``public_config``).  Files are 0600, the directory 0700.
+SR.attach
 writes it, SR.detach/destroy/reset remove it, SR.ls lists it, and every VDI
 call reads it to find the SR's directory (no entry: ``Sr_not_attached``).
 Writes are atomic (temp file, fsync, rename).
@@ -17,22 +19,25 @@ from pathlib import Path
 
 from smcommon.engine.meta import MetadataCorrupt, read_json
 from smcommon.errors import SrNotAttached
-from smcommon.fileio import atomic_write_json, unlink_durable
+from smcommon.fileio import atomic_write_json, private_dir, unlink_durable
 from smcommon.paths import Paths, safe_name
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Iterable
     from typing import Any
 
-SECRET_WORDS = ("password", "secret", "chap", "key")
 
-
-def public_config(device_config: dict[str, str]) -> dict[str, str]:
-    return {
-        k: v
-        for k, v in device_config.items()
-        if not any(w in k.lower() for w in SECRET_WORDS)
-    }
+def public_config(
+    device_config: dict[str, str], known: Iterable[str], secret: Iterable[str] | None
+) -> dict[str, str]:
+    """What of ``device_config`` may be written down: the ``known`` keys (the
+    SR type's declared configuration) that are not ``secret``.  An SR type that
+    declares no secrets (None) has nothing written down."""
+    if secret is None:
+        return {}
+    keep = set(known) - set(secret)
+    return {k: v for k, v in device_config.items() if k in keep}
 
 
 @dataclass
@@ -76,7 +81,7 @@ class HostRegistry:
         return entry
 
     def put(self, entry: Attached) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.dir)
         atomic_write_json(self._path(entry.sr), entry.to_json())
 
     def remove(self, sr: str) -> bool:

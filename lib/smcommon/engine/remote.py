@@ -1,7 +1,11 @@
 """VDI.copy to another host: the sending side and the receiving plugin's import.
 
-Sending (``copy_to_remote``): ``url`` names the other host's SMAPI endpoint,
-its dispatcher (``http://HOST:PORT/``).  Steps: ``VDI.create`` on SR ``dest``
+Sending (``copy_to_remote``): ``url`` names the other host's dispatcher
+(``https://HOST:PORT/``), which must be a peer listed in this host's
+``pool.json`` (``smcommon.pool``; any other URL is ``REMOTE_NOT_A_PEER``).
+Every connection is mutual TLS: this host's certificate presented, the
+peer's verified against the pool's CA and required to carry the peer's
+``cert_name``.  Steps: ``VDI.create`` on SR ``dest``
 through ``<url>`` (routed by sr) with the source's name_label, description
 and virtual_size; then one HTTP ``PUT <url>/data/<dest>/<vdi>`` whose body is
 the VDI's raw virtual disk (Content-Length = virtual size), read from the
@@ -29,6 +33,7 @@ from pathlib import Path
 from smcommon import progress, rpc
 from smcommon.errors import BackendError, InvalidRequest
 from smcommon.paths import Paths, safe_name
+from smcommon.pool import PoolConfig, origin
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -51,26 +56,38 @@ def import_dir(paths: Paths) -> Path:
 # --- the sending side ----------------------------------------------------------
 
 
-class _Remote:
-    """One remote dispatcher: XML-RPC calls and the data PUT, bounded in time."""
+class _PeerConnection(http.client.HTTPConnection):
+    """HTTPS to a peer: its certificate verified against the pool's CA and
+    required to carry the peer's name (not the URL's host); ours presented."""
 
-    def __init__(self, url: str, dbg: str = "") -> None:
+    def __init__(self, host: str, port: int, context: Any, cert_name: str) -> None:
+        super().__init__(host, port, timeout=CONNECT_TIMEOUT)
+        self._context = context
+        self._cert_name = cert_name
+
+    def connect(self) -> None:
+        super().connect()
+        self.sock = self._context.wrap_socket(self.sock, server_hostname=self._cert_name)
+
+
+class _Remote:
+    """One peer's dispatcher: XML-RPC calls and the data PUT, bounded in time."""
+
+    def __init__(self, url: str, pool: PoolConfig, dbg: str = "") -> None:
         self.dbg = "".join(c for c in dbg[:200] if c.isprintable()) or "remote-copy"
-        parsed = urllib.parse.urlparse(url)
-        if parsed.scheme != "http" or not parsed.hostname:
-            raise InvalidRequest(
-                f"url {url!r}: a remote host is named by its dispatcher's http://HOST:PORT/ URL"
-            )
+        self.peer = pool.peer(url)  # REMOTE_NOT_A_PEER for any other URL
+        scheme, self.host, self.port = origin(url)
+        # an http peer is a benchmark's on loopback, marked insecure (pool.py)
+        self.context = pool.client_context() if scheme == "https" else None
         self.url = url
-        self.host = parsed.hostname
-        try:
-            self.port = parsed.port or 80
-        except ValueError:
-            raise InvalidRequest(f"url {url!r}: bad port") from None
-        self.base = parsed.path.rstrip("/")
+        self.base = urllib.parse.urlparse(url).path.rstrip("/")
 
     def _conn(self) -> http.client.HTTPConnection:
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=CONNECT_TIMEOUT)
+        conn: http.client.HTTPConnection
+        if self.context is not None:
+            conn = _PeerConnection(self.host, self.port, self.context, self.peer.cert_name)
+        else:
+            conn = http.client.HTTPConnection(self.host, self.port, timeout=CONNECT_TIMEOUT)
         conn.connect()
         assert conn.sock is not None
         conn.sock.settimeout(IO_TIMEOUT)
@@ -163,7 +180,7 @@ def copy_to_remote(eng: Any, vdi: str, url: str, dest: str, dbg: str) -> str:
     from smcommon.vhd.image import open_image
 
     dest = safe_name("dest", dest)
-    remote = _Remote(url, dbg)
+    remote = _Remote(url, PoolConfig.load(eng.paths), dbg)
     rec = eng.get(vdi)
     with eng.vdi_lock(rec.vdi):
         rec = eng.get(vdi)

@@ -3,11 +3,12 @@
 plugins_dir   a tmp plugins directory with FAKESR and OTHERSR (fake_plugin.py)
 fake_logs     the directory where fake plugins record their pids and spans
 dispatch_mode "warm" or "exec": every test using start_daemon runs in both
-start_daemon  start ``python -m dispatcher`` (Unix socket + TCP) with options
-              (``--no-warm`` in exec mode; in warm mode it returns once the
-              warm parents are ready); each daemon is stopped with SIGTERM at
-              the end of the test, and the test fails if it did not exit 0 or
-              left any process behind
+start_daemon  start ``python -m dispatcher`` (Unix socket + plain TCP on
+              loopback: ``--insecure``; TLS: ``tcp=``, test_dispatcher_tls.py)
+              with options (``--no-warm`` in exec mode; in warm mode it returns
+              once the warm parents are ready); each daemon is stopped with
+              SIGTERM at the end of the test, and the test fails if it did not
+              exit 0 or left any process behind
 start_in_mode the same, the mode given per daemon (``mode="warm"|"exec"``)
 daemon        one daemon with the defaults of these tests
 """
@@ -74,11 +75,11 @@ def start_in_mode(
         mode: str = "warm",
         plugins: Path | None = None,
         check_banner: bool = True,
+        tcp: tuple[str, ...] = ("--tcp", "127.0.0.1:0", "--insecure"),
     ) -> Daemon:
         pdir = plugins or plugins_dir
         args = [
-            "--plugins-dir", str(pdir),
-            "--tcp", "127.0.0.1:0",
+            "--plugins-dir", str(pdir), *tcp,
             "--timeout", "20", "--cancel-grace", "0.5", "--stop-timeout", "5",
             *(["--no-warm"] if mode == "exec" else []),
             *extra,
@@ -122,9 +123,14 @@ def start_in_mode(
 def start_daemon(
     start_in_mode: Callable[..., Daemon], dispatch_mode: str
 ) -> Callable[..., Daemon]:
-    def start(*extra: str, plugins: Path | None = None, check_banner: bool = True) -> Daemon:
+    def start(
+        *extra: str,
+        plugins: Path | None = None,
+        check_banner: bool = True,
+        tcp: tuple[str, ...] = ("--tcp", "127.0.0.1:0", "--insecure"),
+    ) -> Daemon:
         return start_in_mode(
-            *extra, mode=dispatch_mode, plugins=plugins, check_banner=check_banner
+            *extra, mode=dispatch_mode, plugins=plugins, check_banner=check_banner, tcp=tcp
         )
 
     return start

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
+import ssl
 import subprocess
 import sys
 import time
 import xmlrpc.client
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,44 @@ REPO = HERE.parent.parent.parent
 FAKE = HERE / "fake_plugin.py"
 ZYGOTE_MARK = "dispatcher/zygote.py"
 MODES = ("warm", "exec")  # how the daemon makes plugin processes (sm-dispatcher --no-warm)
+MAKE_CERTS = REPO / "scripts" / "make-certs"
+
+
+def make_certs(d: Path, *names: str, expired: bool = False) -> Path:
+    """``scripts/make-certs d NAMES``: a CA in ``d`` (the first time) and a
+    certificate per name; ``d``."""
+    argv = [sys.executable, str(MAKE_CERTS), *(["--expired"] if expired else []), str(d), *names]
+    subprocess.run(argv, check=True, capture_output=True)
+    return d
+
+
+def write_pool(
+    root: Path,
+    certs: Path,
+    name: str,
+    allow: Sequence[str],
+    peers: Sequence[tuple[str, str]] = (),
+) -> Path:
+    """``<root>/etc/sm/pool.json``: host ``name``'s identity from ``certs``,
+    the clients it lets in, and its peers as (name, url)."""
+    doc = {
+        "cert": str(certs / f"{name}.pem"),
+        "key": str(certs / f"{name}.key"),
+        "ca": str(certs / "ca.pem"),
+        "allow": list(allow),
+        "peers": [{"name": n, "url": u, "cert_name": n} for n, u in peers],
+    }
+    path = root / "etc" / "sm" / "pool.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1))
+    return path
+
+
+def tls_client(certs: Path, name: str) -> ssl.SSLContext:
+    """A client context presenting ``name``'s certificate, trusting ``certs``' CA."""
+    return client.tls_context(
+        str(certs / f"{name}.pem"), str(certs / f"{name}.key"), str(certs / "ca.pem")
+    )
 
 
 def install_fake(plugins: Path, name: str) -> Path:
@@ -98,7 +138,7 @@ class Daemon:
         self.root = root
         m = re.search(r"unix socket: (\S+)", banner)
         self.socket = Path(m.group(1)) if m else None
-        m = re.search(r"tcp: (http://\S+)", banner)
+        m = re.search(r"tcp: (https?://\S+)", banner)
         self.url = m.group(1) if m else None
         m = re.search(r"default SR: (\S+)", banner)
         self.default_sr = m.group(1) if m else None
@@ -107,8 +147,15 @@ class Daemon:
         assert self.socket is not None
         return client.connect(self.socket, path=path, timeout=timeout)
 
-    def tcp(self, path: str = "/") -> xmlrpc.client.ServerProxy:
+    def tcp(
+        self, path: str = "/", tls: ssl.SSLContext | None = None, name: str | None = None
+    ) -> xmlrpc.client.ServerProxy:
+        """A proxy over TCP: plain HTTP (``--insecure``), or TLS with ``tls``
+        expecting the server certificate ``name``."""
         assert self.url is not None
+        if self.url.startswith("https://"):
+            assert tls is not None, "a TLS dispatcher needs a client context"
+            return client.connect(self.url, path=path, context=tls, server_name=name, timeout=120)
         return xmlrpc.client.ServerProxy(self.url.rstrip("/") + path, allow_none=True)
 
     def client(self) -> client.Client:

@@ -1,12 +1,13 @@
-"""VDI.copy to another host: two dispatchers ("hosts" A and B) on this machine,
-each with its own SM_ROOT, default ext SR and TCP port; A's plugin copies a VDI
-into B's SR through B's ``http://127.0.0.1:PORT/`` (VDI.create, then PUT
-/data/<sr>/<vdi>, then VDI.import_raw on B)."""
+"""VDI.copy to another host: two dispatchers ("hosts" a and b) on this machine,
+each with its own SM_ROOT, default ext SR, TCP port and certificate of one
+pool CA (scripts/make-certs); each lists the other as a peer in its
+pool.json and lets it in.  a's plugin copies a VDI into b's SR through b's
+``https://127.0.0.1:PORT/`` over mutual TLS (VDI.create, then PUT
+/data/<sr>/<vdi>, then VDI.import_raw on b)."""
 
 from __future__ import annotations
 
 import contextlib
-import http.client
 import os
 import socket
 import subprocess
@@ -18,7 +19,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dispatcher_testlib import REPO, Daemon, processes_with_root, spawn_daemon
+from dispatcher_testlib import (
+    REPO,
+    Daemon,
+    make_certs,
+    processes_with_root,
+    spawn_daemon,
+    tls_client,
+    write_pool,
+)
 from smcommon import vhd
 
 pytestmark = pytest.mark.integration
@@ -32,19 +41,34 @@ def ok(r: dict[str, Any]) -> Any:
     return r["Value"]
 
 
+HOSTS = ("a", "b", "c")
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One pool CA; certificates for hosts a, b, c and the tests' "admin"."""
+    return make_certs(tmp_path_factory.mktemp("certs"), *HOSTS, "admin")
+
+
 @pytest.fixture
-def hosts(tmp_path: Path) -> Iterator[Callable[[str], Daemon]]:
-    """``start(name, *options, run_tmpfs=SIZE)``: a dispatcher with SM_ROOT
-    tmp/<name>/root and a default SR; with ``run_tmpfs``, its ``run`` directory
-    is a tmpfs of that size (RAM, as /run is on a host; needs root)."""
+def hosts(tmp_path: Path, certs: Path) -> Iterator[Callable[..., Daemon]]:
+    """``start(name, *options, run_tmpfs=SIZE, peers=True)``: a dispatcher
+    with SM_ROOT tmp/<name>/root, a default SR and TLS on a TCP port, letting
+    in every host of HOSTS and "admin"; with ``peers``, every host started
+    lists every other as a peer (pool.json is read by each copy).  With
+    ``run_tmpfs``, its ``run`` directory is a tmpfs of that size (RAM, as
+    /run is on a host; needs root)."""
     if not EXTSR.exists():
         pytest.skip(f"{EXTSR} does not exist yet")
     started: list[Daemon] = []
     mounts: list[Path] = []
 
-    def start(name: str, *extra: str, run_tmpfs: str | None = None) -> Daemon:
+    def start(
+        name: str, *extra: str, run_tmpfs: str | None = None, peers: bool = True
+    ) -> Daemon:
         root = tmp_path / name / "root"
         root.mkdir(parents=True)
+        write_pool(root, certs, name, [*HOSTS, "admin"])
         if run_tmpfs:
             (root / "run").mkdir()
             subprocess.run(
@@ -58,9 +82,14 @@ def hosts(tmp_path: Path) -> Iterator[Callable[[str], Daemon]]:
             "--default-sr", str(tmp_path / name / "sr"), *extra,
         ]  # fmt: skip
         d = spawn_daemon(args, root)
-        started.append(d)
         assert "sm-dispatcher ready" in d.banner, d.banner
-        assert d.url and d.default_sr
+        assert d.url and d.url.startswith("https://") and d.default_sr
+        d.name = name  # type: ignore[attr-defined]
+        started.append(d)
+        if peers:
+            for h in started:
+                others = [(o.name, str(o.url)) for o in started if o is not h]  # type: ignore[attr-defined]
+                write_pool(h.root, certs, h.name, [*HOSTS, "admin"], others)  # type: ignore[attr-defined]
         return d
 
     yield start
@@ -153,12 +182,14 @@ def _closed_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_dead_remote_is_a_clear_error(hosts: Callable[[str], Daemon]) -> None:
+def test_dead_remote_is_a_clear_error(hosts: Callable[..., Daemon], certs: Path) -> None:
+    """A peer listed in pool.json that does not answer: a clear error, fast."""
     a = hosts("a")
     sra = a.default_sr
     sm = a.unix("/")
     v = ok(sm.VDI.create({"dbg": "t", "sr": sra, "vdi_info": {"virtual_size": MiB}}))
-    url = f"http://127.0.0.1:{_closed_port()}/"
+    url = f"https://127.0.0.1:{_closed_port()}/"
+    write_pool(a.root, certs, "a", [*HOSTS, "admin"], [("c", url)])
     started = time.monotonic()
     r = sm.VDI.copy(
         {"dbg": "t", "sr": sra, "vdi": v["vdi"], "url": url, "dest": "some-sr"}
@@ -170,6 +201,51 @@ def test_dead_remote_is_a_clear_error(hosts: Callable[[str], Daemon]) -> None:
         url in r["ErrorDescription"][2] and "cannot reach" in r["ErrorDescription"][2]
     )
     assert _vdis(a, sra) == [v["vdi"]]
+
+
+def test_copy_goes_only_to_listed_peers(
+    hosts: Callable[..., Daemon], certs: Path, tmp_path: Path
+) -> None:
+    """A URL that is not a peer in pool.json is refused before anything is
+    sent (a live dispatcher there, plain http, another port of a peer's host);
+    a peer whose certificate does not carry its cert_name is refused by TLS."""
+    a, b = hosts("a"), hosts("b", peers=False)
+    sm = a.unix("/")
+    info = {"virtual_size": 2 * MiB}
+    v = ok(sm.VDI.create({"dbg": "t", "sr": a.default_sr, "vdi_info": info}))["vdi"]
+    assert b.url
+    port = int(str(urllib.parse.urlparse(b.url).port))
+    for url in (
+        b.url,  # live, and a lets b in: but b is not one of a's peers
+        b.url.replace("https://", "http://"),
+        f"https://localhost:{port}/",
+        "https://10.0.0.1:443/",
+        "ftp://somewhere/",
+    ):
+        r = sm.VDI.copy(
+            {"dbg": "t", "sr": a.default_sr, "vdi": v, "url": url, "dest": str(b.default_sr)}
+        )
+        assert r["Status"] == "Failure", (url, r)
+        assert len(r["ErrorDescription"]) == 3, (url, r)
+        code, text = r["ErrorDescription"][1:3]
+        assert code in ("REMOTE_NOT_A_PEER", "REMOTE_URL_INVALID"), (url, r)
+        assert "peer" in text or "https://HOST:PORT/" in text, (url, r)
+    assert _vdis(b, str(b.default_sr)) == []
+    # b listed under a name its certificate does not carry: TLS refuses it
+    write_pool(a.root, certs, "a", [*HOSTS, "admin"], [("c", b.url)])
+    r = sm.VDI.copy(
+        {"dbg": "t", "sr": a.default_sr, "vdi": v, "url": b.url, "dest": str(b.default_sr)}
+    )
+    assert r["Status"] == "Failure", r
+    assert r["ErrorDescription"][1] == "REMOTE_COPY_FAILED", r
+    assert "certificate" in r["ErrorDescription"][2].lower(), r
+    assert _vdis(b, str(b.default_sr)) == []
+    # listed right, the copy goes through
+    write_pool(a.root, certs, "a", [*HOSTS, "admin"], [("b", b.url)])
+    new = ok(sm.VDI.copy(
+        {"dbg": "t", "sr": a.default_sr, "vdi": v, "url": b.url, "dest": str(b.default_sr)}
+    ))  # fmt: skip
+    assert _vdis(b, str(b.default_sr)) == [new]
 
 
 def test_failed_transfer_leaves_no_vdi_on_the_remote(
@@ -213,10 +289,16 @@ def test_failed_transfer_leaves_no_vdi_on_the_remote(
     assert _vdis(a, a.default_sr) == [v]
 
 
-def _put(d: Daemon, path: str, length: int, body: bytes = b"") -> tuple[int, str]:
-    """Send the headers (and ``body``) of a PUT; the status and text of the answer."""
+def _put(
+    d: Daemon, path: str, length: int, body: bytes = b"", ctx: Any = None, name: str = ""
+) -> tuple[int, str]:
+    """Send the headers (and ``body``) of a PUT over TLS with ``ctx`` (a
+    client certificate) to ``d`` (certificate ``name``); the status and text
+    of the answer."""
+    from dispatcher import client
+
     parsed = urllib.parse.urlparse(d.url)
-    conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=30)
+    conn = client._TlsConnection(f"{parsed.hostname}:{parsed.port}", ctx, name, 30)
     try:
         conn.putrequest("PUT", path, skip_accept_encoding=True)
         conn.putheader("Content-Length", str(length))
@@ -230,16 +312,22 @@ def _put(d: Daemon, path: str, length: int, body: bytes = b"") -> tuple[int, str
         conn.close()
 
 
-def test_put_refuses_oversized_and_hostile(hosts: Callable[[str], Daemon]) -> None:
+def test_put_refuses_oversized_and_hostile(
+    hosts: Callable[[str], Daemon], certs: Path
+) -> None:
     b = hosts("b")
     srb = b.default_sr
     assert srb
-    sm = b.unix("/")
-    v = ok(
-        sm.VDI.create({"dbg": "t", "sr": srb, "vdi_info": {"virtual_size": 2 * MiB}})
-    )
-    vdi = v["vdi"]
-    code, text = _put(b, f"/data/{srb}/{vdi}", 2 * MiB + 1)
+    as_a = tls_client(certs, "a")
+
+    def create() -> str:
+        """A VDI of b made by a's call over TLS: a may upload into it, once."""
+        sm = b.tcp("/", as_a, "b")
+        info = {"virtual_size": 2 * MiB}
+        return str(ok(sm.VDI.create({"dbg": "t", "sr": srb, "vdi_info": info}))["vdi"])
+
+    vdi = create()
+    code, text = _put(b, f"/data/{srb}/{vdi}", 2 * MiB + 1, ctx=as_a, name="b")
     assert code == 413 and "larger than VDI" in text
     for path in (
         f"/data/{srb}/..%2F..%2Fetc",
@@ -249,24 +337,38 @@ def test_put_refuses_oversized_and_hostile(hosts: Callable[[str], Daemon]) -> No
         f"/data/{srb}/{vdi}/extra",
         "/data/" + "x" * 200 + f"/{vdi}",
     ):
-        code, text = _put(b, path, 10)
-        assert code in (400, 404), (path, code, text)
-    code, text = _put(b, f"/data/unknown-sr/{vdi}", 10)
-    assert code == 404 and "not known" in text
-    code, text = _put(b, f"/data/{srb}/no-such-vdi", 10)
-    assert code == 404 and "no-such-vdi" in text
-    # a good small PUT works, and a second into the now non-empty VDI is refused
+        code, text = _put(b, path, 10, ctx=as_a, name="b")
+        assert code in (400, 403, 404), (path, code, text)
+    code, text = _put(b, f"/data/unknown-sr/{vdi}", 10, ctx=as_a, name="b")
+    assert code == 403 and "not made by a VDI.create of a" in text
+    code, text = _put(b, f"/data/{srb}/no-such-vdi", 10, ctx=as_a, name="b")
+    assert code == 403 and "no-such-vdi" in text
+    # a good small PUT works, and a second into the same VDI is refused
+    first, vdi = vdi, create()
     body = b"\x01" * 4096
-    code, text = _put(b, f"/data/{srb}/{vdi}", len(body), body)
+    code, text = _put(b, f"/data/{srb}/{vdi}", len(body), body, ctx=as_a, name="b")
     assert code == 200 and "Success" in text, text
-    code, text = _put(b, f"/data/{srb}/{vdi}", len(body), body)
-    assert code == 200 and "VDI_NOT_EMPTY" in text, text
+    code, text = _put(b, f"/data/{srb}/{vdi}", len(body), body, ctx=as_a, name="b")
+    assert code == 403 and "not made by a VDI.create of a" in text, text
+    # another peer (c), or the made VDI's maker from a VDI.create on the Unix
+    # socket (no grant), cannot send data into it
+    vdi2 = create()
+    as_c = tls_client(certs, "c")
+    code, text = _put(b, f"/data/{srb}/{vdi2}", len(body), body, ctx=as_c, name="b")
+    assert code == 403 and "not made by a VDI.create of c" in text, text
+    info = {"virtual_size": MiB}
+    mine = ok(b.unix("/").VDI.create({"dbg": "t", "sr": srb, "vdi_info": info}))
+    code, text = _put(b, f"/data/{srb}/{mine['vdi']}", 10, b"x" * 10, ctx=as_a, name="b")
+    assert code == 403, text
+    # a's grant for vdi2 is still good: the refused PUTs did not use it
+    code, text = _put(b, f"/data/{srb}/{vdi2}", len(body), body, ctx=as_a, name="b")
+    assert code == 200 and "Success" in text, text
     # the plugin reads only files under <state_dir>/import
     r = b.unix("/").VDI.import_raw(
         {"dbg": "t", "sr": srb, "vdi": vdi, "path": "/etc/passwd"}
     )
     assert r["Status"] == "Failure" and "is not a file directly under" in str(r)
-    assert _vdis(b, srb) == [vdi]
+    assert sorted(_vdis(b, srb)) == sorted([first, vdi, vdi2, mine["vdi"]])
 
 
 def test_clean_spool_removes_leftover_uploads(tmp_path: Path) -> None:

@@ -247,8 +247,9 @@ def test_an_sr_attached_by_hand_is_known_to_the_dispatcher(
     assert r.returncode == 0 and json.loads(r.stdout)["name_label"] == "b", r.stderr
     elsewhere = "5b0d0c1e-0000-4000-8000-000000000000"  # an SR of the remote, not here
     r = smctl(*where, "vdi-copy", sr, created[0], "--dest", elsewhere,
-              "--remote", "http://127.0.0.1:9/")  # fmt: skip
-    assert r.returncode == 1 and "REMOTE_COPY_FAILED" in r.stderr and "127.0.0.1" in r.stderr
+              "--remote", "https://127.0.0.1:9/")  # fmt: skip
+    # not a peer of this host (no pool.json): refused before anything is sent
+    assert r.returncode == 1 and "REMOTE_NOT_A_PEER" in r.stderr and "127.0.0.1" in r.stderr
     r = smctl(*where, "sr-stat", sr)
     assert r.returncode == 0, r.stderr
     stat = dict(line.split(None, 1) for line in r.stdout.splitlines())

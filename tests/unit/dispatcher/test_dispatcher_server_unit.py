@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dispatcher import server
+from dispatcher import httpd, server
 
 
 def test_defaults() -> None:
@@ -26,6 +26,9 @@ def test_defaults() -> None:
         (["--tcp", "70000"], "expected [HOST:]PORT"),
         (["--timeout", "0"], "--timeout must be positive"),
         (["--workers", "0"], "at least 1"),
+        (["--insecure"], "--insecure applies to --tcp only"),
+        (["--request-timeout", "0"], "--request-timeout must be positive"),
+        (["--max-inflight", "10"], "--max-inflight must be at least --max-body"),
     ],
 )
 def test_bad_options_are_usage_errors(
@@ -39,8 +42,8 @@ def test_bad_options_are_usage_errors(
 
 def test_log_fields_cannot_forge_lines() -> None:
     assert (
-        server._clean("a\nmethod=x outcome=Success")
+        httpd.clean("a\nmethod=x outcome=Success")
         == "a\\nmethod=x\\x20outcome=Success"
     )
-    assert server._clean("é") == "\\xe9"
-    assert len(server._clean("x" * 10_000)) == 203
+    assert httpd.clean("é") == "\\xe9"
+    assert len(httpd.clean("x" * 10_000)) == 203
