@@ -86,9 +86,9 @@ def attackers() -> Iterator[list[socket.socket]]:
 
 
 def test_a_trickling_sender_is_cut_at_the_request_deadline(
-    start_daemon: Callable[..., Daemon], attackers: list[socket.socket]
+    start_in_mode: Callable[..., Daemon], attackers: list[socket.socket]
 ) -> None:
-    d = start_daemon("--request-timeout", "2")
+    d = start_in_mode("--request-timeout", "2")
     headers, body = _request().split(b"\r\n\r\n", 1)
     cut: dict[str, float] = {}
 
@@ -131,9 +131,9 @@ def _readable(s: socket.socket) -> bool:
 
 
 def test_idle_and_slow_connections_do_not_lock_callers_out(
-    start_daemon: Callable[..., Daemon], attackers: list[socket.socket]
+    start_in_mode: Callable[..., Daemon], attackers: list[socket.socket]
 ) -> None:
-    d = start_daemon(
+    d = start_in_mode(
         "--max-connections", "24", "--max-reading", "6", "--max-per-client", "64",
         "--idle-timeout", "60", "--request-timeout", "60",
     )  # fmt: skip
@@ -163,9 +163,9 @@ def test_idle_and_slow_connections_do_not_lock_callers_out(
 
 
 def test_one_client_cannot_take_every_connection(
-    start_daemon: Callable[..., Daemon], attackers: list[socket.socket]
+    start_in_mode: Callable[..., Daemon], attackers: list[socket.socket]
 ) -> None:
-    d = start_daemon("--max-per-client", "4", "--request-timeout", "60")
+    d = start_in_mode("--max-per-client", "4", "--request-timeout", "60")
     for _ in range(4):  # four requests begun, none finished: nothing to evict
         s = _connect(d, "127.0.0.2")
         s.sendall(b"POST /fake HTTP/1.1\r\n")
@@ -180,12 +180,12 @@ def test_one_client_cannot_take_every_connection(
 
 
 def test_bodies_in_flight_are_bounded_in_memory(
-    start_daemon: Callable[..., Daemon], attackers: list[socket.socket]
+    start_in_mode: Callable[..., Daemon], attackers: list[socket.socket]
 ) -> None:
     """100 connections from 5 addresses each send all but the last byte of a
     4 MiB - 1 body: the daemon holds at most --max-inflight of them (16 MiB),
     refuses the rest at once (503, unread), and a normal call is served."""
-    d = start_daemon("--max-inflight", str(16 << 20), "--request-timeout", "30")
+    d = start_in_mode("--max-inflight", str(16 << 20), "--request-timeout", "30")
     proc = psutil.Process(d.proc.pid)
     before = proc.memory_info().rss
     length = (4 << 20) - 1
@@ -248,7 +248,7 @@ def test_bodies_in_flight_are_bounded_in_memory(
     ],
 )  # fmt: skip
 def test_a_malformed_request_is_answered(
-    start_daemon: Callable[..., Daemon],
+    start_in_mode: Callable[..., Daemon],
     attackers: list[socket.socket],
     what: str,
     data: bytes,
@@ -257,7 +257,7 @@ def test_a_malformed_request_is_answered(
 ) -> None:
     """Malformed: answered at once; incomplete: at the request deadline (2 s
     here); never held with no answer (the daemon before: 120 s)."""
-    d = start_daemon("--request-timeout", "2")
+    d = start_in_mode("--request-timeout", "2")
     s = _connect(d, "127.0.0.2")
     attackers.append(s)
     s.sendall(data)

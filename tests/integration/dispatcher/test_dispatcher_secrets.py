@@ -41,10 +41,10 @@ def chap_plugins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_no_secret_is_written_anywhere(
-    start_daemon: Callable[..., Daemon], chap_plugins: Path, sm_root: Path, tmp_path: Path
+    start_in_mode: Callable[..., Daemon], chap_plugins: Path, sm_root: Path, tmp_path: Path
 ) -> None:
     log_file = sm_root / "var" / "log" / "sm" / "dispatcher.log"
-    d = start_daemon("--log-file", str(log_file), plugins=chap_plugins)
+    d = start_in_mode("--log-file", str(log_file), plugins=chap_plugins)
     sr_dir = tmp_path / "sr-chap"
     dc = {"path": str(sr_dir), "chapuser": "admin", "chappassword": SECRET,
           "incoming_chappassword": MUTUAL}  # fmt: skip

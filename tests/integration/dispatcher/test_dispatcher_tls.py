@@ -41,14 +41,14 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def tls_daemon(start_daemon: Callable[..., Daemon], certs: Path) -> Daemon:
+def tls_daemon(start_in_mode: Callable[..., Daemon], certs: Path) -> Daemon:
     """A dispatcher on TLS letting in "admin" and "old" (expired: refused all the same)."""
     tcp = (
         "--tcp", "127.0.0.1:0",
         "--tls-cert", str(certs / "host.pem"), "--tls-key", str(certs / "host.key"),
         "--tls-ca", str(certs / "ca.pem"), "--allow-client", "admin", "--allow-client", "old",
     )  # fmt: skip
-    d = start_daemon(tcp=tcp)
+    d = start_in_mode(tcp=tcp)
     assert d.url and d.url.startswith("https://127.0.0.1:"), d.banner
     assert "mutual TLS; clients: admin, old" in d.banner
     return d
@@ -145,21 +145,21 @@ def test_tcp_without_tls_does_not_start(sm_root: Path, plugins_dir: Path) -> Non
         assert words in err, (argv, err)
 
 
-def test_insecure_says_so(start_daemon: Callable[..., Daemon]) -> None:
-    d = start_daemon()  # the fixture's default: --tcp 127.0.0.1:0 --insecure
+def test_insecure_says_so(start_in_mode: Callable[..., Daemon]) -> None:
+    d = start_in_mode()  # the fixture's default: --tcp 127.0.0.1:0 --insecure
     assert "INSECURE: plain HTTP, no client authentication" in d.banner
     rc, err = d.stop()
     assert rc == 0 and "INSECURE: TCP 127.0.0.1:0 is plain HTTP" in err
 
 
-def test_unix_socket_is_root_only_or_a_group(start_daemon: Callable[..., Daemon]) -> None:
-    d = start_daemon()
+def test_unix_socket_is_root_only_or_a_group(start_in_mode: Callable[..., Daemon]) -> None:
+    d = start_in_mode()
     assert d.socket is not None
     st = os.stat(d.socket)
     assert stat.S_IMODE(st.st_mode) == 0o600
     assert stat.S_IMODE(os.stat(d.socket.parent).st_mode) == 0o700
     d.stop()
-    g = start_daemon("--socket-group", "1", "--socket", str(d.socket.parent / "g.sock"))
+    g = start_in_mode("--socket-group", "1", "--socket", str(d.socket.parent / "g.sock"))
     assert g.socket is not None
     st = os.stat(g.socket)
     assert stat.S_IMODE(st.st_mode) == 0o660 and st.st_gid == 1
