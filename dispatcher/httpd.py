@@ -415,7 +415,8 @@ class TcpServer(_ServerMixin, socketserver.ThreadingTCPServer):
 def bind_unix(
     path: Path, dispatcher: Dispatcher, frontend: Frontend, group: str | None = None
 ) -> UnixServer:
-    """Listen on ``path``: mode 0600 (root only), or 0660 for ``group``."""
+    """Listen on ``path``: mode 0600 (root only), or 0660 for ``group``, whose
+    members may then pass through its directory (0710, that group)."""
     private_dir(path.parent)
     if path.exists() or path.is_symlink():
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -443,6 +444,8 @@ def bind_unix(
     if gid >= 0:
         os.chown(path, -1, gid)
         os.chmod(path, 0o660)
+        os.chown(path.parent, -1, gid)
+        os.chmod(path.parent, 0o710)
     srv.init_limits(dispatcher, frontend)
     return srv
 

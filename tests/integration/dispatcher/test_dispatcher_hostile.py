@@ -21,7 +21,7 @@ from dispatcher_testlib import Daemon
 
 from dispatcher import wire
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 CALL = wire.dumps_call("VDI.stat", {"dbg": "normal", "sr": "s", "vdi": "ok"})
 

@@ -163,3 +163,40 @@ def test_unix_socket_is_root_only_or_a_group(start_in_mode: Callable[..., Daemon
     assert g.socket is not None
     st = os.stat(g.socket)
     assert stat.S_IMODE(st.st_mode) == 0o660 and st.st_gid == 1
+    st = os.stat(g.socket.parent)  # the group passes through, lists nothing
+    assert stat.S_IMODE(st.st_mode) == 0o710 and st.st_gid == 1
+
+
+def test_a_stalled_handshake_or_request_is_cut_on_tls_too(
+    start_in_mode: Callable[..., Daemon], certs: Path
+) -> None:
+    """The request deadline covers the TLS handshake and a request trickled
+    through TLS: both connections are closed by the watchdog (no 408 is written
+    into a TLS stream from another thread: just closed)."""
+    import time
+
+    tcp = (
+        "--tcp", "127.0.0.1:0", "--request-timeout", "2",
+        "--tls-cert", str(certs / "host.pem"), "--tls-key", str(certs / "host.key"),
+        "--tls-ca", str(certs / "ca.pem"), "--allow-client", "admin",
+    )  # fmt: skip
+    d = start_in_mode(tcp=tcp)
+    host, port = str(d.url).split("//")[1].rstrip("/").split(":")
+    silent = socket.create_connection((host, int(port)), timeout=30)
+    tls = tls_client(certs, "admin").wrap_socket(
+        socket.create_connection((host, int(port)), timeout=30), server_hostname="host"
+    )
+    started = time.monotonic()
+    tls.sendall(b"POST /fake HTTP/1.1\r\n")  # and nothing more
+    for s in (silent, tls):
+        try:
+            got = s.recv(4096)
+        except (ConnectionResetError, OSError):
+            got = b""
+        assert got == b"", got
+    took = time.monotonic() - started
+    silent.close()
+    tls.close()
+    assert took < 12, took  # cut at the 2 s deadline, not the 600 s socket backstop
+    r = _stat(d, tls_client(certs, "admin"))
+    assert r["Status"] == "Success", r
