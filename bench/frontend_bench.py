@@ -18,7 +18,10 @@ For each it prints the median of ``--calls`` Query.query calls (over TCP from
 trickler keeps its connection, and how fast ``GET /`` (HTTP/0.9) and a body
 cut short are answered.
 
-    python3 bench/frontend_bench.py [--calls 20]
+    python3 bench/frontend_bench.py [--calls 20] [--repo DIR]
+
+``--repo DIR`` runs the dispatcher of another checkout (e.g. an export of an
+earlier commit, ``git archive``) under the same attacks: the "before" figures.
 """
 
 from __future__ import annotations
@@ -51,14 +54,18 @@ from dispatcher import wire
 CALL = wire.dumps_call("Query.query", {"dbg": "bench"})
 
 
-def start(base: Path) -> tuple[subprocess.Popen[str], int]:
+def start(base: Path, repo: Path) -> tuple[subprocess.Popen[str], int]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", SM_ROOT=str(base / "root"),
+               PYTHONPATH=f"{repo / 'lib'}:{repo}", PYTHONDONTWRITEBYTECODE="1")  # fmt: skip
+    helptext = subprocess.run([sys.executable, "-m", "dispatcher", "--help"], env=env,
+                              cwd=repo, capture_output=True, text=True, check=False).stdout  # fmt: skip
     argv = [
-        sys.executable, "-m", "dispatcher", "--plugins-dir", str(REPO / "plugins"),
-        "--tcp", "127.0.0.1:0", "--insecure", "--default-sr", str(base / "sr"),
+        sys.executable, "-m", "dispatcher", "--plugins-dir", str(repo / "plugins"),
+        "--tcp", "127.0.0.1:0", *(["--insecure"] if "--insecure" in helptext else []),
+        "--default-sr", str(base / "sr"),
     ]  # fmt: skip
-    env = dict(os.environ, PYTHONUNBUFFERED="1", SM_ROOT=str(base / "root"))
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            text=True, env=env, cwd=REPO)  # fmt: skip
+                            text=True, env=env, cwd=repo)  # fmt: skip
     banner = ""
     assert proc.stdout is not None
     for line in proc.stdout:
@@ -158,7 +165,7 @@ def bodies(port: int, stop: threading.Event, socks: list[socket.socket]) -> None
 def held(port: int) -> float:
     """Seconds a one-byte-every-0.5-s sender keeps its connection (60 s at most)."""
     s = connect(port, "127.0.0.20")
-    s.sendall(b"POST / HTTP/1.1\r\nContent-Length: 100\r\n\r\n")
+    s.sendall(b"POST / HTTP/1.1\r\nContent-Length: 10000\r\n\r\n")
     started = time.monotonic()
     s.settimeout(0.5)
     while time.monotonic() - started < 60:
@@ -177,12 +184,13 @@ def held(port: int) -> float:
 
 def answered(port: int, data: bytes, half_close: bool) -> tuple[str, float]:
     s = connect(port, "127.0.0.21")
+    s.settimeout(150)
     started = time.monotonic()
     s.sendall(data)
     if half_close:
         s.shutdown(socket.SHUT_WR)
     try:
-        first = s.recv(4096).split(b"\r\n", 1)[0].decode()
+        first = s.recv(4096).split(b"\r\n", 1)[0].decode() or "(closed, no answer)"
     except OSError as e:
         first = str(e)
     s.close()
@@ -192,9 +200,11 @@ def answered(port: int, data: bytes, half_close: bool) -> tuple[str, float]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--calls", type=int, default=20)
+    ap.add_argument("--repo", type=Path, default=REPO, help="whose dispatcher (default: this one)")
     ns = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="frontend-bench-") as tmp:
-        proc, port = start(Path(tmp))
+        proc, port = start(Path(tmp), ns.repo.resolve())
+        print(f"dispatcher of {ns.repo.resolve()}")
         ps = psutil.Process(proc.pid)
         try:
             call(port)  # warm up
