@@ -166,9 +166,9 @@ def test_copy_between_srs(drv: Driver, tmp_path: Path) -> None:
     assert vhd.read(npath, 0, K4) == pat("c0")
     assert vhd.chain(npath) == [npath]
     # a URL of this machine whose dest is not attached here: another
-    # dispatcher; nothing listens on port 9 -> a clear error, at once
-    with pytest.raises(BackendError, match="REMOTE_COPY_FAILED.*cannot reach"):
-        drv.vdi_copy(D, a, v, "http://127.0.0.1:9/", str(uuid.uuid4()))
+    # dispatcher, which must be a peer of this host's pool.json (there is none)
+    with pytest.raises(BackendError, match="REMOTE_NOT_A_PEER"):
+        drv.vdi_copy(D, a, v, "https://127.0.0.1:9/", str(uuid.uuid4()))
     with pytest.raises(VdiDoesNotExist):
         drv.vdi_copy(D, a, str(uuid.uuid4()), "", b)
     with pytest.raises(SrNotAttached):
@@ -200,7 +200,7 @@ def test_gc_method_and_diagnostics(drv: Driver, tmp_path: Path) -> None:
 def test_query_without_the_engine(paths: Paths) -> None:
     plugin = ext_driver.factory(paths)
     q = plugin.query_query(D)
-    assert q["driver"] == "ext" and set(q["configuration"]) == {"device", "path"}
+    assert q["driver"] == "ext" and set(q["configuration"]) == {"device", "path", "force"}
     code = (
         "import sys; sys.path.insert(0, {!r}); import ext_driver; "
         "ext_driver.factory(None).query_query('x'); "
