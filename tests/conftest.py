@@ -34,7 +34,7 @@ os.environ["PATH"] = CI_PATH
 
 @pytest.fixture(scope="session", autouse=True)
 def sr_roots(tmp_path_factory: pytest.TempPathFactory) -> str:
-    roots = f"{tmp_path_factory.getbasetemp().resolve()}:/srv:/var/lib/sm-srs"
+    roots = f"{tmp_path_factory.getbasetemp().resolve()}:/srv:/var/lib/sm"
     os.environ["SM_SR_PATHS"] = roots
     return roots
 

@@ -3,11 +3,15 @@
 Owns the checks an SR type runs before it touches what device_config names:
 
 - ``sr_roots()``: the directories path SRs may live in: ``$SM_SR_PATHS``
-  (colon-separated absolute paths), else ``/srv:/var/lib/sm-srs``, plus
+  (colon-separated absolute paths), else ``/srv:/var/lib/sm``, plus
   ``$SM_ROOT/sr`` when ``SM_ROOT`` is set (the development layout).
-- ``allowed_path(value)``: ``value`` with every existing part resolved (a
-  symlink cannot lead out of a root), if it lies strictly under a root;
-  else ``PATH_NOT_ALLOWED`` naming the roots.
+- ``allowed_path(value, reserved=host_dirs(paths))``: ``value`` with every
+  existing part resolved (a symlink cannot lead out of a root), if it lies
+  strictly under a root and is none of the host's own directories nor in one
+  (``host_dirs``: the state directory and its registry, spool and dispatcher
+  state, run, log and configuration directories; ``/var/lib/sm`` is both a
+  root and the host's state directory); else ``PATH_NOT_ALLOWED`` naming the
+  roots, or the host directory.
 - ``findings(device)``: what uses or holds a block device, in words: a mount
   of it, of a partition or of a holder (``lsblk --json``, its tree of
   partitions and holders with their mount points, and the mount table by
@@ -35,8 +39,10 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Any
 
+    from smcommon.paths import Paths
+
 SR_PATHS_ENV = "SM_SR_PATHS"
-DEFAULT_ROOTS = ("/srv", "/var/lib/sm-srs")
+DEFAULT_ROOTS = ("/srv", "/var/lib/sm")
 PROBE_TIMEOUT = 60.0
 PARTITION_TABLES = frozenset({"dos", "gpt", "PMBR", "atari", "sun", "bsd", "mac", "sgi"})
 
@@ -65,12 +71,43 @@ def _resolved(path: str) -> Path:
     return Path(os.path.realpath(p)).joinpath(*missing)
 
 
-def allowed_path(value: str, roots: list[Path] | None = None) -> Path:
-    """``value`` resolved, if it lies strictly under an SR root."""
+def host_dirs(paths: Paths) -> tuple[list[Path], list[Path]]:
+    """The host's own directories no path SR may be: (those it may not be,
+    those it may not be nor lie in).  The state directory itself holds the
+    SRs of the default root ``/var/lib/sm``; its entries the host uses
+    (the registry ``sr``, the upload spool ``import``, ``dispatcher``) and
+    the run, log and configuration directories are closed to SRs."""
+    state = paths.state_dir
+    return [state], [
+        state / "sr",
+        state / "import",
+        state / "dispatcher",
+        paths.run_dir,
+        paths.log_dir,
+        paths.etc_dir,
+    ]
+
+
+def allowed_path(
+    value: str,
+    roots: list[Path] | None = None,
+    reserved: tuple[list[Path], list[Path]] = ([], []),
+) -> Path:
+    """``value`` resolved, if it lies strictly under an SR root and is none
+    of the ``reserved`` host directories (``host_dirs``)."""
     roots = sr_roots() if roots is None else roots
     if ".." in Path(value).parts:
         raise BackendError("PATH_NOT_ALLOWED", [f"path {value} must not hold '..'"])
     real = _resolved(value)
+    exact, trees = reserved
+    for d in [*exact, *trees]:
+        rd = _resolved(str(d))
+        if real == rd or (d in trees and real.is_relative_to(rd)):
+            where = "is" if real == rd else "lies in"
+            raise BackendError(
+                "PATH_NOT_ALLOWED",
+                [f"{value} {where} the host's own directory {d}: an SR cannot live there"],
+            )
     for r in roots:
         rr = _resolved(str(r))
         if real != rr and real.is_relative_to(rr):

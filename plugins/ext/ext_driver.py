@@ -10,7 +10,8 @@ device_config (one of):
   path     a directory used as it is (the unprivileged, embedded form): the
            SR's volumes and metadata live in it; SR.create makes it (and its
            parents) when it does not exist.  Only under the host's SR roots
-           (``SM_SR_PATHS``; symlinks resolved, ``smcommon.devsafety``).
+           (``SM_SR_PATHS``; symlinks resolved), never in the host's own
+           state, run, log or configuration directories (``smcommon.devsafety``).
   force    ``true``: SR.create formats a device that holds something.
 No device_config key of ext is secret (``SECRET_KEYS``).
 
@@ -145,7 +146,8 @@ class ExtType:
 
         kind, value = self._which(device_config)
         if kind == "path":
-            value = str(devsafety.allowed_path(value))
+            reserved = devsafety.host_dirs(self.paths)
+            value = str(devsafety.allowed_path(value, reserved=reserved))
             if create and not os.path.lexists(value):
                 try:
                     os.makedirs(value, mode=0o755)

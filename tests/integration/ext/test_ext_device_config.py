@@ -69,6 +69,30 @@ def test_path_srs_only_under_the_roots(ext: Ext, tmp_path: Path) -> None:
     ext.ok("SR.detach", sr=made[0])
 
 
+def test_path_srs_never_in_the_hosts_own_directories(ext: Ext) -> None:
+    """The state directory is a default root (/var/lib/sm): SRs may live in
+    it, but never as it, nor in its registry, spool or dispatcher entries,
+    nor in the run, log or configuration directories."""
+    state = ext.root / "var" / "lib" / "sm"
+    ext.env["SM_SR_PATHS"] = f"{state}:{ext.root}"
+    for path in (
+        state / "sr",  # the registry of attached SRs
+        state / "import" / "x",
+        state / "dispatcher",
+        ext.root / "run" / "sm" / "x",
+        ext.root / "etc" / "sm" / "x",
+        ext.root / "var" / "log" / "sm",
+    ):
+        _sr, err = _create(ext, {"path": str(path)})
+        assert err[:2] == ["Backend_error", "PATH_NOT_ALLOWED"], (path, err)
+        assert "the host's own directory" in err[2], (path, err)
+    assert not (state / "import" / "x").exists() and not (ext.root / "etc" / "sm" / "x").exists()
+    sr, err = _create(ext, {"path": str(state / "srs" / "one")})
+    assert not err, err
+    ext.ok("SR.attach", sr=sr, device_config={"path": str(state / "srs" / "one")})
+    ext.ok("SR.detach", sr=sr)
+
+
 @pytest.fixture
 def device(make_sr: SrFactory) -> Iterator[str]:
     dev = make_sr.loop_device("64M")

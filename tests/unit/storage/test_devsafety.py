@@ -103,7 +103,7 @@ def test_unreadable_tool_output_is_a_clear_error() -> None:
 def test_sr_roots_default_and_configured(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("SM_SR_PATHS", raising=False)
     monkeypatch.delenv("SM_ROOT", raising=False)
-    assert devsafety.sr_roots() == [Path("/srv"), Path("/var/lib/sm-srs")]
+    assert devsafety.sr_roots() == [Path("/srv"), Path("/var/lib/sm")]
     monkeypatch.setenv("SM_ROOT", "/tmp/x")
     assert devsafety.sr_roots()[-1] == Path("/tmp/x/sr")
     monkeypatch.setenv("SM_SR_PATHS", "/a:relative::/b")
@@ -118,6 +118,27 @@ def test_allowed_path_resolves_what_exists(tmp_path: Path) -> None:
     with pytest.raises(BackendError) as e:
         devsafety.allowed_path(str(root / "out" / "sr"), [root])
     assert e.value.code == "PATH_NOT_ALLOWED" and "resolved: /etc/sr" in e.value.details[0]
+
+
+def test_the_hosts_own_directories_are_refused(tmp_path: Path) -> None:
+    from smcommon.paths import Paths
+
+    paths = Paths(tmp_path / "root")
+    state = paths.state_dir
+    reserved = devsafety.host_dirs(paths)
+    roots = [state, paths.root]
+    for bad in (state, state / "sr", state / "sr" / "x", state / "import", paths.run_dir / "a",
+                paths.etc_dir, paths.log_dir / "b"):  # fmt: skip
+        with pytest.raises(BackendError) as e:
+            devsafety.allowed_path(str(bad), roots, reserved)
+        assert e.value.code == "PATH_NOT_ALLOWED" and "host's own directory" in e.value.details[0]
+    assert devsafety.allowed_path(str(state / "srs"), roots, reserved) == state / "srs"
+    # a symlink into a host directory is resolved first
+    state.mkdir(parents=True)
+    (state / "sr").mkdir()
+    (tmp_path / "root" / "sneaky").symlink_to(state / "sr")
+    with pytest.raises(BackendError):
+        devsafety.allowed_path(str(tmp_path / "root" / "sneaky" / "x"), roots, reserved)
 
 
 def test_force_values() -> None:
