@@ -183,6 +183,9 @@ class SrEngine:
         ownership records."""
         with locks.tree_lock(self.store.shared_lock_dir(), timeout):
             self.check_attached()
+            recover = getattr(self.store, "recover", None)
+            if resume_gc and recover is not None:  # a store's own half-done steps (LVStore)
+                recover()
             if resume_gc and self.meta.gc_file.exists():
                 from smcommon.engine.merge import finish_switch
 

@@ -60,6 +60,10 @@ def _apply(eng: SrEngine, rec: VdiRecord, t: Transition) -> None:
         raise BackendError(
             "VHD_MISSING", [f"leaf volume {rec.volume} of VDI {rec.vdi} is missing"]
         )
+    if new.read_write and not old.read_write and not new.activated:
+        prepare = getattr(eng.store, "prepare", None)
+        if prepare is not None:  # a logical volume grows before a writer comes
+            prepare(rec.volume, True)
 
 
 def change(

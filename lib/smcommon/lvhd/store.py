@@ -1,0 +1,758 @@
+"""LVStore: the VolumeStore of LVM SRs: one logical volume per volume, a VHD inside.
+
+Volume ``v`` is the LV ``VHD-<v>`` of the SR's volume group.  The engine's
+metadata (VDI records, GC journal) is on the SR's metadata volume (``MGT``,
+ext4, mounted as the SR directory by the SR type); this store keeps its own
+journal there too, in ``.sm/lvhd/``.
+
+Sizes.  An LV holds what its VHD needs, in whole extents: a VDI's leaf is
+*inflated* to the size of its VHD fully allocated before it can be written
+(VDI.create, a read-write activation, a coalesce into a parent); a volume
+that becomes a hidden parent is *deflated* to its VHD's current size.  Writes
+past the LV fail cleanly (``vhd.NoSpace``), never into a neighbour.
+
+Reading the tree.  ``tree()`` (the collector, similar_content) reads every
+volume's footer and header straight from the physical volume at the LV's
+offset (O_DIRECT: coherent with what the volumes' own devices wrote), after
+one ``lvs`` for the whole VG: no activation, no command per volume.  SR.scan
+needs only the LV sizes, from the same single ``lvs``.
+
+Opening images.  Anything that opens an image (create, snapshot, coalesce,
+info ...) first activates the volume and its chain on this host for the
+call's own process (``smcommon.lvhd.activation``), and lets go at the end.
+
+Crash safety, beyond the engine's own ordering:
+
+- a new LV is named in the journal (``create-<v>``) before ``lvcreate`` and
+  unnamed once its image is complete: a killed create leaves a journal entry,
+  and ``cleanup_partial`` removes the LV (``volumes()`` never lists it);
+- ``push_down(v)`` journals ``{v, base}``, renames ``VHD-v`` to the base and
+  creates the new empty ``VHD-v`` over it: ``recover()`` (run under the SR
+  lock before any tree change) finishes or undoes it;
+- ``renew``/``rebase``/relocation build the replacement as ``VHD-<v>.new``
+  and swap it in with ``lvremove VHD-v`` (the commit point) then
+  ``lvrename``: a leftover ``.new`` is dropped while ``VHD-v`` exists, and
+  renamed into place if it does not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import mmap
+import os
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from smcommon.engine.store import Node, load_vhd, vhd_call
+from smcommon.errors import BackendError, Error
+from smcommon.fileio import atomic_write_json, unlink_durable
+from smcommon.lvhd.activation import Activations, process_holder
+from smcommon.lvm import Lv, Lvm, LvmError, Segment, Vg
+from smcommon.paths import safe_name
+
+log = logging.getLogger(__name__)
+
+LV_PREFIX = "VHD-"
+NEW_SUFFIX = ".new"
+MGT_LV = "MGT"
+OWNER_TAG = "sm_owner="
+SECTOR = 512
+BLOCK = 2 * 1024 * 1024
+SPAN = BLOCK + SECTOR  # a data block and its sector bitmap
+LOCATORS = 3 * 8192  # the parent locator slots of a differencing image
+COPY_CHUNK = 8 * 1024 * 1024
+
+
+def meta_size(virtual_size: int) -> int:
+    """Bytes of an empty VHD of ``virtual_size`` (differencing: the larger layout)."""
+    entries = -(-virtual_size // BLOCK)
+    bat = -(-entries * 4 // SECTOR) * SECTOR
+    return SECTOR + 1024 + LOCATORS + bat + SECTOR
+
+
+def full_size(virtual_size: int) -> int:
+    """Bytes of a VHD of ``virtual_size`` with every block allocated."""
+    return meta_size(virtual_size) + -(-virtual_size // BLOCK) * SPAN
+
+
+def lv_name(volume: str) -> str:
+    return LV_PREFIX + volume
+
+
+def volume_of(lv: str) -> str | None:
+    if lv.startswith(LV_PREFIX) and "." not in lv:
+        return lv[len(LV_PREFIX) :]
+    return None
+
+
+def key_of(lv: str) -> str | None:
+    """The activation key of an LV: its volume, or ``<volume>.new`` for a
+    replacement being built."""
+    if lv.startswith(LV_PREFIX) and lv.endswith(NEW_SUFFIX):
+        return lv[len(LV_PREFIX) :]
+    return volume_of(lv)
+
+
+class LVStore:
+    """Volumes as LVs holding VHDs (see the module doc)."""
+
+    def __init__(
+        self,
+        sr_dir: Path,
+        vg: str,
+        lvm: Lvm,
+        pv: str,
+        activations: Activations,
+        *,
+        pe_start: int = 0,
+        pe_count: int = 0,
+        contiguous: bool = False,
+        owner: str = "",
+        vhd: Any = None,
+    ) -> None:
+        self.sr_dir = Path(sr_dir)
+        self.vg = vg
+        self.lvm = lvm
+        self.pv = pv
+        self.act = activations
+        self.pe_start = pe_start  # where extent 0 lies on the PV
+        self.pe_count = pe_count  # the PV's extents
+        self.contiguous = contiguous  # loop activation: each LV in one piece, placed here
+        self.owner = owner  # this host's owner tag: refuse to work if another took over
+        self._vhd = vhd
+        self._vg: Vg | None = None
+        self._lvs: dict[str, Lv] | None = None
+        self.jdir = self.sr_dir / ".sm" / "lvhd"
+        self.holder = process_holder()
+
+    @property
+    def vhd(self) -> Any:
+        if self._vhd is None:
+            self._vhd = load_vhd()
+        return self._vhd
+
+    # --- the VG report (one lvs) ----------------------------------------------------
+
+    def _report(self) -> dict[str, Lv]:
+        if self._lvs is None:
+            vg, lvs = self.lvm.report(self.vg)
+            if vg is None:
+                raise BackendError("SR_VG_EMPTY", [f"volume group {self.vg} has no volumes"])
+            if self.owner and f"{OWNER_TAG}{self.owner}" not in vg.tags:
+                others = [t[len(OWNER_TAG):] for t in vg.tags if t.startswith(OWNER_TAG)]
+                now = (f"is now owned by host {', '.join(others)}" if others
+                       else "is no longer owned by this host")
+                raise BackendError("SR_OWNER_CHANGED", [
+                    f"volume group {self.vg} {now} (taken over): SR.detach it here"])
+            self._vg = vg
+            self._lvs = {lv.name: lv for lv in lvs}
+        return self._lvs
+
+    def _lv(self, volume: str) -> Lv:
+        lv = self._report().get(lv_name(volume))
+        if lv is None:
+            raise BackendError("VHD_MISSING", [f"volume {volume} ({lv_name(volume)}) is missing"])
+        return lv
+
+    def _refresh(self, names: Sequence[str]) -> None:
+        """Re-read these LVs (after lvcreate/lvresize: their segments changed)."""
+        report = self._report()
+        for lv in self.lvm.lvs(self.vg, list(names)):
+            report[lv.name] = lv
+
+    @property
+    def extent(self) -> int:
+        self._report()
+        assert self._vg is not None
+        return self._vg.extent_size
+
+    def _round(self, nbytes: int) -> int:
+        e = self.extent
+        return max(e, -(-nbytes // e) * e)
+
+    # --- names and paths -------------------------------------------------------------
+
+    def new_name(self) -> str:
+        return str(uuid.uuid4())
+
+    def path(self, volume: str) -> str:
+        return self.act.path(safe_name("volume", volume))
+
+    def exists(self, volume: str) -> bool:
+        return lv_name(volume) in self._report()
+
+    def volumes(self) -> list[str]:
+        pending = self._pending_creates()
+        names = (volume_of(n) for n in self._report())
+        return sorted(v for v in names if v is not None and v not in pending)
+
+    # --- the store's journal -----------------------------------------------------------
+
+    def _journal(self, kind: str, volume: str, doc: dict[str, Any]) -> Path:
+        self.jdir.mkdir(parents=True, exist_ok=True)
+        path = self.jdir / f"{kind}-{volume}.json"
+        atomic_write_json(path, {"op": kind, "volume": volume, **doc})
+        return path
+
+    def _pending_creates(self) -> set[str]:
+        try:
+            names = os.listdir(self.jdir)
+        except FileNotFoundError:
+            return set()
+        return {n[len("create-") : -5] for n in names
+                if n.startswith("create-") and n.endswith(".json")}
+
+    @contextlib.contextmanager
+    def _new_lv(self, volume: str, size: int, temp: bool = False,
+                future: int = 0) -> Iterator[str]:
+        """lvcreate VHD-<volume> under a journal entry, which goes when the block
+        succeeds; or, ``temp``, the replacement VHD-<volume>.new (its suffix is
+        its journal).  ``future``: the size it may grow to (placement)."""
+        lv = lv_name(volume) + (NEW_SUFFIX if temp else "")
+        j = None if temp else self._journal("create", volume, {"lv": lv})
+        if temp and lv in self._report():
+            self._remove_lv(lv)
+        self._lvcreate(lv, self._round(size), self._round(max(size, future)))
+        yield lv
+        if j is not None:
+            unlink_durable(j)
+
+    def _lvcreate(self, lv: str, size: int, future: int) -> None:
+        """Create ``lv``; in one piece, placed by this store (its record then
+        needs no second ``lvs``), where the loop activation needs it."""
+        report = self._report()
+        if not self.contiguous:
+            self.lvm.lvcreate(self.vg, lv, size)
+            report[lv] = Lv(lv, size)
+            return
+        for attempt in (1, 2):
+            start = self._place(size // self.extent, future // self.extent)
+            if start is None:
+                raise LvmError("LVM_NO_SPACE", f"lvcreate {self.vg}/{lv}",
+                               f"no {size // self.extent} free extents in one piece on "
+                               f"{self.pv}")
+            count = size // self.extent
+            try:
+                self.lvm.lvcreate(self.vg, lv, size, contiguous=True,
+                                  where=f"{self.pv}:{start}-{start + count - 1}")
+            except LvmError as e:
+                if attempt == 2 or e.code != "LVM_NO_SPACE":
+                    raise
+                self._lvs = None  # another process allocated meanwhile: look again
+                report = self._report()
+                continue
+            report[lv] = Lv(lv, size, segments=(Segment(0, count, self.pv, start),))
+            return
+
+    def _place(self, count: int, future: int) -> int | None:
+        """First extent for a new LV of ``count`` extents that may grow to
+        ``future``: at the end of the largest free range, less its growth, so
+        it can grow in place and the next LVs go below it."""
+        used = sorted((s.pv_start, s.pv_start + s.count)
+                      for lv in self._report().values() for s in lv.segments
+                      if s.pv == self.pv)
+        free = []
+        pos = 0
+        for a, b in used:
+            if a > pos:
+                free.append((pos, a))
+            pos = max(pos, b)
+        total = self.pe_count or pos
+        if total > pos:
+            free.append((pos, total))
+        fits = [(b - a, a, b) for a, b in free if b - a >= count]
+        if not fits:
+            return None
+        _, a, b = max(fits)
+        return max(a, b - max(count, future))
+
+    def recover(self) -> list[str]:
+        """Finish or undo what a killed call left (under the SR lock)."""
+        done: list[str] = []
+        report = self._report()
+        for name in sorted(report):
+            if name.startswith(LV_PREFIX) and name.endswith(NEW_SUFFIX):
+                target = name[: -len(NEW_SUFFIX)]
+                if target in report:
+                    self._remove_lv(name)
+                    done.append(f"dropped {name}")
+                else:
+                    self._rename_lv(name, target)
+                    done.append(f"{name} -> {target}")
+        for path in sorted(self.jdir.glob("push_down-*.json")) if self.jdir.is_dir() else []:
+            try:
+                j = json.loads(path.read_text())
+                v, b = safe_name("volume", j["volume"]), safe_name("base", j["base"])
+            except (OSError, ValueError, KeyError, Error):
+                unlink_durable(path)
+                continue
+            if self.exists(b):
+                # the base exists: the push_down committed; (re)make the empty leaf
+                if self.exists(v):
+                    self._remove_lv(lv_name(v))
+                self._child(v, b, users=self.act.holders(b))
+                done.append(f"push_down of {v} over {b} finished")
+            unlink_durable(path)
+        return done
+
+    def cleanup_partial(self) -> list[str]:
+        """Journal-named LVs of killed creates, leftovers of swaps, dead holders."""
+        gone = self.recover()
+        for volume in sorted(self._pending_creates()):
+            path = self.jdir / f"create-{volume}.json"
+            try:
+                lv = json.loads(path.read_text()).get("lv") or lv_name(volume)
+            except (OSError, ValueError, AttributeError):
+                lv = lv_name(volume)
+            if lv in self._report():
+                self._remove_lv(lv)
+                gone.append(lv)
+            unlink_durable(path)
+        self.act.release([], self.holder)  # sweeps holders of dead processes
+        active = self.act.active()
+        for v in self.volumes():  # bases frozen while active keep their size until now
+            if v not in active:
+                with contextlib.suppress(Error):
+                    if self._head(self._lv(v))[2]:
+                        self.deflate(v)
+        return gone
+
+    # --- LV changes (activation dropped first) -------------------------------------------
+
+    def _remove_lv(self, lv: str) -> None:
+        key = key_of(lv)
+        if key is not None:
+            self.act.drop(key, self.holder)
+        self.lvm.lvremove(self.vg, lv, missing_ok=True)
+        self._report().pop(lv, None)
+
+    def _rename_lv(self, old: str, new: str) -> list[str]:
+        """lvrename; an activation of the LV goes with it.  Its holders."""
+        new_key = key_of(new)
+        if new_key is not None:
+            self.act.drop(new_key, self.holder)
+        self.lvm.lvrename(self.vg, old, new)
+        report = self._report()
+        was = report.pop(old)
+        report[new] = Lv(new, was.size, was.attr, was.tags, was.segments)
+        old_key = key_of(old)
+        if old_key is None or new_key is None:
+            return []
+        return self.act.rename(old_key, new_key, new)
+
+    def _resize(self, volume: str, size: int) -> None:
+        """The LV to ``size`` bytes (rounded to extents); keeps it in one piece."""
+        lv = self._lv(volume)
+        size = self._round(size)
+        if size == lv.size:
+            return
+        self.act.drop(volume, self.holder)
+        try:
+            self.lvm.lvresize(self.vg, lv.name, size, contiguous=self.contiguous)
+        except LvmError as e:
+            if not (self.contiguous and size > lv.size and e.code == "LVM_NO_SPACE"):
+                raise
+            self._relocate(volume, size)
+            return
+        segs = lv.segments
+        if self.contiguous and len(segs) == 1:  # grown or shrunk at its end, in place
+            segs = (Segment(0, size // self.extent, segs[0].pv, segs[0].pv_start),)
+        self._report()[lv.name] = Lv(lv.name, size, lv.attr, lv.tags, segs)
+
+    def _relocate(self, volume: str, size: int) -> None:
+        """Grow a one-piece LV whose next extents are taken: copy it to a new LV
+        of ``size`` elsewhere and swap it in (``.new``: see the module doc)."""
+        old = self._lv(volume)
+        used = self._image_end(old) + SECTOR
+        with self._new_lv(volume, size, temp=True) as new:
+            key = f"{volume}{NEW_SUFFIX}"
+            src, dst = self.act.hold([(volume, old), (key, self._report()[new])], self.holder)
+            try:
+                _copy(src, dst, used)
+            finally:
+                self.act.release([volume, key], self.holder)
+        self._swap_in(volume, new)
+        log.info("relocated %s to grow it to %d bytes (%d bytes copied)", volume, size, used)
+
+    def _swap_in(self, volume: str, new: str) -> None:
+        """Replace VHD-<volume> by the complete LV ``new``: remove, then rename."""
+        self._remove_lv(lv_name(volume))
+        self._rename_lv(new, lv_name(volume))
+
+    def inflate(self, volume: str, size: int | None = None) -> None:
+        """Make the LV hold its VHD fully allocated (or ``size`` bytes)."""
+        lv = self._lv(volume)
+        need = size if size is not None else full_size(self._head(lv)[0])
+        if self._round(need) > lv.size:
+            self._resize(volume, need)
+
+    def deflate(self, volume: str) -> None:
+        """Shrink the LV to what its VHD uses now (not while active for a datapath)."""
+        lv = self._lv(volume)
+        if any(h != self.holder for h in self.act.holders(volume)):
+            return
+        need = self._round(self._image_end(lv) + SECTOR)
+        if need < lv.size:
+            self._resize(volume, need)
+
+    # --- reading headers from the PV ------------------------------------------------------
+
+    def _pread(self, lv: Lv, length: int, offset: int) -> bytes:
+        """Bytes ``offset``.. of an LV, read from the PV (O_DIRECT, aligned)."""
+        if offset + length > lv.size:
+            raise BackendError("VHD_CORRUPT", [f"{lv.name}: read past the end of the LV"])
+        pe_start = self.pe_start
+        out = bytearray()
+        pos = offset
+        while len(out) < length:
+            seg = next((s for s in lv.segments
+                        if s.lv_start * self.extent <= pos < (s.lv_start + s.count) * self.extent),
+                       None)
+            if seg is None:
+                raise BackendError("VHD_CORRUPT", [f"{lv.name}: no segment at {pos}"])
+            seg_end = (seg.lv_start + seg.count) * self.extent
+            n = min(length - len(out), seg_end - pos)
+            at = pe_start + seg.pv_start * self.extent + (pos - seg.lv_start * self.extent)
+            out += _direct_read(seg.pv, at, n)
+            pos += n
+        return bytes(out)
+
+    def _head(self, lv: Lv) -> tuple[int, str | None, bool, bytes]:
+        """(virtual size, parent volume, hidden, uuid) of the VHD in ``lv``."""
+        from smcommon.vhd import format as fmt
+        from smcommon.vhd.image import device_tail
+
+        def pread(n: int, at: int) -> bytes:
+            return self._pread(lv, n, at)
+
+        try:
+            head = fmt.Footer.from_bytes(pread(512, 0), f"{lv.name}: footer copy")
+            footer = head
+            end = device_tail(pread, lv.size, lv.name)
+            with contextlib.suppress(Error):
+                tail = fmt.Footer.from_bytes(pread(512, end), f"{lv.name}: footer")
+                if tail.uuid == head.uuid:
+                    footer = tail  # the tail is written first: it wins
+            parent = None
+            if footer.disk_type == fmt.DISK_DIFFERENCING:
+                # children are made in the SR's device directory: the parent's
+                # name there is its volume
+                header = fmt.Header.from_bytes(pread(1024, footer.data_offset))
+                parent = os.path.basename(header.parent_name) or None
+        except Error as e:
+            raise BackendError("VHD_CORRUPT", [f"{lv.name}: {e}"]) from None
+        return footer.current_size, parent, bool(footer.hidden), footer.uuid
+
+    def _image_end(self, lv: Lv) -> int:
+        from smcommon.vhd.image import device_tail
+
+        try:
+            return device_tail(lambda n, at: self._pread(lv, n, at), lv.size, lv.name)
+        except Error as e:
+            raise BackendError("VHD_CORRUPT", [f"{lv.name}: {e}"]) from None
+
+    def node(self, volume: str) -> Node:
+        lv = self._lv(volume)
+        vsize, parent, hidden, _ = self._head(lv)
+        return Node(volume, parent, hidden, vsize, lv.size)
+
+    def tree(self, strict: bool = False) -> dict[str, Node]:
+        out = {}
+        for v in self.volumes():
+            try:
+                out[v] = self.node(v)
+            except Error:
+                if strict:
+                    raise
+        return out
+
+    def chain_of(self, volume: str) -> list[str]:
+        """``volume`` and its ancestors, from the headers (no activation)."""
+        out = [volume]
+        parent = self.node(volume).parent
+        while parent is not None:
+            if parent in out or len(out) > 64:
+                raise BackendError("VHD_CORRUPT", [f"parent loop in the chain of {volume}"])
+            if not self.exists(parent):
+                raise BackendError("VHD_CHAIN_BROKEN",
+                                   [f"{parent} of the chain of {volume} is missing"])
+            out.append(parent)
+            parent = self.node(parent).parent
+        return out
+
+    # --- holding volumes open for this process ------------------------------------------------
+
+    @contextlib.contextmanager
+    def held(self, volume: str, *, parents: bool = True, extra: Sequence[str] = ()
+             ) -> Iterator[str]:
+        """Activate ``volume`` (and its chain, and ``extra`` volumes and their
+        chains) for this process; yield its path; let go at the end."""
+        keys: list[str] = []
+        for v in (volume, *extra):
+            for k in (self.chain_of(v) if parents else [v]):
+                if k not in keys:
+                    keys.append(k)
+        self.act.hold([(k, self._lv(k)) for k in keys], self.holder)
+        try:
+            yield self.path(volume)
+        finally:
+            self.act.release(keys, self.holder)
+
+    def check_not_busy(self, volume: str) -> None:
+        """Refuse at once (VDI_IN_USE) if a writer holds ``volume``'s image open
+        (as FileStore: a VM backend holds smcommon.vhd's lock while it writes)."""
+        import fcntl
+
+        try:
+            fd = os.open(self.path(volume), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BackendError("VDI_IN_USE", [
+                (f"volume {volume} is open for writing by a VM backend; a snapshot, clone "
+                "or compose of it needs the backend deactivated first")]) from None
+        finally:
+            os.close(fd)
+
+    # --- images ------------------------------------------------------------------------------
+
+    def create(self, size: int, name: str | None = None) -> tuple[str, Any]:
+        name = name or self.new_name()
+        with self._new_lv(name, full_size(size)), self.held(name, parents=False) as p:
+            info = vhd_call("create", self.vhd.create, p, size)
+        return name, info
+
+    def _child(self, name: str, parent: str, temp: bool = False, size: int = 0,
+               users: Sequence[str] = ()) -> str:
+        """A new LV VHD-<name> (``temp``: VHD-<name>.new) holding an empty child
+        of ``parent``, of ``size`` bytes (default: the child's metadata); its LV.
+        ``users``: datapaths that held the volume before (a push_down of an
+        active VDI): the new leaf is made whole (a writer is there) and active
+        for them too, so their path names it."""
+        vsize = self.node(parent).virtual_size
+        users = [u for u in users if u.startswith("dp:")]
+        if users:
+            size = max(size, full_size(vsize))
+        key = f"{name}{NEW_SUFFIX}" if temp else name
+        with self._new_lv(name, size or meta_size(vsize), temp, full_size(vsize)) as made, \
+                self.held(parent) as ppath:
+            self.act.hold([(key, self._report()[made])], self.holder)
+            try:
+                vhd_call("snapshot", self.vhd.snapshot, ppath, self.path(key))
+                for user in users:
+                    self.act.hold([(key, self._report()[made])], user)
+            finally:
+                self.act.release([key], self.holder)
+        return made
+
+    def snapshot(self, parent: str, name: str | None = None) -> str:
+        name = name or self.new_name()
+        self._child(name, parent)
+        return name
+
+    def push_down(self, volume: str) -> str:
+        """Freeze ``volume``'s content as a new base; ``volume`` becomes its
+        empty child (same name).  Journaled: see the module doc."""
+        self.check_not_busy(volume)
+        base = self.new_name()
+        j = self._journal("push_down", volume, {"base": base})
+        holders = self._rename_lv(lv_name(volume), lv_name(base))
+        self._child(volume, base, users=holders)
+        unlink_durable(j)
+        return base
+
+    def replace(self, src: str, dst: str) -> None:
+        """Volume ``src`` takes ``dst``'s name (``dst`` removed first).  Its
+        callers (the collector) journal it: a repeat finishes it."""
+        if self.exists(src):
+            self._remove_lv(lv_name(dst))
+            self._rename_lv(lv_name(src), lv_name(dst))
+
+    def renew(self, volume: str, parent: str) -> None:
+        """Replace ``volume`` by a new empty child of ``parent``."""
+        self.check_not_busy(volume)
+        self._swap_in(volume, self._child(volume, parent, temp=True))
+
+    def rebase(self, volume: str, parent: str) -> None:
+        """Put ``volume``'s own data over ``parent`` (see FileStore.rebase)."""
+        vhd = self.vhd
+        if self.node(volume).parent is not None:
+            self.set_parent(volume, parent)
+            return
+        new = self._child(volume, parent, temp=True,
+                          size=full_size(self.node(volume).virtual_size))
+        key = f"{volume}{NEW_SUFFIX}"
+        with self.held(volume) as src, self.held(parent):
+            (tmp,) = self.act.hold([(key, self._report()[new])], self.holder)
+            try:
+                for off, length, depth in vhd_call("allocation_map", vhd.allocation_map, src):
+                    if depth != 1:
+                        continue
+                    end = off + length
+                    while off < end:
+                        n = min(COPY_CHUNK, end - off)
+                        vhd_call("write", vhd.write, tmp, off,
+                                 vhd_call("read", vhd.read, src, off, n))
+                        off += n
+            finally:
+                self.act.release([key], self.holder)
+        self._swap_in(volume, new)
+
+    def remove(self, volume: str) -> bool:
+        if not self.exists(volume):
+            return False
+        self._remove_lv(lv_name(volume))
+        return True
+
+    def info(self, volume: str) -> Any:
+        with self.held(volume) as p:
+            return vhd_call("info", self.vhd.info, p)
+
+    def chain(self, volume: str) -> list[str]:
+        return self.chain_of(volume)
+
+    def physical_utilisation(self, volume: str) -> int:
+        lv = self._report().get(lv_name(volume))
+        return lv.size if lv is not None else 0
+
+    def set_hidden(self, volume: str, hidden: bool) -> None:
+        with self.held(volume, parents=False) as p:
+            vhd_call("set_hidden", self.vhd.set_hidden, p, hidden)
+        if hidden:
+            self.deflate(volume)
+
+    def set_parent(self, child: str, parent: str) -> None:
+        keys = [child, *self.chain_of(parent)]
+        self.act.hold([(k, self._lv(k)) for k in keys], self.holder)
+        try:
+            vhd_call("set_parent", self.vhd.set_parent, self.path(child), self.path(parent))
+        finally:
+            self.act.release(keys, self.holder)
+
+    def coalesce(self, child: str) -> int:
+        chain = self.chain_of(child)
+        if len(chain) < 2:
+            raise BackendError("VHD_NO_PARENT", [f"{child} has no parent to coalesce into"])
+        parent = chain[1]
+        plv = self._lv(parent)
+        # room for every block of the child, and a larger BAT if the child is larger
+        grow = self._allocated_bytes(self._lv(child)) + meta_size(self.node(child).virtual_size)
+        self.inflate(parent, self._image_end(plv) + SECTOR + grow)
+        with self.held(child) as p:
+            n = int(vhd_call("coalesce", self.vhd.coalesce, p))
+        if self.node(parent).hidden:
+            self.deflate(parent)
+        return n
+
+    def _allocated_bytes(self, lv: Lv) -> int:
+        from smcommon.vhd import format as fmt
+
+        head = fmt.Footer.from_bytes(self._pread(lv, 512, 0))
+        header = fmt.Header.from_bytes(self._pread(lv, 1024, head.data_offset))
+        raw = self._pread(lv, 4 * header.max_table_entries, header.table_offset)
+        bat = fmt.Bat.from_bytes(raw, header.max_table_entries)
+        return bat.allocated_count() * (header.block_size + header.bitmap_size)
+
+    def resize(self, volume: str, size: int) -> Any:
+        self.inflate(volume, full_size(size))
+        with self.held(volume, parents=False) as p:
+            return vhd_call("resize", self.vhd.resize, p, size)
+
+    def convert_from(self, src_path: str) -> tuple[str, Any]:
+        src = vhd_call("info", self.vhd.info, src_path)
+        name = self.new_name()
+        with self._new_lv(name, full_size(int(src.virtual_size))), \
+                self.held(name, parents=False) as p:
+            info = vhd_call("convert", self.vhd.convert, src_path, p)
+        return name, info
+
+    # --- activation for datapaths ---------------------------------------------------------------
+
+    def activate(self, volume: str, read_write: bool) -> None:
+        """The VDI's chain active on this host until deactivate; a writable
+        leaf inflated first; the image checked."""
+        holder = f"dp:{volume}"
+        if read_write:
+            self.check_can_grow(volume)
+            self.inflate(volume)
+        keys = self.chain_of(volume)
+        paths = self.act.hold([(k, self._lv(k)) for k in keys], holder)
+        try:
+            problems = vhd_call("check", self.vhd.check, paths[0])
+            if problems:
+                raise BackendError("VHD_CORRUPT", [paths[0], *problems])
+        except BaseException:
+            self.act.release(keys, holder)
+            raise
+
+    def check_can_grow(self, volume: str) -> None:
+        lv = self._lv(volume)
+        if self._round(full_size(self._head(lv)[0])) > lv.size and any(
+            h != self.holder for h in self.act.holders(volume)
+        ):
+            raise BackendError("VDI_IN_USE", [
+                (f"volume {volume} is active read-only on this host: deactivate it before "
+                "attaching it read-write (its volume must grow first)")])
+
+    def prepare(self, volume: str, read_write: bool) -> None:
+        """Before a read-write attach: the leaf's LV grown to hold all its data."""
+        if read_write:
+            self.check_can_grow(volume)
+            self.inflate(volume)
+
+    def deactivate(self, volume: str) -> None:
+        self.act.release_holder(f"dp:{volume}")
+
+    def space(self) -> tuple[int, int]:
+        self._report()
+        assert self._vg is not None
+        return self._vg.size, self._vg.free
+
+
+def _direct_read(dev: str, offset: int, length: int) -> bytes:
+    """``length`` bytes at ``offset`` of ``dev`` with O_DIRECT (aligned to 4 KiB)."""
+    align = 4096
+    start = offset // align * align
+    stop = -(-(offset + length) // align) * align
+    buf = mmap.mmap(-1, stop - start)
+    try:
+        fd = os.open(dev, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+    except OSError as e:
+        raise BackendError("SR_PV_UNREADABLE", [f"{dev}: {e.strerror}"]) from None
+    try:
+        got = os.preadv(fd, [buf], start)
+        if got < stop - start and got < offset + length - start:
+            raise BackendError("SR_PV_UNREADABLE", [f"{dev}: short read at {offset}"])
+        return bytes(buf[offset - start : offset - start + length])
+    except OSError as e:
+        code = "SR_PV_UNREADABLE" if e.errno != errno.EINVAL else "SR_PV_UNALIGNED"
+        raise BackendError(code, [f"{dev}: {e.strerror}"]) from None
+    finally:
+        os.close(fd)
+        buf.close()
+
+
+def _copy(src: str, dst: str, length: int) -> None:
+    s = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        d = os.open(dst, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            pos = 0
+            while pos < length:
+                chunk = os.pread(s, min(COPY_CHUNK, length - pos), pos)
+                if not chunk:
+                    break
+                os.pwrite(d, chunk, pos)
+                pos += len(chunk)
+            os.fsync(d)
+        finally:
+            os.close(d)
+    finally:
+        os.close(s)
