@@ -2,8 +2,8 @@
 
 An LV is *active* when it has a block device here.  Activation is
 reference-counted per host: every user is a *holder* of the volumes it needs
-(a datapath holds its VDI's whole chain as ``dp:<leaf>`` from VDI.activate to
-VDI.deactivate; an SR operation holds what it opens as ``pid:<pid>:<start>``
+(a datapath holds its VDI's whole chain as ``dp:<leaf>`` from VDI.attach to
+VDI.detach; an SR operation holds what it opens as ``pid:<pid>:<start>``
 for its own duration, and a holder whose process is gone is dropped by the
 next change).  A volume is deactivated when its last holder lets go.
 
@@ -49,6 +49,7 @@ class Activator(Protocol):
     def deactivate(self, entry: dict[str, Any]) -> None: ...
     def matches(self, entry: dict[str, Any], lv: Lv) -> bool: ...
     def renamed(self, entry: dict[str, Any], lv: str) -> dict[str, Any]: ...
+    def orphans(self, known: set[str]) -> list[str]: ...
 
 
 class LoopActivator:
@@ -77,7 +78,7 @@ class LoopActivator:
         dev = entry.get("dev", "")
         for lp in loop.list_loops(self.runner):
             if lp.name == dev and lp.back_file == self.pv and lp.offset == entry.get("offset"):
-                _flush(dev)
+                flush(dev)
                 loop.detach(dev, self.runner)
                 return
         log.warning("loop device %s of %s was already gone", dev, entry.get("lv"))
@@ -92,6 +93,18 @@ class LoopActivator:
     def renamed(self, entry: dict[str, Any], lv: str) -> dict[str, Any]:
         """The record after an lvrename: a loop maps extents, which stay."""
         return {**entry, "lv": lv}
+
+    def orphans(self, known: set[str]) -> list[str]:
+        """Detach loop devices over the PV that no record names (a process
+        killed between losetup and its record); the callers hold the lock
+        under which every live process makes its devices."""
+        gone = []
+        for lp in loop.list_loops(self.runner):
+            if lp.back_file == self.pv and lp.name not in known:
+                flush(lp.name)
+                loop.detach(lp.name, self.runner)
+                gone.append(lp.name)
+        return gone
 
 
 class DmActivator:
@@ -113,7 +126,7 @@ class DmActivator:
         return {"lv": lv.name, "dev": dev, "size": lv.size}
 
     def deactivate(self, entry: dict[str, Any]) -> None:
-        _flush(entry.get("dev", ""))
+        flush(entry.get("dev", ""))
         try:
             self.lvm.lvchange_active(self.vg, entry["lv"], False)
         except LvmError as e:
@@ -127,8 +140,12 @@ class DmActivator:
         """After an lvrename device-mapper names the device after the new name."""
         return {**entry, "lv": lv, "dev": os.path.join(self.dev_root, self.vg, lv)}
 
+    def orphans(self, known: set[str]) -> list[str]:
+        """device-mapper devices are found by LV name: nothing is lost track of."""
+        return []
 
-def _flush(dev: str) -> None:
+
+def flush(dev: str) -> None:
     """fsync a device before it goes: what its page cache holds reaches the disk."""
     with contextlib.suppress(OSError):
         fd = os.open(dev, os.O_RDONLY | os.O_CLOEXEC)
@@ -211,8 +228,10 @@ class Activations:
     def _off(self, state: dict[str, dict[str, Any]], key: str) -> None:
         entry = state.pop(key)
         with contextlib.suppress(FileNotFoundError):
-            if os.readlink(self.devdir / key) == entry.get("dev"):
-                os.unlink(self.devdir / key)
+            for name in os.listdir(self.devdir):  # its name, and a name kept for it
+                with contextlib.suppress(OSError):
+                    if os.readlink(self.devdir / name) == entry.get("dev"):
+                        os.unlink(self.devdir / name)
         self.activator.deactivate(entry)
         log.info("deactivated %s (%s)", key, entry.get("dev"))
 
@@ -290,9 +309,11 @@ class Activations:
                     f"volume {key} is active on this host for {', '.join(others)}"])
             self._off(state, key)
 
-    def rename(self, old: str, new: str, lv: str) -> list[str]:
+    def rename(self, old: str, new: str, lv: str, keep_link: bool = False) -> list[str]:
         """Volume ``old``'s LV was renamed to ``lv``, now volume ``new``: its
-        activation (device, holders) goes with it.  The holders moved."""
+        activation (device, holders) goes with it; ``old``'s link stays if
+        ``keep_link`` (a path in use keeps its device until replaced).  The
+        holders moved."""
         with self._locked() as state:
             entry = state.pop(old, None)
             if entry is None:
@@ -306,16 +327,32 @@ class Activations:
             entry = self.activator.renamed(entry, lv)
             state[new] = entry
             self._link(new, entry["dev"])
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.devdir / old)
+            if keep_link:
+                self._link(old, entry["dev"])  # (device-mapper renamed the device)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.devdir / old)
             return list(entry["holders"])
 
+    def sweep_orphans(self) -> list[str]:
+        """Devices of this SR that no record names (killed processes): removed."""
+        with self._locked() as state:
+            return self.activator.orphans({e.get("dev", "") for e in state.values()})
+
+    def forget(self, key: str) -> None:
+        """Deactivate ``key`` whoever holds it (recovery rebuilds what it held)."""
+        with self._locked() as state:
+            if key in state:
+                self._off(state, key)
+
     def release_all(self) -> list[str]:
-        """Deactivate every volume of the SR (SR.detach): what was active."""
+        """Deactivate every volume of the SR (SR.detach): what was active, and
+        devices of killed processes no record names."""
         with self._locked() as state:
             keys = list(state)
             for key in keys:
                 self._off(state, key)
+            keys += self.activator.orphans(set())
         with contextlib.suppress(FileNotFoundError):
             self.file.unlink()
         return keys

@@ -51,7 +51,7 @@ from typing import Any
 from smcommon.engine.store import Node, load_vhd, vhd_call
 from smcommon.errors import BackendError, Error
 from smcommon.fileio import atomic_write_json, unlink_durable
-from smcommon.lvhd.activation import Activations, process_holder
+from smcommon.lvhd.activation import Activations, flush, process_holder
 from smcommon.lvm import Lv, Lvm, LvmError, Segment, Vg
 from smcommon.paths import safe_name
 
@@ -129,6 +129,13 @@ class LVStore:
         self._lvs: dict[str, Lv] | None = None
         self.jdir = self.sr_dir / ".sm" / "lvhd"
         self.holder = process_holder()
+        self._pv_fd = -1
+
+    def __del__(self) -> None:
+        if getattr(self, "_pv_fd", -1) >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._pv_fd)
+            self._pv_fd = -1
 
     @property
     def vhd(self) -> Any:
@@ -271,33 +278,57 @@ class LVStore:
         _, a, b = max(fits)
         return max(a, b - max(count, future))
 
+    def _journals(self, kind: str) -> list[tuple[Path, dict[str, Any]]]:
+        out = []
+        for path in sorted(self.jdir.glob(f"{kind}-*.json")) if self.jdir.is_dir() else []:
+            try:
+                doc = json.loads(path.read_text())
+                if not isinstance(doc, dict):
+                    raise TypeError("not an object")
+                safe_name("volume", doc.get("volume"))
+            except (OSError, ValueError, TypeError, Error):
+                unlink_durable(path)  # a torn write cannot happen (atomic): garbage
+                continue
+            out.append((path, doc))
+        return out
+
     def recover(self) -> list[str]:
-        """Finish or undo what a killed call left (under the SR lock)."""
+        """Finish or undo what a killed call left (under the SR lock), and give
+        the datapaths it had moved their volumes back."""
         done: list[str] = []
+        swaps = {doc["volume"]: (path, doc) for path, doc in self._journals("swap")}
         report = self._report()
         for name in sorted(report):
-            if name.startswith(LV_PREFIX) and name.endswith(NEW_SUFFIX):
-                target = name[: -len(NEW_SUFFIX)]
-                if target in report:
-                    self._remove_lv(name)
-                    done.append(f"dropped {name}")
-                else:
-                    self._rename_lv(name, target)
-                    done.append(f"{name} -> {target}")
-        for path in sorted(self.jdir.glob("push_down-*.json")) if self.jdir.is_dir() else []:
-            try:
-                j = json.loads(path.read_text())
-                v, b = safe_name("volume", j["volume"]), safe_name("base", j["base"])
-            except (OSError, ValueError, KeyError, Error):
-                unlink_durable(path)
+            if not (name.startswith(LV_PREFIX) and name.endswith(NEW_SUFFIX)):
                 continue
+            target = name[: -len(NEW_SUFFIX)]
+            volume = target[len(LV_PREFIX):]
+            if target in report:  # never committed (the commit removes the target)
+                self._remove_lv(name, force=True)
+                done.append(f"dropped {name}")
+            else:
+                self.act.forget(volume)  # a device of the removed LV
+                self._rename_lv(name, target)
+                done.append(f"{name} -> {target}")
+            for user in swaps.get(volume, (None, {}))[1].get("users", []):
+                self.act.hold([(volume, self._lv(volume))], str(user))
+        for path, doc in self._journals("push_down"):
+            v = doc["volume"]
+            b = safe_name("base", doc.get("base"))
             if self.exists(b):
-                # the base exists: the push_down committed; (re)make the empty leaf
+                # the rename committed it: (re)make the empty leaf over the base
+                if not self.exists(v) and v in self.act.active():
+                    # killed between lvrename and moving the device's record
+                    self.act.rename(v, b, lv_name(b), keep_link=True)
+                self.act.forget(f"{v}{NEW_SUFFIX}")
                 if self.exists(v):
-                    self._remove_lv(lv_name(v))
-                self._child(v, b, users=self.act.holders(b))
+                    self._remove_lv(lv_name(v), force=True)
+                users = [*doc.get("users", []), *self.act.holders(b)]
+                self._child(v, b, users=list(dict.fromkeys(users)))
                 done.append(f"push_down of {v} over {b} finished")
             unlink_durable(path)
+        for path, _ in swaps.values():
+            unlink_durable(path)  # the .new rule above finished or undid it
         return done
 
     def cleanup_partial(self) -> list[str]:
@@ -314,25 +345,33 @@ class LVStore:
                 gone.append(lv)
             unlink_durable(path)
         self.act.release([], self.holder)  # sweeps holders of dead processes
-        active = self.act.active()
-        for v in self.volumes():  # bases frozen while active keep their size until now
-            if v not in active:
-                with contextlib.suppress(Error):
-                    if self._head(self._lv(v))[2]:
-                        self.deflate(v)
+        gone += [f"orphan device {d}" for d in self.act.sweep_orphans()]
         return gone
+
+    def needs_recovery(self) -> bool:
+        """Did a killed call leave a step that leaves a VDI without its leaf
+        until ``recover`` runs (a push_down or a swap journal)?  No lvm command."""
+        try:
+            return any(n.startswith(("push_down-", "swap-")) for n in os.listdir(self.jdir))
+        except FileNotFoundError:
+            return False
 
     # --- LV changes (activation dropped first) -------------------------------------------
 
-    def _remove_lv(self, lv: str) -> None:
+    def _remove_lv(self, lv: str, force: bool = False) -> None:
+        """lvremove, its device first (``force``: whoever holds it: recovery)."""
         key = key_of(lv)
         if key is not None:
-            self.act.drop(key, self.holder)
+            if force:
+                self.act.forget(key)
+            else:
+                self.act.drop(key, self.holder)
         self.lvm.lvremove(self.vg, lv, missing_ok=True)
         self._report().pop(lv, None)
 
-    def _rename_lv(self, old: str, new: str) -> list[str]:
-        """lvrename; an activation of the LV goes with it.  Its holders."""
+    def _rename_lv(self, old: str, new: str, keep_link: bool = False) -> list[str]:
+        """lvrename; an activation of the LV goes with it (``keep_link``: the old
+        name still leads to the device until something replaces it).  Its holders."""
         new_key = key_of(new)
         if new_key is not None:
             self.act.drop(new_key, self.holder)
@@ -343,7 +382,7 @@ class LVStore:
         old_key = key_of(old)
         if old_key is None or new_key is None:
             return []
-        return self.act.rename(old_key, new_key, new)
+        return self.act.rename(old_key, new_key, new, keep_link=keep_link)
 
     def _resize(self, volume: str, size: int) -> None:
         """The LV to ``size`` bytes (rounded to extents); keeps it in one piece."""
@@ -380,9 +419,20 @@ class LVStore:
         log.info("relocated %s to grow it to %d bytes (%d bytes copied)", volume, size, used)
 
     def _swap_in(self, volume: str, new: str) -> None:
-        """Replace VHD-<volume> by the complete LV ``new``: remove, then rename."""
+        """Replace VHD-<volume> by the complete LV ``new``: remove (the commit
+        point), then rename; the journal entry tells datapath calls, which do
+        not take the SR lock, that ``recover`` must run first if we die.  An
+        attached VDI's datapaths hold the new LV before, and its path names it
+        after (its old device goes: epoch_begin refuses an activated VDI)."""
+        users = [h for h in self.act.holders(volume) if h.startswith("dp:")]
+        j = self._journal("swap", volume, {"new": new, "users": users})
+        for user in users:
+            self.act.release([volume], user)
         self._remove_lv(lv_name(volume))
         self._rename_lv(new, lv_name(volume))
+        for user in users:
+            self.act.hold([(volume, self._lv(volume))], user)
+        unlink_durable(j)
 
     def inflate(self, volume: str, size: int | None = None) -> None:
         """Make the LV hold its VHD fully allocated (or ``size`` bytes)."""
@@ -407,6 +457,11 @@ class LVStore:
         if offset + length > lv.size:
             raise BackendError("VHD_CORRUPT", [f"{lv.name}: read past the end of the LV"])
         pe_start = self.pe_start
+        if self._pv_fd < 0:
+            try:
+                self._pv_fd = os.open(self.pv, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+            except OSError as e:
+                raise BackendError("SR_PV_UNREADABLE", [f"{self.pv}: {e.strerror}"]) from None
         out = bytearray()
         pos = offset
         while len(out) < length:
@@ -418,7 +473,9 @@ class LVStore:
             seg_end = (seg.lv_start + seg.count) * self.extent
             n = min(length - len(out), seg_end - pos)
             at = pe_start + seg.pv_start * self.extent + (pos - seg.lv_start * self.extent)
-            out += _direct_read(seg.pv, at, n)
+            if seg.pv != self.pv:
+                raise BackendError("SR_PV_MISSING", [f"{lv.name} lies on {seg.pv}, not {self.pv}"])
+            out += _direct_read(self._pv_fd, self.pv, at, n)
             pos += n
         return bytes(out)
 
@@ -540,7 +597,9 @@ class LVStore:
         users = [u for u in users if u.startswith("dp:")]
         if users:
             size = max(size, full_size(vsize))
-        key = f"{name}{NEW_SUFFIX}" if temp else name
+        # built under its replacement's key: the name leads to a new image only
+        # once it is whole (an attached VDI's path keeps its old device till then)
+        key = f"{name}{NEW_SUFFIX}"
         with self._new_lv(name, size or meta_size(vsize), temp, full_size(vsize)) as made, \
                 self.held(parent) as ppath:
             self.act.hold([(key, self._report()[made])], self.holder)
@@ -548,6 +607,9 @@ class LVStore:
                 vhd_call("snapshot", self.vhd.snapshot, ppath, self.path(key))
                 for user in users:
                     self.act.hold([(key, self._report()[made])], user)
+                if not temp:
+                    self.act.rename(key, name, made)  # the name's link, switched at once
+                    key = name
             finally:
                 self.act.release([key], self.holder)
         return made
@@ -562,8 +624,12 @@ class LVStore:
         empty child (same name).  Journaled: see the module doc."""
         self.check_not_busy(volume)
         base = self.new_name()
-        j = self._journal("push_down", volume, {"base": base})
-        holders = self._rename_lv(lv_name(volume), lv_name(base))
+        users = [h for h in self.act.holders(volume) if h.startswith("dp:")]
+        j = self._journal("push_down", volume, {"base": base, "users": users})
+        # an attached VDI's path leads to the old device (now the base: what it
+        # writes meanwhile is in the base, where its data is) until its new
+        # leaf is whole
+        holders = self._rename_lv(lv_name(volume), lv_name(base), keep_link=True)
         self._child(volume, base, users=holders)
         unlink_durable(j)
         return base
@@ -675,22 +741,24 @@ class LVStore:
 
     # --- activation for datapaths ---------------------------------------------------------------
 
-    def activate(self, volume: str, read_write: bool) -> None:
-        """The VDI's chain active on this host until deactivate; a writable
-        leaf inflated first; the image checked."""
+    def attach_volume(self, volume: str, read_write: bool) -> None:
+        """VDI.attach: a writable leaf's LV grown to hold all its data, then the
+        VDI's chain active on this host (its attach_info path exists) until
+        detach_volume."""
         holder = f"dp:{volume}"
         if read_write:
             self.check_can_grow(volume)
             self.inflate(volume)
         keys = self.chain_of(volume)
-        paths = self.act.hold([(k, self._lv(k)) for k in keys], holder)
-        try:
-            problems = vhd_call("check", self.vhd.check, paths[0])
-            if problems:
-                raise BackendError("VHD_CORRUPT", [paths[0], *problems])
-        except BaseException:
-            self.act.release(keys, holder)
-            raise
+        self.act.hold([(k, self._lv(k)) for k in keys], holder)
+
+    def activate(self, volume: str, read_write: bool) -> None:
+        """VDI.activate: the chain is active since the attach; the image checked."""
+        self.attach_volume(volume, read_write)  # (a no-op when nothing changed)
+        path = self.path(volume)
+        problems = vhd_call("check", self.vhd.check, path)
+        if problems:
+            raise BackendError("VHD_CORRUPT", [path, *problems])
 
     def check_can_grow(self, volume: str) -> None:
         lv = self._lv(volume)
@@ -698,17 +766,23 @@ class LVStore:
             h != self.holder for h in self.act.holders(volume)
         ):
             raise BackendError("VDI_IN_USE", [
-                (f"volume {volume} is active read-only on this host: deactivate it before "
+                (f"volume {volume} is attached read-only on this host: detach it before "
                 "attaching it read-write (its volume must grow first)")])
 
-    def prepare(self, volume: str, read_write: bool) -> None:
-        """Before a read-write attach: the leaf's LV grown to hold all its data."""
-        if read_write:
-            self.check_can_grow(volume)
-            self.inflate(volume)
-
     def deactivate(self, volume: str) -> None:
-        self.act.release_holder(f"dp:{volume}")
+        """VDI.deactivate: what the VM wrote reaches the LUN (the chain stays
+        active until the detach)."""
+        flush(self.path(volume))
+
+    def detach_volume(self, volume: str) -> None:
+        """VDI.detach: the datapath lets go of the chain; a parent frozen while it
+        was active (a snapshot of an attached VDI) is shrunk now that it is not."""
+        released = self.act.release_holder(f"dp:{volume}")
+        for v in released:
+            if v != volume and v not in self.act.active():
+                with contextlib.suppress(Error):
+                    if self.exists(v) and self._head(self._lv(v))[2]:
+                        self.deflate(v)
 
     def space(self) -> tuple[int, int]:
         self._report()
@@ -716,16 +790,13 @@ class LVStore:
         return self._vg.size, self._vg.free
 
 
-def _direct_read(dev: str, offset: int, length: int) -> bytes:
-    """``length`` bytes at ``offset`` of ``dev`` with O_DIRECT (aligned to 4 KiB)."""
+def _direct_read(fd: int, dev: str, offset: int, length: int) -> bytes:
+    """``length`` bytes at ``offset`` of ``dev`` (``fd`` opened O_DIRECT): aligned
+    to 4 KiB, so the page cache of the LVs' own devices is never in the way."""
     align = 4096
     start = offset // align * align
     stop = -(-(offset + length) // align) * align
     buf = mmap.mmap(-1, stop - start)
-    try:
-        fd = os.open(dev, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
-    except OSError as e:
-        raise BackendError("SR_PV_UNREADABLE", [f"{dev}: {e.strerror}"]) from None
     try:
         got = os.preadv(fd, [buf], start)
         if got < stop - start and got < offset + length - start:
@@ -735,7 +806,6 @@ def _direct_read(dev: str, offset: int, length: int) -> bytes:
         code = "SR_PV_UNREADABLE" if e.errno != errno.EINVAL else "SR_PV_UNALIGNED"
         raise BackendError(code, [f"{dev}: {e.strerror}"]) from None
     finally:
-        os.close(fd)
         buf.close()
 
 

@@ -1,7 +1,6 @@
 """Fixtures of the lvmoiscsi black-box tests (helpers: lvmo_helpers.py, tgtd.py).
 
-tgtd        one real target daemon for the session (127.0.0.1, its own port and
-            control socket), stopped at the end
+tgtd        one real target daemon for the session (tests/integration/conftest.py)
 target      a new file-backed LUN with a CHAP account on it, removed afterwards
 lvmo        the real LVMoISCSISR on a fresh SM_ROOT; afterwards no process with
             that SM_ROOT (plugin calls, qemu-storage-daemon) may be left running
@@ -32,22 +31,9 @@ from lvmo_helpers import (
     force_cleanup,
     make_sr,
 )
-from tgtd import Target, Tgtd, available
+from tgtd import Target, Tgtd
 
 pytestmark = [pytest.mark.integration, pytest.mark.root]
-
-
-@pytest.fixture(scope="session")
-def tgtd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tgtd]:
-    why = available()
-    if why:
-        pytest.skip(why)
-    t = Tgtd(tmp_path_factory.mktemp("tgtd"))
-    t.start()
-    try:
-        yield t
-    finally:
-        t.stop()
 
 
 @pytest.fixture

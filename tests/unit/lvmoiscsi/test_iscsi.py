@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from captures import Replay, load
+from replay import Replay, load
 from smcommon.iscsi import (
     ISCSI_ERR_LOGIN_AUTH_FAILED,
     ISCSI_ERR_NO_OBJS_FOUND,
@@ -91,9 +91,9 @@ def test_chap_goes_on_the_node_record_and_the_secret_never_shows() -> None:
 
 def test_a_failing_update_masks_the_secret() -> None:
     """If iscsiadm fails on the password update, the error shows ******."""
-    from captures import Capture
+    from replay import synthetic
 
-    fail = Capture([], 6, "", f"iscsiadm: cannot update {SECRET}\n")
+    fail = synthetic(6, "", f"iscsiadm: cannot update {SECRET}\n")  # not captured
     replay = Replay([(["iscsiadm", "-m", "node", "-T", CHAP, "-p", PORTAL, "--op", "update",
                        "-n", "node.session.auth.password", "-v", SECRET], fail)])
     with pytest.raises(IscsiError) as exc:

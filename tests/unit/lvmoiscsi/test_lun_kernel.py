@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from captures import Capture, Replay, load
+from replay import Capture, Replay, load, synthetic
 from smcommon.lun import KernelInitiator, LunSpec
 from test_scsi import fake_sysfs
 
 PORTAL = "10.251.77.2:3260"
 LUN1 = "iqn.2026-11.test.storage:lun1"
 LUN2_ID = "360000000000000000e00000000010002"
-UPDATED = Capture([], 0, "", "")  # synthetic: see the module doc
+UPDATED = synthetic(0)  # not captured: see the module doc
 
 
 def login_script() -> list[tuple[list[str], Capture]]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from captures import Replay, load
+from replay import Replay, load
 from smcommon.lvm import (
     ECMD_FAILED,
     LV_FIELDS,

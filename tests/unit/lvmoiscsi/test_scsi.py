@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from captures import Replay, load
+from replay import Replay, load
 from smcommon.scsi import (
     Designator,
     best_id,
