@@ -381,8 +381,8 @@ def test_by_hand_sr_not_attached_says_how_to_attach():
     assert r.code == 1
     assert r.err.splitlines() == [
         "TOYSR: VDI.stat: Sr_not_attached detached",
-        ("  attach it first: TOYSR SR.attach sr=detached device_config='{...}' "
-        "(the device_config it was created with)"),
+        "  attach it first: TOYSR SR.attach sr=detached device_config='{...}' "
+        "(the device_config it was created with)",
     ]
 
 
