@@ -184,6 +184,13 @@ class LVStore:
 
     # --- names and paths -------------------------------------------------------------
 
+    def shared_lock_dir(self) -> Path:
+        """The SR's tree and VDI locks: on the MGT volume (``.sm/locks``), which
+        only the host owning the VG mounts."""
+        from smcommon.engine.locks import shared_lock_dir
+
+        return shared_lock_dir(self.sr_dir)
+
     def new_name(self) -> str:
         return str(uuid.uuid4())
 
