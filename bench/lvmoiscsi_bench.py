@@ -176,7 +176,7 @@ def main() -> None:
 
             def scan(side: Side) -> Any:
                 def one(i: int) -> tuple[float, str]:
-                    dt, value, dbg = side.call("SR.scan", sr=side.sr)
+                    dt, _value, dbg = side.call("SR.scan", sr=side.sr)
                     return dt, dbg
                 return one
 

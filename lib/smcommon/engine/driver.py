@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from pathlib import Path
 
 from smcommon import timestamps
@@ -133,12 +134,21 @@ class Driver:
             store=self.store(key, sr_dir),
             vhd=self.vhd,
             still_attached=lambda: self.registry.get(key) is not None,
+            type_module=self.type_module(),
         )
 
     def store(self, sr: str, sr_dir: Path) -> Any:
         """The SR type's VolumeStore, if it has its own (None: files in sr_dir)."""
         make = getattr(self.type, "store", None)
         return make(sr, sr_dir, self.vhd) if make is not None else None
+
+    def type_module(self) -> str | None:
+        """The file of the SR type's module if the type makes its own store (the
+        collector process loads it, ``collector.main``), else None."""
+        if getattr(self.type, "store", None) is None:
+            return None
+        module = sys.modules.get(type(self.type).__module__)
+        return getattr(module, "__file__", None)
 
     # --- Query ---------------------------------------------------------------
 
@@ -243,7 +253,8 @@ class Driver:
                     attached=timestamps.now(),
                 )
             )
-            eng = SrEngine(self.paths, sr, sr_dir, store=self.store(sr, sr_dir), vhd=self.vhd)
+            eng = SrEngine(self.paths, sr, sr_dir, store=self.store(sr, sr_dir), vhd=self.vhd,
+                           type_module=self.type_module())
             with eng.tree_lock():
                 pass  # finishes an interrupted switch; ownership of an old SR
         if eng.meta.gc_file.exists():

@@ -268,7 +268,7 @@ def import_raw(eng: Any, vdi: str, path: str) -> int:
             rec = eng.get(vdi)
             with eng.vdi_lock(rec.vdi):
                 eng._require_unused(rec.vdi, "import into")
-                with eng.store.held(rec.volume) as leaf, open_image(
+                with eng.store.held(rec.volume, write=True) as leaf, open_image(
                     leaf, writable=True
                 ) as img:
                     if size > img.virtual_size:

@@ -90,7 +90,9 @@ class VolumeStore(Protocol):
         self, src_path: str, name: str | None = None
     ) -> tuple[str, Any]: ...
     def check(self, volume: str) -> list[str]: ...
-    def held(self, volume: str) -> contextlib.AbstractContextManager[str]: ...
+    def held(
+        self, volume: str, *, write: bool = False
+    ) -> contextlib.AbstractContextManager[str]: ...
     def activate(self, volume: str, read_write: bool) -> None: ...
     def deactivate(self, volume: str) -> None: ...
     def space(self) -> tuple[int, int]: ...
@@ -511,9 +513,10 @@ class FileStore:
     # --- activation on this host ------------------------------------------
 
     @contextlib.contextmanager
-    def held(self, volume: str) -> Iterator[str]:
+    def held(self, volume: str, *, write: bool = False) -> Iterator[str]:
         """The image path of ``volume`` to open for the length of a block
-        (a file is always there; a logical-volume store activates it)."""
+        (a file is always there; a logical-volume store activates it);
+        ``write``: the caller writes into it (a file's mtime shows it)."""
         yield self.path(volume)
 
     def activate(self, volume: str, read_write: bool) -> None:

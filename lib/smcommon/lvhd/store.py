@@ -160,6 +160,13 @@ class LVStore:
             self._lvs = {lv.name: lv for lv in lvs}
         return self._lvs
 
+    def refresh(self) -> None:
+        """Forget the VG report: other processes changed the VG meanwhile (the
+        engine calls this once it holds the SR lock; a long-lived collector
+        process also before each copy)."""
+        self._lvs = None
+        self._vg = None
+
     def _lv(self, volume: str) -> Lv:
         lv = self._report().get(lv_name(volume))
         if lv is None:
@@ -204,6 +211,23 @@ class LVStore:
         pending = self._pending_creates()
         names = (volume_of(n) for n in self._report())
         return sorted(v for v in names if v is not None and v not in pending)
+
+    def entries(self) -> list[str]:
+        """Every LV of the VG but MGT, in the engine's file names (what
+        ``engine.foreign`` surveys): ``VHD-<v>`` is ``<v>.vhd``, a replacement
+        ``VHD-<v>.new`` is ``<v>.vhd.new``, any other LV keeps its name."""
+        out = []
+        for name in self._report():
+            if name == MGT_LV:
+                continue
+            key = key_of(name)
+            if key is None:
+                out.append(name)
+            elif key.endswith(NEW_SUFFIX):
+                out.append(key[: -len(NEW_SUFFIX)] + ".vhd" + NEW_SUFFIX)
+            else:
+                out.append(key + ".vhd")
+        return sorted(out)
 
     # --- the store's journal -----------------------------------------------------------
 
@@ -323,23 +347,37 @@ class LVStore:
             v = doc["volume"]
             b = safe_name("base", doc.get("base"))
             if self.exists(b):
-                # the rename committed it: (re)make the empty leaf over the base
+                # the rename committed it
                 if not self.exists(v) and v in self.act.active():
                     # killed between lvrename and moving the device's record
                     self.act.rename(v, b, lv_name(b), keep_link=True)
-                self.act.forget(f"{v}{NEW_SUFFIX}")
-                if self.exists(v):
-                    self._remove_lv(lv_name(v), force=True)
-                users = [*doc.get("users", []), *self.act.holders(b)]
-                self._child(v, b, users=list(dict.fromkeys(users)))
-                done.append(f"push_down of {v} over {b} finished")
+                key = f"{v}{NEW_SUFFIX}"
+                if self.exists(v) and v not in self._pending_creates():
+                    # the new leaf was whole (its create journal gone): a VM may
+                    # have written into it already; its name leads to it now
+                    if key in self.act.active():
+                        self.act.rename(key, v, lv_name(v))
+                    users = [u for u in doc.get("users", []) if str(u).startswith("dp:")]
+                    for user in users:  # a kill before they were moved to it
+                        self.act.hold([(v, self._lv(v))], str(user))
+                    done.append(f"push_down of {v} over {b} was complete")
+                else:
+                    # (re)make the empty leaf over the base: nobody wrote into it
+                    self.act.forget(key)
+                    if self.exists(v):
+                        self._remove_lv(lv_name(v), force=True)
+                    users = [*doc.get("users", []), *self.act.holders(b)]
+                    self._child(v, b, users=list(dict.fromkeys(users)))
+                    done.append(f"push_down of {v} over {b} finished")
             unlink_durable(path)
         for path, _ in swaps.values():
             unlink_durable(path)  # the .new rule above finished or undid it
         return done
 
-    def cleanup_partial(self) -> list[str]:
-        """Journal-named LVs of killed creates, leftovers of swaps, dead holders."""
+    def cleanup_partial(self, owned: set[str] | None = None) -> list[str]:
+        """Journal-named LVs of killed creates, leftovers of swaps, dead holders
+        (every LV this removes is named by the store's own journal: ``owned``
+        is not needed to tell them from foreign LVs)."""
         gone = self.recover()
         for volume in sorted(self._pending_creates()):
             path = self.jdir / f"create-{volume}.json"
@@ -375,6 +413,9 @@ class LVStore:
                 self.act.drop(key, self.holder)
         self.lvm.lvremove(self.vg, lv, missing_ok=True)
         self._report().pop(lv, None)
+        if key is not None and not key.endswith(NEW_SUFFIX):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._writes_file(key))  # its write count (``stamp``)
 
     def _rename_lv(self, old: str, new: str, keep_link: bool = False) -> list[str]:
         """lvrename; an activation of the LV goes with it (``keep_link``: the old
@@ -552,10 +593,13 @@ class LVStore:
     # --- holding volumes open for this process ------------------------------------------------
 
     @contextlib.contextmanager
-    def held(self, volume: str, *, parents: bool = True, extra: Sequence[str] = ()
-             ) -> Iterator[str]:
+    def held(self, volume: str, *, parents: bool = True, extra: Sequence[str] = (),
+             write: bool = False) -> Iterator[str]:
         """Activate ``volume`` (and its chain, and ``extra`` volumes and their
-        chains) for this process; yield its path; let go at the end."""
+        chains) for this process; yield its path; let go at the end.
+        ``write``: the caller writes into ``volume`` (counted, see ``stamp``)."""
+        if write:
+            self._count_write(volume)  # before and after: a stamp taken meanwhile differs
         keys: list[str] = []
         for v in (volume, *extra):
             for k in (self.chain_of(v) if parents else [v]):
@@ -566,6 +610,8 @@ class LVStore:
             yield self.path(volume)
         finally:
             self.act.release(keys, self.holder)
+            if write:
+                self._count_write(volume)
 
     def check_not_busy(self, volume: str) -> None:
         """Refuse at once (VDI_IN_USE) if a writer holds ``volume``'s image open
@@ -614,11 +660,18 @@ class LVStore:
                 vhd_call("snapshot", self.vhd.snapshot, ppath, self.path(key))
                 for user in users:
                     self.act.hold([(key, self._report()[made])], user)
-                if not temp:
-                    self.act.rename(key, name, made)  # the name's link, switched at once
-                    key = name
-            finally:
+            except BaseException:
                 self.act.release([key], self.holder)
+                raise
+        # the LV is whole and its create journal gone: only now does the name
+        # lead to it (``recover`` relies on this order: a VM may write into
+        # the new leaf as soon as its path names it)
+        try:
+            if not temp:
+                self.act.rename(key, name, made)
+                key = name
+        finally:
+            self.act.release([key], self.holder)
         return made
 
     def snapshot(self, parent: str, name: str | None = None) -> str:
@@ -626,11 +679,12 @@ class LVStore:
         self._child(name, parent)
         return name
 
-    def push_down(self, volume: str) -> str:
-        """Freeze ``volume``'s content as a new base; ``volume`` becomes its
-        empty child (same name).  Journaled: see the module doc."""
+    def push_down(self, volume: str, base: str | None = None) -> str:
+        """Freeze ``volume``'s content as a new base (named ``base`` if given);
+        ``volume`` becomes its empty child (same name).  Journaled: see the
+        module doc."""
         self.check_not_busy(volume)
-        base = self.new_name()
+        base = base or self.new_name()
         users = [h for h in self.act.holders(volume) if h.startswith("dp:")]
         j = self._journal("push_down", volume, {"base": base, "users": users})
         # an attached VDI's path leads to the old device (now the base: what it
@@ -701,15 +755,83 @@ class LVStore:
         if hidden:
             self.deflate(volume)
 
-    def set_parent(self, child: str, parent: str) -> None:
+    def set_parent(self, child: str, parent: str, live_ok: bool = False) -> None:
+        """Re-link ``child`` to ``parent``; ``live_ok``: as FileStore.set_parent
+        (a child a running VM holds is re-linked without its image lock)."""
+        from smcommon.engine.store import LOCK_TRY
+        from smcommon.vhd.errors import Busy
+        from smcommon.vhd.live import set_parent_live
+
         keys = [child, *self.chain_of(parent)]
         self.act.hold([(k, self._lv(k)) for k in keys], self.holder)
         try:
-            vhd_call("set_parent", self.vhd.set_parent, self.path(child), self.path(parent))
+            c, p = self.path(child), self.path(parent)
+            if not live_ok:
+                vhd_call("set_parent", self.vhd.set_parent, c, p)
+                return
+            try:
+                vhd_call("set_parent", self.vhd.set_parent, c, p, lock_timeout=LOCK_TRY)
+            except Busy:
+                vhd_call("set_parent_live", set_parent_live, c, p)
         finally:
             self.act.release(keys, self.holder)
 
-    def coalesce(self, child: str) -> int:
+    def busy(self, volume: str) -> bool:
+        """Whether a writer holds ``volume``'s image (its exclusive lock) now."""
+        try:
+            self.check_not_busy(volume)
+        except BackendError:
+            return True
+        return False
+
+    def stamp(self, volume: str) -> list[int] | None:
+        """What changes when ``volume`` is written (a leaf merge's check that
+        its leaf was not written meanwhile): the LV's size, the image's end
+        and a checksum of its footer, header and BAT, read from the PV, and
+        the count of writable holds (``held(write=True)``: writes into
+        blocks already allocated change no metadata)."""
+        import zlib
+
+        lv = self._report().get(lv_name(volume))
+        if lv is None:
+            return None
+        try:
+            from smcommon.vhd import format as fmt
+
+            end = self._image_end(lv)
+            head = fmt.Footer.from_bytes(self._pread(lv, 512, 0))
+            meta = self._pread(lv, 512, 0) + self._pread(lv, 512, end)
+            if head.disk_type != fmt.DISK_FIXED:
+                header = fmt.Header.from_bytes(self._pread(lv, 1024, head.data_offset))
+                meta += self._pread(lv, 4 * header.max_table_entries, header.table_offset)
+        except Error:
+            return None
+        return [lv.size, end, zlib.crc32(meta), self._writes(volume)]
+
+    def _writes_file(self, volume: str) -> Path:
+        return self.jdir / f"writes-{safe_name('volume', volume)}"
+
+    def _writes(self, volume: str) -> int:
+        try:
+            return int(self._writes_file(volume).read_text() or 0)
+        except (OSError, ValueError):
+            return 0
+
+    def _count_write(self, volume: str) -> None:
+        """One more writable hold of ``volume`` (``stamp``); no fsync: a stamp
+        only needs to differ while the machine stays up."""
+        self.jdir.mkdir(parents=True, exist_ok=True)
+        path = self._writes_file(volume)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(str(self._writes(volume) + 1))
+        os.replace(tmp, path)
+
+    def check(self, volume: str) -> list[str]:
+        with self.held(volume) as p:
+            return list(vhd_call("check", self.vhd.check, p))
+
+    def coalesce(self, child: str, progress: Any = None) -> int:
+        self.refresh()  # the collector's copy runs without the SR lock
         chain = self.chain_of(child)
         if len(chain) < 2:
             raise BackendError("VHD_NO_PARENT", [f"{child} has no parent to coalesce into"])
@@ -719,7 +841,10 @@ class LVStore:
         grow = self._allocated_bytes(self._lv(child)) + meta_size(self.node(child).virtual_size)
         self.inflate(parent, self._image_end(plv) + SECTOR + grow)
         with self.held(child) as p:
-            n = int(vhd_call("coalesce", self.vhd.coalesce, p))
+            # the parent is written without its lock: every reader reads it
+            # through the child (the collector's rule, FileStore.coalesce)
+            n = int(vhd_call("coalesce", self.vhd.coalesce, p, shadowed=True,
+                             on_batch=progress))
         if self.node(parent).hidden:
             self.deflate(parent)
         return n
@@ -738,9 +863,9 @@ class LVStore:
         with self.held(volume, parents=False) as p:
             return vhd_call("resize", self.vhd.resize, p, size)
 
-    def convert_from(self, src_path: str) -> tuple[str, Any]:
+    def convert_from(self, src_path: str, name: str | None = None) -> tuple[str, Any]:
         src = vhd_call("info", self.vhd.info, src_path)
-        name = self.new_name()
+        name = name or self.new_name()
         with self._new_lv(name, full_size(int(src.virtual_size))), \
                 self.held(name, parents=False) as p:
             info = vhd_call("convert", self.vhd.convert, src_path, p)

@@ -25,7 +25,14 @@ from smcommon.vhd.errors import (
     Unsupported,
     from_os_error,
 )
-from smcommon.vhd.image import LOCATOR_ORDER, Image, Info, copy_range, node_key, open_image
+from smcommon.vhd.image import (
+    LOCATOR_ORDER,
+    Image,
+    Info,
+    copy_range,
+    node_key,
+    open_image,
+)
 from smcommon.vhd.reader import ImageReader
 
 

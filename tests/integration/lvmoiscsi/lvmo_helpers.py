@@ -11,11 +11,13 @@ chains read through attached, activated VDIs (LVs have no files to list).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +110,38 @@ class LvmoSR(SR):
         assert p.returncode == 0, p.stderr
         text = json.loads(p.stdout)["report"][0]["vg"][0]["vg_tags"]
         return [t for t in text.split(",") if t]
+
+    def lvm(self, *argv: str) -> str:
+        """Run a real lvm2 command through the SR's private configuration (what
+        someone else on the host could do to the VG); its output."""
+        p = subprocess.run(
+            list(argv), capture_output=True, text=True, timeout=120, check=False,
+            env=dict(os.environ, LVM_SYSTEM_DIR=str(self.state_dir / "lvm"),
+                     LVM_SUPPRESS_FD_WARNINGS="1"),
+        )
+        assert p.returncode == 0, f"{argv}: {p.stderr}"
+        return p.stdout
+
+    @contextlib.contextmanager
+    def lv_device(self, lv: str, writable: bool = False) -> Iterator[str]:
+        """A loop device of the test's own over one LV's extents on the PV
+        (one segment), detached at the end."""
+        st = self.state()
+        out = self.lvm("lvs", "--reportformat", "json", "-o", "lv_size,seg_start_pe,devices",
+                       "--units", "b", "--nosuffix", f"{self.vg}/{lv}")
+        (row,) = json.loads(out)["report"][0]["lv"]
+        assert row["seg_start_pe"] == "0" and "," not in row["devices"], row
+        pe = int(row["devices"].split("(")[1].rstrip(")"))
+        argv = ["losetup", "--find", "--show", "--offset",
+                str(st["pe_start"] + pe * st["extent"]), "--sizelimit", row["lv_size"]]
+        if not writable:
+            argv.append("--read-only")
+        dev = subprocess.run([*argv, st["pv"]], capture_output=True, text=True,
+                             check=True).stdout.strip()
+        try:
+            yield dev
+        finally:
+            subprocess.run(["losetup", "-d", dev], capture_output=True, check=False)
 
     def image_dir(self) -> Path:
         """Where the attach_info paths of this SR's VDIs are (symlinks to devices)."""

@@ -8,7 +8,9 @@ devices over their extents; every lvm2 metadata operation is real.
 
 from __future__ import annotations
 
+import os
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -68,6 +70,23 @@ def test_create_without_iqn_or_scsiid_lists_what_there_is(
     assert target.password not in " ".join(err)
     err = lvmo.err("SR.create", sr="s1", device_config={"port": "3260"}, physical_size="0")
     assert err[:2] == ["Backend_error", "DEVICE_CONFIG_INVALID"] and "'target'" in err[2]
+
+
+def test_portals_are_tried_in_order(lvmo: Lvmo, tgtd: Tgtd, target: Target) -> None:
+    """target lists several portals (host:port each, or the port key): one that
+    refuses connections is passed over for the next."""
+    from tgtd import free_port
+
+    dead = f"127.0.0.1:{free_port()}"
+    dc = device_config(tgtd, target, target=f"{dead},127.0.0.1")
+    sr = str(uuid.uuid4())
+    lvmo.ok("SR.create", sr=sr, device_config=dc, physical_size="0")
+    lvmo.ok("SR.attach", sr=sr, device_config=dc)
+    state = LvmoSR(lvmo, sr, dc, target).state()
+    assert state["lun"]["portals"] == [f"127.0.0.1:{tgtd.port}"]
+    lvmo.ok("SR.detach", sr=sr)
+    err = lvmo.err("SR.attach", sr=sr, device_config={**dc, "target": dead})
+    assert err[:2] == ["Backend_error", "ISCSI_UNREACHABLE"], err
 
 
 def test_a_wrong_chap_secret_is_a_clear_error_that_never_shows_it(
@@ -175,3 +194,58 @@ def test_a_target_that_goes_away_gives_clear_errors_and_the_sr_recovers(
         detach_and_check(sr)
     finally:
         own.stop()
+
+
+def test_foreign_lvs_survive_destroy_and_gc_and_a_valid_vhd_is_adopted(
+    lvmo: Lvmo, lsr: LvmoSR
+) -> None:
+    """Logical volumes the SR did not make, added to its VG by hand with the
+    real lvm2 (through the SR's private configuration): a plain LV holding
+    someone's bytes, and a ``VHD-<uuid>`` LV holding a valid VHD written
+    through a loop device.  A VDI.destroy of an unrelated VDI and SR.gc (the
+    collector) leave both untouched; Query.diagnostics lists them as foreign;
+    SR.scan adopts the valid VHD (an ordinary VDI from then on) and only it.
+    (The LVM form of tests/integration/ext/test_ext_foreign.py.)"""
+    from smcommon import vhd
+
+    a = lsr.create("a", 8 * MiB)["vdi"]
+    lsr.write(a, {0: pat("a0")})
+    s = lsr.snapshot(a)["vdi"]
+    plain, u = "someone-elses", str(uuid.uuid4())
+    lsr.lvm("lvcreate", "-an", "-Zn", "-L", "8m", "-n", plain, lsr.vg)
+    lsr.lvm("lvcreate", "-an", "-Zn", "-L", "16m", "-n", f"VHD-{u}", lsr.vg)
+    theirs = pat("theirs", 64 * 1024)
+    with lsr.lv_device(plain, writable=True) as dev:
+        fd = os.open(dev, os.O_WRONLY)
+        try:
+            os.pwrite(fd, theirs, 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    with lsr.lv_device(f"VHD-{u}", writable=True) as dev:
+        vhd.create(dev, 8 * MiB)
+        vhd.write(dev, BLOCK, pat("adopt-me"))
+
+    def plain_bytes() -> bytes:
+        with lsr.lv_device(plain) as dev, open(dev, "rb") as f:
+            return f.read(len(theirs))
+
+    lsr.ok("VDI.destroy", vdi=s)
+    lsr.ok("SR.gc")
+    assert {plain, f"VHD-{u}"} <= set(lsr.lvs())
+    assert plain_bytes() == theirs
+    diag = lvmo.ok("Query.diagnostics")
+    assert plain in diag and u in diag and "foreign" in diag, diag
+    assert lsr.read(a, [(0, K4)]) == [pat("a0")]
+
+    scan = lsr.scan()
+    assert set(scan) == {a, u}
+    assert int(scan[u]["virtual_size"]) == 8 * MiB
+    assert lsr.read(u, [(BLOCK, K4), (0, K4)]) == [pat("adopt-me"), b"\0" * K4]
+    lsr.ok("VDI.destroy", vdi=u)
+    lsr.ok("SR.gc")
+    lvs = set(lsr.lvs())
+    assert plain in lvs and f"VHD-{u}" not in lvs
+    assert plain_bytes() == theirs
+    lsr.lvm("lvremove", "-f", f"{lsr.vg}/{plain}")  # the SR is ours again
+    lsr.assert_no_leaks()

@@ -38,6 +38,7 @@ def test_a_vdi_is_an_lv_of_its_fully_allocated_size(lsr: LvmoSR) -> None:
     scan = lsr.scan()  # physical_utilisation: the LV's size
     assert scan[a]["physical_utilisation"] == 12 * MiB
     lsr.ok("VDI.destroy", vdi=b)
+    lsr.wait_gc()  # the SR's collector process (an LVStore of its own) removes the LV
     assert set(lsr.lvs()) == {"MGT", "VHD-" + a}
     lsr.assert_no_leaks()
 
