@@ -486,7 +486,7 @@ class LvmoiscsiType:
             (f"the iSCSI target {lun.get('iqn')} does not answer ({'; '.join(errors)}): "
             "calls fail until it is back")])
 
-    def diagnostics(self) -> list[str]:
+    def backend_diagnostics(self) -> list[str]:
         from smcommon import lun
 
         try:

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 def report(driver: Driver) -> str:
     out = [f"{driver.type.name} SR driver; host root {driver.paths.root}"]
-    backends = getattr(driver.type, "diagnostics", None)
+    backends = getattr(driver.type, "backend_diagnostics", None)
     if backends is not None:  # e.g. which iSCSI initiator and LV activation
         out += backends()
     entries = driver.registry.entries()
