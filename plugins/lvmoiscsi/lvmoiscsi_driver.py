@@ -57,6 +57,8 @@ CONFIGURATION = {
     "multihomed": "true: log in through every portal (kernel initiator only)",
     "takeover": "true: attach even if another host owns the SR (that host loses it)",
 }
+# never written to the host registry, a log line or an error (smcommon.plugin masks them)
+SECRET_KEYS: frozenset[str] = frozenset({"chappassword", "incoming_chappassword"})
 FEATURES = [
     "SR_ATTACH",
     "SR_DETACH",
@@ -221,6 +223,7 @@ class LvmoiscsiType:
     """The engine's SrType for lvmoiscsi."""
 
     name = DRIVER
+    secret_keys = SECRET_KEYS
 
     def __init__(self, paths: Paths, runner: Any = None) -> None:
         self.paths = paths
