@@ -158,10 +158,15 @@ class Dispatcher:
 
     def plugin_path(self, sr_type: str) -> Path | None:
         name = sr_type.upper() + "SR"
-        for path in (
-            self.config.plugins_dir / name,
-            self.config.plugins_dir / sr_type / name,
-        ):
+        candidates = [self.config.plugins_dir / name, self.config.plugins_dir / sr_type / name]
+        # the executable's own spelling in its type's directory (plugins/lvmoiscsi/LVMoISCSISR)
+        with contextlib.suppress(OSError):
+            candidates += [
+                self.config.plugins_dir / sr_type / e
+                for e in sorted(os.listdir(self.config.plugins_dir / sr_type))
+                if e.upper() == name and e != name
+            ]
+        for path in candidates:
             if path.is_file() and os.access(path, os.X_OK):
                 return path
         return None

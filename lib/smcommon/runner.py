@@ -181,3 +181,37 @@ def spawn_detached(
         raise CommandError(args, 127, "", "; ".join(failed) or "no process started")
     log.debug("started %s detached as pid %d", args, pids[0])
     return pids[0]
+
+
+def spawn(
+    argv: Sequence[str],
+    *,
+    log_path: str,
+    env: Mapping[str, str] | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start a daemon that outlives its caller (e.g. qemu-storage-daemon).
+
+    Unlike ``run``, the child does not die with the caller: it is the
+    long-lived part of an attached SR, stopped by whoever detaches it.  It runs
+    in a session of its own, stdin from /dev/null, stdout and stderr appended
+    to ``log_path`` (created 0600).  ``argv`` must hold no secret: it is
+    visible to every user of the host (pass secrets in files).
+    """
+    if isinstance(argv, (str, bytes)):
+        raise TypeError("spawn() takes an argv list, never a shell string")
+    argv = [os.fspath(a) for a in argv]
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    try:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=fd,
+            stderr=fd,
+            env=None if env is None else dict(env),
+            start_new_session=True,
+            close_fds=True,
+        )
+    finally:
+        os.close(fd)
+    log.debug("spawned %s pid %d", argv, proc.pid)
+    return proc

@@ -133,6 +133,8 @@ def start(eng: SrEngine) -> int:
     )
     env["SM_ROOT"] = str(eng.paths.root)
     argv = [sys.executable, "-m", "smcommon.engine.collector", eng.sr, str(eng.sr_dir)]
+    if eng.type_module:  # the SR type makes its own store (lvmoiscsi's LVStore)
+        argv.append(eng.type_module)
     pid = runner.spawn_detached(argv, env=env, cwd="/")
     log.info("started the collector of SR %s (pid %d)", eng.sr, pid)
     return pid
@@ -315,8 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     from smcommon.paths import Paths, safe_name
 
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 2:
-        print("usage: python -m smcommon.engine.collector SR SR_DIR", file=sys.stderr)
+    if len(args) not in (2, 3):
+        print("usage: python -m smcommon.engine.collector SR SR_DIR [TYPE_MODULE]",
+              file=sys.stderr)
         return 2
     paths = Paths.from_env()
     sr, sr_dir = safe_name("sr", args[0]), Path(args[1])
@@ -328,8 +331,14 @@ def main(argv: list[str] | None = None) -> int:
             log.warning("collector: %s does not hold SR %s; not collecting", sr_dir, sr)
             return 1
         registry = HostRegistry(paths)
+        store = _type_store(args[2], paths, sr, sr_dir) if len(args) == 3 else None
         eng = SrEngine(
-            paths, sr, sr_dir, still_attached=lambda: registry.get(sr) is not None
+            paths,
+            sr,
+            sr_dir,
+            store=store,
+            still_attached=lambda: registry.get(sr) is not None,
+            type_module=args[2] if len(args) == 3 else None,
         )
         return serve(eng)
     except Error as e:
@@ -338,6 +347,25 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:
         log.exception("collector of SR %s failed", sr)
         return 1
+
+
+def _type_store(module_file: str, paths: Any, sr: str, sr_dir: Path) -> Any:
+    """The store of an SR whose type makes its own (``Driver.store``): the
+    type's plugin module (``factory(paths).driver()``) loaded from its file."""
+    import importlib.util
+
+    path = Path(module_file)
+    if path.suffix != ".py" or not path.is_file():
+        raise ValueError(f"{module_file}: not an SR type's module")
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))  # its sibling modules
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    if spec is None or spec.loader is None:
+        raise ValueError(f"{module_file}: cannot be loaded")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module
+    spec.loader.exec_module(module)
+    return module.factory(paths).driver().store(sr, sr_dir)
 
 
 if __name__ == "__main__":

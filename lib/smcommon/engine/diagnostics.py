@@ -22,6 +22,9 @@ if TYPE_CHECKING:
 
 def report(driver: Driver) -> str:
     out = [f"{driver.type.name} SR driver; host root {driver.paths.root}"]
+    backends = getattr(driver.type, "backend_diagnostics", None)
+    if backends is not None:  # e.g. which iSCSI initiator and LV activation
+        out += backends()
     entries = driver.registry.entries()
     out.append(f"SRs attached on this host: {len(entries)}")
     for entry in entries:
@@ -34,7 +37,13 @@ def report(driver: Driver) -> str:
         try:
             from smcommon.engine.sr import SrEngine
 
-            eng = SrEngine(driver.paths, entry.sr, Path(entry.sr_dir), vhd=driver.vhd)
+            eng = SrEngine(
+                driver.paths,
+                entry.sr,
+                Path(entry.sr_dir),
+                store=driver.store(entry.sr, Path(entry.sr_dir)),
+                vhd=driver.vhd,
+            )
             out += ["  " + line for line in sr_report(eng)]
         except (Error, OSError) as e:
             out.append(f"  unreadable: {e}")

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from pathlib import Path
 
 from smcommon import timestamps
@@ -130,9 +131,24 @@ class Driver:
             self.paths,
             key,
             sr_dir,
+            store=self.store(key, sr_dir),
             vhd=self.vhd,
             still_attached=lambda: self.registry.get(key) is not None,
+            type_module=self.type_module(),
         )
+
+    def store(self, sr: str, sr_dir: Path) -> Any:
+        """The SR type's VolumeStore, if it has its own (None: files in sr_dir)."""
+        make = getattr(self.type, "store", None)
+        return make(sr, sr_dir, self.vhd) if make is not None else None
+
+    def type_module(self) -> str | None:
+        """The file of the SR type's module if the type makes its own store (the
+        collector process loads it, ``collector.main``), else None."""
+        if getattr(self.type, "store", None) is None:
+            return None
+        module = sys.modules.get(type(self.type).__module__)
+        return getattr(module, "__file__", None)
 
     # --- Query ---------------------------------------------------------------
 
@@ -237,7 +253,8 @@ class Driver:
                     attached=timestamps.now(),
                 )
             )
-            eng = SrEngine(self.paths, sr, sr_dir, vhd=self.vhd)
+            eng = SrEngine(self.paths, sr, sr_dir, store=self.store(sr, sr_dir), vhd=self.vhd,
+                           type_module=self.type_module())
             with eng.tree_lock():
                 pass  # finishes an interrupted switch; ownership of an old SR
         if eng.meta.gc_file.exists():
@@ -300,8 +317,12 @@ class Driver:
             # again once the lock file is closed (NFS keeps an open file that
             # was removed as a .nfsXXXX name until it is closed)
             _rmtree(eng.meta.sm_dir, ignore_errors=True)
-            self.type.close(eng.sr, eng.sr_dir, entry.mounted)
-            self.type.wipe(eng.sr, entry.device_config)
+            destroy = getattr(self.type, "destroy", None)
+            if destroy is not None:  # the type releases and wipes its storage itself
+                destroy(eng.sr, eng.sr_dir, entry)
+            else:
+                self.type.close(eng.sr, eng.sr_dir, entry.mounted)
+                self.type.wipe(eng.sr, entry.device_config)
             self.registry.remove(eng.sr)
         log.info("destroyed SR %s", sr)
 
@@ -405,7 +426,18 @@ class Driver:
     def vdi_copy(self, dbg: str, sr: str, vdi: str, url: str, dest: str) -> str:
         where = url_kind(url)
         dest = safe_name("dest", dest)
-        if where == "remote" or (where == "here" and self.registry.get(dest) is None):
+        entry = self.registry.get(dest)
+        other_type = entry is not None and entry.type != self.type.name
+        if where == "local" and other_type:
+            assert entry is not None
+            raise BackendError(
+                "SR_TYPE_DIFFERS",
+                [
+                    (f"SR {dest} is a {entry.type} SR, not {self.type.name}: copy into it "
+                    "through its dispatcher (url=http://HOST:PORT/)")
+                ],
+            )
+        if where == "remote" or (where == "here" and (entry is None or other_type)):
             from smcommon.engine import remote
 
             new_key = remote.copy_to_remote(self.engine(sr), vdi, url, dest, dbg)
@@ -422,7 +454,8 @@ class Driver:
                 held.enter_context(eng.tree_lock())
             rec = src.get(vdi)
             held.enter_context(src.vdi_lock(rec.vdi))
-            new = dst.import_image(src.store.path(rec.volume), rec)
+            leaf = held.enter_context(src.store.held(rec.volume))
+            new = dst.import_image(leaf, rec)
         log.info(
             "copied VDI %s of SR %s to VDI %s of SR %s", rec.vdi, sr, new["vdi"], dest
         )

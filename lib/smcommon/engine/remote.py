@@ -184,7 +184,7 @@ def copy_to_remote(eng: Any, vdi: str, url: str, dest: str, dbg: str) -> str:
     rec = eng.get(vdi)
     with eng.vdi_lock(rec.vdi):
         rec = eng.get(vdi)
-        with open_image(eng.store.path(rec.volume)) as img:
+        with eng.store.held(rec.volume) as leaf, open_image(leaf) as img:
             size = img.virtual_size
             info = {
                 "name_label": rec.name_label,
@@ -268,7 +268,9 @@ def import_raw(eng: Any, vdi: str, path: str) -> int:
             rec = eng.get(vdi)
             with eng.vdi_lock(rec.vdi):
                 eng._require_unused(rec.vdi, "import into")
-                with open_image(eng.store.path(rec.volume), writable=True) as img:
+                with eng.store.held(rec.volume, write=True) as leaf, open_image(
+                    leaf, writable=True
+                ) as img:
                     if size > img.virtual_size:
                         raise InvalidRequest(
                             f"the raw file is {size} bytes, larger than VDI {rec.vdi} "

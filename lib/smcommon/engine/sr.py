@@ -123,6 +123,7 @@ class SrEngine:
         vhd: Any = None,
         still_attached: Callable[[], bool] | None = None,
         collect: Callable[[SrEngine], None] | None = None,
+        type_module: str | None = None,
     ) -> None:
         from smcommon.engine.datapath import Datapaths
 
@@ -139,6 +140,9 @@ class SrEngine:
         # what destroy, compose and set_persistent call once they made
         # garbage: by default, start the SR's collector process
         self.collect = collect
+        # the file of the SR type's module when the type makes its own store:
+        # the collector process loads it to make the same store
+        self.type_module = type_module
 
     def request_gc(self) -> None:
         """Ask for a collection (after the SR lock is released)."""
@@ -183,6 +187,12 @@ class SrEngine:
         ownership records."""
         with locks.tree_lock(self.store.shared_lock_dir(), timeout):
             self.check_attached()
+            refresh = getattr(self.store, "refresh", None)
+            if refresh is not None:  # a store caching what others change (LVStore's lvs)
+                refresh()
+            recover = getattr(self.store, "recover", None)
+            if resume_gc and recover is not None:  # a store's own half-done steps (LVStore)
+                recover()
             if resume_gc and self.meta.gc_file.exists():
                 from smcommon.engine.merge import finish_switch
 

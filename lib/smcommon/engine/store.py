@@ -4,7 +4,7 @@ The engine names volumes (UUID strings) and never builds their paths: it asks
 the store.  ``FileStore`` is the store of file SRs (ext, later nfs): a volume
 is the file ``<sr dir>/<volume>.vhd``; all volumes of an SR sit in one
 directory, so the relative parent locators a VHD child records stay valid.
-A later logical-volume store keeps the same methods over LVs.
+``smcommon.lvhd.store.LVStore`` keeps the same methods over logical volumes.
 
 Every image operation goes through ``smcommon.vhd`` (imported lazily, or the
 module given to the store, which is how unit tests pass a fake).  The store
@@ -90,6 +90,9 @@ class VolumeStore(Protocol):
         self, src_path: str, name: str | None = None
     ) -> tuple[str, Any]: ...
     def check(self, volume: str) -> list[str]: ...
+    def held(
+        self, volume: str, *, write: bool = False
+    ) -> contextlib.AbstractContextManager[str]: ...
     def activate(self, volume: str, read_write: bool) -> None: ...
     def deactivate(self, volume: str) -> None: ...
     def space(self) -> tuple[int, int]: ...
@@ -508,6 +511,13 @@ class FileStore:
         return gone
 
     # --- activation on this host ------------------------------------------
+
+    @contextlib.contextmanager
+    def held(self, volume: str, *, write: bool = False) -> Iterator[str]:
+        """The image path of ``volume`` to open for the length of a block
+        (a file is always there; a logical-volume store activates it);
+        ``write``: the caller writes into it (a file's mtime shows it)."""
+        yield self.path(volume)
 
     def activate(self, volume: str, read_write: bool) -> None:
         """Check that the whole chain of ``volume`` is there and sound."""

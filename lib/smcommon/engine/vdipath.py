@@ -52,6 +52,13 @@ def _apply(eng: SrEngine, rec: VdiRecord, t: Transition) -> None:
     """Bring the backend from t.old_effective to t.new_effective."""
     old: DpState = t.old_effective
     new: DpState = t.new_effective
+    # a store whose volumes need a device (LVStore) makes it at attach: grown
+    # first for a writer, then the chain active until detach
+    attach_volume = getattr(eng.store, "attach_volume", None)
+    if attach_volume is not None and new.attached and (
+        not old.attached or (new.read_write and not old.read_write)
+    ):
+        attach_volume(rec.volume, new.read_write)
     if new.activated and (not old.activated or (new.read_write and not old.read_write)):
         eng.store.activate(rec.volume, new.read_write)
     elif old.activated and not new.activated:
@@ -60,6 +67,9 @@ def _apply(eng: SrEngine, rec: VdiRecord, t: Transition) -> None:
         raise BackendError(
             "VHD_MISSING", [f"leaf volume {rec.volume} of VDI {rec.vdi} is missing"]
         )
+    detach_volume = getattr(eng.store, "detach_volume", None)
+    if detach_volume is not None and old.attached and not new.attached:
+        detach_volume(rec.volume)
 
 
 def change(
@@ -69,13 +79,16 @@ def change(
     from smcommon.engine import merge
 
     rec = eng.get(vdi)
-    if op == "attach":
-        plan = merge.journal(eng)
-        if plan is not None and plan.step == "switch":
-            # a switch a killed collector left may have re-linked some images
-            # of this chain and not others: finished before any open
-            with eng.tree_lock():
-                pass
+    plan = merge.journal(eng) if op == "attach" else None
+    needs_recovery = getattr(eng.store, "needs_recovery", None)
+    if (plan is not None and plan.step == "switch") or (
+        needs_recovery is not None and needs_recovery()
+    ):
+        # a switch a killed collector left may have re-linked some images of
+        # this chain and not others; a killed call of a store (LVStore) may
+        # have left a half-done step: both are finished before any open
+        with eng.tree_lock():
+            pass
     with eng.vdi_lock(rec.vdi):
         eng.check_attached()
         rec = eng.get(vdi)

@@ -36,10 +36,10 @@ from smcommon.vhd import batmap as bmap
 from smcommon.vhd import format as fmt
 from smcommon.vhd import layout
 from smcommon.vhd.errors import Corrupt, InvalidArgument, VhdError, from_os_error
-from smcommon.vhd.image import Image, tail_offset
+from smcommon.vhd.image import Image, device_tail, node_key, storage_size, tail_offset
 from smcommon.vhd.info import format_uuid
 from smcommon.vhd.locks import lock_file
-from smcommon.vhd.parents import resolve
+from smcommon.vhd.parents import image_place, is_image_node, resolve
 
 MAX_REPORTED = 50
 TIMESTAMP_SLACK = 1800          # libvhd allows this much clock skew (seconds)
@@ -53,37 +53,51 @@ def _read(fd: int, length: int, pos: int, path: str) -> bytes:
         raise from_os_error(path, exc, "reading") from None
 
 
-def _footers(fd: int, size: int, path: str) -> tuple[fmt.Footer | str, fmt.Footer | str]:
-    """The tail footer and the copy at offset 0, each parsed or the reason it is bad."""
+def _footers(fd: int, end: int, path: str) -> tuple[fmt.Footer | str, fmt.Footer | str]:
+    """The tail footer (at ``end``) and the copy at offset 0, each parsed or the
+    reason it is bad."""
     def parse(pos: int, where: str) -> fmt.Footer | str:
         try:
             return fmt.Footer.from_bytes(_read(fd, fmt.FOOTER_SIZE, pos, path), where)
         except Corrupt as exc:
             return str(exc)
-    return parse(tail_offset(size), "tail footer"), parse(0, "footer copy at offset 0")
+    return parse(end, "tail footer"), parse(0, "footer copy at offset 0")
 
 
-def _open_fd(path: str, writable: bool) -> tuple[int, int]:
+def _open_fd(path: str, writable: bool) -> tuple[int, int, bool]:
+    """fd (locked), size, and whether the image is in a block device."""
     try:
         fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as exc:
         raise from_os_error(path, exc, "opening the image") from None
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise InvalidArgument(f"{path}: not a regular file")
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            raise InvalidArgument(f"{path}: not a regular file or a block device")
         lock_file(fd, path, exclusive=writable)
-        return fd, os.fstat(fd).st_size
+        return fd, storage_size(fd), stat.S_ISBLK(mode)
     except BaseException:
         os.close(fd)
         raise
 
 
+def _end(fd: int, size: int, path: str, in_device: bool) -> int:
+    """Where the tail footer should be: a file's last sector; in a device, after
+    the image's last structure (``device_tail``)."""
+    if not in_device:
+        return tail_offset(size)
+    try:
+        return device_tail(lambda n, at: _read(fd, n, at, path), size, path)
+    except Corrupt:
+        return tail_offset(size)
+
+
 def check(path: str | os.PathLike[str], *, search_dirs: list[str] | None = None) -> list[str]:
     """Every structural problem of the image (and its link to its parent); [] = sound."""
     path = os.fspath(path)
-    fd, size = _open_fd(path, writable=False)
+    fd, size, in_device = _open_fd(path, writable=False)
     try:
-        problems = _check(fd, size, path, search_dirs)
+        problems = _check(fd, size, path, search_dirs, in_device)
     finally:
         os.close(fd)
     if len(problems) > MAX_REPORTED:
@@ -140,19 +154,26 @@ def header_rules(header: fmt.Header, footer: fmt.Footer) -> list[str]:
     return out
 
 
-def _check(fd: int, size: int, path: str, search_dirs: list[str] | None) -> list[str]:
+def _check(fd: int, size: int, path: str, search_dirs: list[str] | None,
+           in_device: bool = False) -> list[str]:
     if size < fmt.FOOTER_SIZE:
         raise Corrupt(f"{path}: file of {size} bytes is too small to be a VHD image")
     problems: list[str] = []
-    tail, head = _footers(fd, size, path)
+    end = _end(fd, size, path, in_device)
+    tail, head = _footers(fd, end, path)
     footer = tail if isinstance(tail, fmt.Footer) else None
-    if footer is None:
+    if footer is not None and in_device and isinstance(head, fmt.Footer) and \
+            head.uuid != footer.uuid:
+        footer, tail = None, "the footer at the end of the image is not its own"
+    if footer is None and not (in_device and isinstance(head, fmt.Footer)):
+        # in a device a writer killed mid-allocation leaves no tail: the copy is
+        # the footer then (the next writer puts the tail back)
         problems.append(str(tail))
     if footer is not None and footer.disk_type == fmt.DISK_FIXED:
         problems += [p for p in footer_rules(footer) if "multiple of 512" not in p]
         if footer.current_size % fmt.SECTOR:
             problems.append(f"disk size {footer.current_size} is not a multiple of 512")
-        if footer.current_size != tail_offset(size):
+        if footer.current_size != end:
             problems.append(f"fixed disk of {footer.current_size} bytes in a file of "
                             f"{size} bytes (expected {footer.current_size + fmt.FOOTER_SIZE})")
         return problems
@@ -171,7 +192,6 @@ def _check(fd: int, size: int, path: str, search_dirs: list[str] | None) -> list
                         "(another UUID, disk type or header offset)")
     assert footer is not None
     problems += footer_rules(footer)
-    end = tail_offset(size)
     hoff = footer.data_offset
     if hoff < fmt.FOOTER_SIZE or hoff + fmt.HEADER_SIZE > end:
         return [*problems, f"dynamic header offset {hoff} outside the file"]
@@ -244,7 +264,7 @@ def _check_locators(fd: int, path: str, footer: fmt.Footer, header: fmt.Header,
     out: list[str] = []
     seen: set[bytes] = set()
     raw = header.locators_raw
-    child_dir = os.path.dirname(os.path.realpath(path))
+    child_dir = os.path.dirname(image_place(path))
     for i, loc in enumerate(header.locators):
         name = f"parent locator {i}"
         if not loc.used:
@@ -288,7 +308,7 @@ def _check_locators(fd: int, path: str, footer: fmt.Footer, header: fmt.Header,
         if os.path.basename(full) != header.parent_name:
             out.append(f"{name}: names {text!r}, not the header's parent name "
                        f"{header.parent_name!r}")
-        elif not os.path.isfile(full):
+        elif not is_image_node(full):
             out.append(f"{name}: names {text!r}, which does not exist")
     return out
 
@@ -327,7 +347,7 @@ def _check_parent(path: str, header: fmt.Header, search_dirs: list[str] | None) 
     try:
         ppath = img.find_parent(search_dirs)
         st = os.fstat(img.fd)
-        with Image.open(ppath, search_dirs=search_dirs, _seen={(st.st_dev, st.st_ino)},
+        with Image.open(ppath, search_dirs=search_dirs, _seen={node_key(st)},
                         _depth=2) as parent:
             if parent.footer.uuid != header.parent_uuid:
                 return [(f"parent {ppath} has UUID {format_uuid(parent.footer.uuid)}, expected "

@@ -4,7 +4,9 @@ Owns the layout of new files (see ``smcommon.vhd.image``'s docstring), with
 the batmap libvhd requires, and the all-or-nothing creation of a file: an
 image is built under a temporary name in the destination directory, fsync'd,
 then linked to its name (never replacing an existing file), so an error or a
-kill leaves no half-made image behind.  Parent locators are written as libvhd
+kill leaves no half-made image behind; an existing block device (a logical
+volume) is written in place instead (its owner keeps a half-made one out of
+sight).  Parent locators are written as libvhd
 writes them: the parent's path relative to the child's directory in all
 three (W2RU and W2KU ``.\\name`` in UTF-16LE, MACX ``file://./name``), each
 in the whole sectors its data needs, ``data_space`` counted in sectors (a
@@ -31,6 +33,7 @@ from smcommon.vhd.errors import (
     from_os_error,
 )
 from smcommon.vhd.image import LOCATOR_AREA, LOCATOR_ORDER, Image, Info, open_image
+from smcommon.vhd.parents import image_place, is_block_device
 
 HEADER_AT = fmt.FOOTER_SIZE
 AFTER_HEADER = HEADER_AT + fmt.HEADER_SIZE
@@ -60,6 +63,10 @@ def new_file(path: str) -> Iterator[int]:
     hidden temporary name is used (and removed on error).
     """
     path = os.path.abspath(path)
+    if is_block_device(path):
+        with _in_device(path) as fd:
+            yield fd
+        return
     if os.path.lexists(path):
         raise AlreadyExists(f"{path}: already exists")
     directory = os.path.dirname(path)
@@ -96,6 +103,22 @@ def new_file(path: str) -> Iterator[int]:
         if tmp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def _in_device(path: str) -> Iterator[int]:
+    """An fd on a block device (a logical volume) to write a new image into, in place."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        raise from_os_error(path, exc, "opening the device") from None
+    try:
+        yield fd
+        os.fsync(fd)
+    except OSError as exc:
+        raise from_os_error(path, exc, "writing the image") from None
+    finally:
+        os.close(fd)
 
 
 def _link_tmpfile(fd: int, dfd: int, path: str) -> None:
@@ -252,8 +275,8 @@ def parent_locators(
     """The parent's name and (code, data) of each locator, as libvhd writes them:
     the path relative to the child's directory (W2RU/W2KU ``.\\a.vhd``, MACX
     ``file://./a.vhd``)."""
-    child_dir = os.path.dirname(os.path.realpath(child))
-    parent_abs = os.path.realpath(parent)
+    child_dir = os.path.dirname(image_place(child))
+    parent_abs = image_place(parent)
     rel = os.path.relpath(parent_abs, child_dir)
     if not rel.startswith("../"):
         rel = "./" + rel
@@ -269,9 +292,9 @@ def parent_locators(
 
 
 def check_parent_allowed(child: str, parent: str, search_dirs: list[str] | None) -> None:
-    child_dir = os.path.dirname(os.path.realpath(child))
+    child_dir = os.path.dirname(image_place(child))
     roots = [os.path.realpath(d) for d in (search_dirs or [child_dir])]
-    real = os.path.realpath(parent)
+    real = image_place(parent)
     if not any(os.path.commonpath([real, r]) == r for r in roots):
         raise ParentNotAllowed(f"{parent}: parent outside the allowed directories "
                                f"({', '.join(roots)}) of {child}")

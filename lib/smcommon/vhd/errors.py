@@ -17,6 +17,7 @@
           +-- Busy              VHD_BUSY: another process holds the image's lock too long
           +-- ReadOnly          VHD_READ_ONLY: a write through an image opened read-only
           +-- VhdIOError        VHD_IO_ERROR: the operating system refused an I/O (errno)
+               +-- NoSpace      VHD_NO_SPACE: an image would grow past its block device
 
 Every error's message names the file and the problem, on one line.
 """
@@ -122,6 +123,12 @@ class VhdIOError(VhdError):
 
     code = "VHD_IO_ERROR"
     errno: int | None = None  # the OSError's errno
+
+
+class NoSpace(VhdIOError):
+    """The image would grow past the end of its block device (a logical volume)."""
+
+    code = "VHD_NO_SPACE"
 
 
 def from_os_error(path: str, exc: OSError, what: str = "") -> VhdError:

@@ -54,6 +54,9 @@ from smcommon.vhd.reader import (
     ImageReader,
     _full_bitmap,
     check_int,
+    device_tail,
+    node_key,
+    storage_size,
     tail_offset,
 )
 
@@ -265,7 +268,7 @@ class Image(ImageReader):
     def relock(self, *, exclusive: bool) -> None:
         """Take the lock again and re-read the metadata (it may have changed meanwhile)."""
         lock_file(self.fd, self.path, exclusive=exclusive)
-        self._size = os.fstat(self.fd).st_size
+        self._size = storage_size(self.fd)
         self._load()
 
     def unlock(self) -> None:
@@ -336,4 +339,4 @@ def open_image(path: str | os.PathLike[str], *, writable: bool = False,
 
 
 __all__ = ["LOCATOR_AREA", "LOCATOR_ORDER", "MAX_CHAIN_DEPTH", "Image", "Info", "NotFound",
-           "check_int", "open_image", "tail_offset"]
+           "check_int", "device_tail", "node_key", "open_image", "storage_size", "tail_offset"]

@@ -32,7 +32,12 @@ from smcommon.vhd.errors import Corrupt, InvalidArgument, ParentMissing, from_os
 from smcommon.vhd.image import Image
 from smcommon.vhd.info import format_uuid
 from smcommon.vhd.ops import write_parent_link
-from smcommon.vhd.reader import OPEN_RETRIES, OPEN_RETRY_PAUSE
+from smcommon.vhd.reader import (
+    OPEN_RETRIES,
+    OPEN_RETRY_PAUSE,
+    device_tail,
+    storage_size,
+)
 
 
 @dataclass(frozen=True)
@@ -114,8 +119,10 @@ def _open_unlocked(path: str, writable: bool) -> Image:
         raise from_os_error(path, exc, "opening the image") from None
     img = Image(path, fd, writable)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise InvalidArgument(f"{path}: not a regular file")
+        mode = os.fstat(fd).st_mode
+        img.in_device = stat.S_ISBLK(mode)  # an image in a logical volume
+        if not (img.in_device or stat.S_ISREG(mode)):
+            raise InvalidArgument(f"{path}: not a regular file or a block device")
     except BaseException:
         img.close()
         raise
@@ -130,14 +137,18 @@ def _load_bat(img: Image) -> None:
     live = min(header.max_table_entries,
                fmt.blocks_for(img.footer.current_size, header.block_size))
     img.bat = fmt.Bat.from_bytes(img._pread(4 * live, header.table_offset, "the BAT"), live)
-    img._size = os.fstat(img.fd).st_size
+    img._size = storage_size(img.fd)
+    if img.in_device:  # where the image ends now (a backend may have appended)
+        img._end = device_tail(lambda n, at: img._pread(n, at, "metadata"), img._size, img.path)
 
 
 def _load_head(img: Image) -> None:
     """Footer and header of ``img`` (no BAT): the tail footer, or its copy at 0."""
-    img._size = os.fstat(img.fd).st_size
+    img._size = storage_size(img.fd)
     if img._size < fmt.FOOTER_SIZE:
         raise Corrupt(f"{img.path}: file of {img._size} bytes is too small for a VHD footer")
+    if img.in_device:
+        img._end = device_tail(lambda n, at: img._pread(n, at, "metadata"), img._size, img.path)
     tail_error: Corrupt | None = None
     try:
         tail = fmt.Footer.from_bytes(img._pread(fmt.FOOTER_SIZE, img.end(), "the footer"),

@@ -25,7 +25,14 @@ from smcommon.vhd.errors import (
     Unsupported,
     from_os_error,
 )
-from smcommon.vhd.image import LOCATOR_ORDER, Image, Info, copy_range, open_image
+from smcommon.vhd.image import (
+    LOCATOR_ORDER,
+    Image,
+    Info,
+    copy_range,
+    node_key,
+    open_image,
+)
 from smcommon.vhd.reader import ImageReader
 
 
@@ -93,10 +100,9 @@ def write_parent_link(img: Image, parent: str, search_dirs: list[str] | None, *,
     st = os.fstat(img.fd)
     # the child is locked exclusively: opening it again as an ancestor would wait
     # on ourselves, so it is excluded up front (ParentLoop)
-    with Image.open(parent, search_dirs=search_dirs, _seen={(st.st_dev, st.st_ino)}) as pimg:
+    with Image.open(parent, search_dirs=search_dirs, _seen={node_key(st)}) as pimg:
         for anc in pimg.chain():
-            pst = os.fstat(anc.fd)
-            if (pst.st_dev, pst.st_ino) == (st.st_dev, st.st_ino):
+            if node_key(os.fstat(anc.fd)) == node_key(st):
                 raise ParentLoop(f"{child}: {parent} is {child} or one of its descendants")
         if not pimg.is_fixed and pimg.block_size != img.block_size:
             raise Unsupported(f"{parent}: block size {pimg.block_size} differs from the "
@@ -256,6 +262,8 @@ def resize(path: str | os.PathLike[str], new_size: int, *,
         if img.tail_damaged:
             raise Corrupt(f"{path}: tail footer damaged; run repair first")
         if img.is_fixed:
+            if img.in_device:
+                raise Unsupported(f"{path}: resizing a fixed image inside a block device")
             _resize_fixed(img, size)
         else:
             _resize_dynamic(img, size)

@@ -6,11 +6,17 @@ order in the header), then the header's parent name; each is resolved
 relative to the child's real directory (an absolute path stays absolute) and
 the first that names an existing file inside the allowed roots wins.  Paths
 outside the roots are never opened.
+
+An image in a block device is located by the name it was opened by
+(``image_place``): ``/dev/VG/LV`` or an SR's device directory names it and its
+parents, while the node the name resolves to (``/dev/dm-3``, ``/dev/loop7``)
+lives elsewhere.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 
 from smcommon.vhd import format as fmt
 from smcommon.vhd.errors import Corrupt, ParentMissing, ParentNotAllowed
@@ -20,6 +26,29 @@ if TYPE_CHECKING:
     from smcommon.vhd.reader import ImageReader as Image
 
 LOCATOR_ORDER = (fmt.LOC_W2RU, fmt.LOC_W2KU, fmt.LOC_MACX)
+
+
+def image_place(path: str) -> str:
+    """The path that locates an image: a file's real path (symlinks resolved), but a
+    block device's own name (its directory resolved): parents of an image in a
+    device are named in the directory that names the device."""
+    real = os.path.realpath(path)
+    if is_block_device(real):
+        full = os.path.normpath(os.path.abspath(path))
+        return os.path.join(os.path.realpath(os.path.dirname(full)), os.path.basename(full))
+    return real
+
+
+def is_block_device(path: str) -> bool:
+    try:
+        return stat.S_ISBLK(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def is_image_node(path: str) -> bool:
+    """A regular file or a block device (a logical volume holds an image too)."""
+    return os.path.isfile(path) or is_block_device(path)
 
 
 def within(path: str, roots: list[str]) -> bool:
@@ -54,7 +83,7 @@ def candidates(img: Image) -> list[tuple[str, str]]:
 
 def find_parent(img: Image, search_dirs: list[str] | None = None) -> str:
     """The parent's path: the first candidate naming a file inside the allowed roots."""
-    child_dir = os.path.dirname(os.path.realpath(img.path))   # where the file really is
+    child_dir = os.path.dirname(image_place(img.path))   # where the image really is
     roots = [os.path.realpath(d) for d in (search_dirs or [child_dir])]
     found = candidates(img)
     rejected: list[str] = []
@@ -62,11 +91,11 @@ def find_parent(img: Image, search_dirs: list[str] | None = None) -> str:
         if not text:
             continue
         full = resolve(child_dir, label, text)
-        real = os.path.realpath(full)
+        real = image_place(full)
         if not within(real, roots):
             rejected.append(f"{label} {text!r}")
             continue
-        if os.path.isfile(real):
+        if is_image_node(real):
             return full
     if rejected:
         raise ParentNotAllowed(

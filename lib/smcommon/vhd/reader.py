@@ -4,9 +4,12 @@ Owns ``ImageReader``, the read side of ``smcommon.vhd.image.Image``: one open
 file descriptor, the parsed footer, header and BAT (the entries that map the
 disk), the batmap of a writable open, the opened parent chain (parents found
 by ``smcommon.vhd.parents``), the reads through the chain, ``Info``, and where
-the image ends: ``end()`` decides it in one place (a later logical-volume
-store, whose device is larger than the image, changes only that method and
-``_set_end()``).
+the image ends: ``end()`` decides it in one place.  A file ends with its tail
+footer (``tail_offset``); an image inside a block device (a logical volume,
+larger than the image) ends after its last metadata or data block
+(``device_tail``), and ``_set_end()`` refuses to grow it past the device.
+Parents of an image in a block device are named relative to the directory
+that names the device (``parents.image_place``).
 """
 
 from __future__ import annotations
@@ -14,14 +17,16 @@ from __future__ import annotations
 import os
 import stat
 import time
+from collections.abc import Callable
 
 from smcommon.vhd import batmap as bmap
 from smcommon.vhd import format as fmt
-from smcommon.vhd import parents
+from smcommon.vhd import layout, parents
 from smcommon.vhd.errors import (
     ChainTooDeep,
     Corrupt,
     InvalidArgument,
+    NoSpace,
     NotFound,
     ParentLoop,
     ParentMismatch,
@@ -57,6 +62,9 @@ class ImageReader:
         self.depth = 1
         self.tail_damaged = False
         self._size = 0
+        self.in_device = False          # the image lives in a block device
+        self._end: int | None = None    # its tail footer's offset (devices only)
+        self._tail_stale = False        # device: no valid footer at the end yet
         self.batmap: bmap.Batmap | None = None
         self.batmap_problem: str | None = None
         self.repairing = False            # repair writes through a damaged batmap
@@ -95,10 +103,11 @@ class ImageReader:
             img = cls(path, fd, writable)
             try:
                 st = os.fstat(fd)
-                if not stat.S_ISREG(st.st_mode):
-                    raise InvalidArgument(f"{path}: not a regular file")
+                img.in_device = stat.S_ISBLK(st.st_mode)
+                if not (img.in_device or stat.S_ISREG(st.st_mode)):
+                    raise InvalidArgument(f"{path}: not a regular file or a block device")
                 seen = set() if _seen is None else _seen
-                key = (st.st_dev, st.st_ino)
+                key = node_key(st)
                 if key in seen:
                     raise ParentLoop(f"{path}: parent loop (this image is its own ancestor)")
                 if lock:
@@ -107,7 +116,7 @@ class ImageReader:
                     img.close()     # renamed over while we waited for the lock
                     continue
                 seen.add(key)
-                img._size = os.fstat(fd).st_size       # after the lock: a writer may have grown it
+                img._size = storage_size(fd)           # after the lock: a writer may have grown it
                 img.depth = _depth
                 img._load_and_link(parents, search_dirs, seen, _depth)
             except BaseException:
@@ -181,9 +190,14 @@ class ImageReader:
         self._seen_head = self._pread(_HEAD_PEEK, 0, "the header")
         if self._size < fmt.FOOTER_SIZE:
             raise Corrupt(f"{path}: file of {self._size} bytes is too small for a VHD footer")
+        if self.in_device:
+            self._end = device_tail(lambda n, at: self._pread(n, at, "metadata"),
+                                    self._size, path)
         raw = self._pread(fmt.FOOTER_SIZE, self.end(), "the footer")
         try:
             self.footer = fmt.Footer.from_bytes(raw, f"{path}: footer")
+            if self.in_device and self.footer.disk_type != fmt.DISK_FIXED:
+                self._check_tail_is_ours()
         except Corrupt as tail_exc:
             # blktap keeps a copy at offset 0: read through it, refuse writes
             try:
@@ -193,7 +207,12 @@ class ImageReader:
             if head.disk_type == fmt.DISK_FIXED:
                 raise tail_exc from None
             self.footer = head
-            self.tail_damaged = True
+            if self.in_device:
+                # a writer killed mid-allocation wrote over the tail: the copy
+                # is the footer (a writable open puts the tail back)
+                self._tail_stale = True
+            else:
+                self.tail_damaged = True
         footer = self.footer
         if footer.current_size % fmt.SECTOR:
             raise Corrupt(f"{path}: disk size {footer.current_size} is not a multiple of 512")
@@ -245,6 +264,16 @@ class ImageReader:
         self.batmap = found if not problems else None
         self.batmap_problem = "; ".join(problems) or None
 
+    def _check_tail_is_ours(self) -> None:
+        """In a device, a footer of another image (stale bytes of an earlier
+        volume where ours ends) must not win over the copy."""
+        try:
+            head = fmt.Footer.from_bytes(self._pread(fmt.FOOTER_SIZE, 0, "the footer copy"))
+        except Corrupt:
+            return  # a damaged copy: the tail stands (repair restores the copy)
+        if head.uuid != self.footer.uuid:
+            raise Corrupt(f"{self.path}: the footer at the end of the image is not its own")
+
     def _check_blocks(self) -> None:
         """Every BAT entry inside the file, after the metadata, no two overlapping."""
         assert self.header is not None and self.bat is not None
@@ -258,7 +287,13 @@ class ImageReader:
             raise Corrupt(f"{self.path}: {problem}")
 
     def _heal_head(self) -> None:
-        """Bring a stale footer copy (an update killed after the tail write) up to date."""
+        """Bring a stale footer copy (an update killed after the tail write) up to date;
+        in a device, put back a tail footer a killed allocation wrote over."""
+        if self._tail_stale:
+            self._pwrite(self.footer.to_bytes(), self.end(), "the footer")
+            self.sync()
+            self._tail_stale = False
+            return
         if self.is_fixed or self.tail_damaged:
             return
         head = self._pread(fmt.FOOTER_SIZE, 0, "the footer copy")
@@ -299,12 +334,20 @@ class ImageReader:
 
     def end(self) -> int:
         """Offset of the tail footer of this image."""
+        if self._end is not None:
+            return self._end
         return tail_offset(self._size)
 
     def _set_end(self, new_end: int) -> None:
         """Write the footer at ``new_end`` (growing the file): the old end becomes free."""
+        if self.in_device and new_end + fmt.FOOTER_SIZE > self._size:
+            raise NoSpace(f"{self.path}: the image needs {new_end + fmt.FOOTER_SIZE} bytes, "
+                          f"its device has {self._size}: grow the device first")
         self._pwrite(self.footer.to_bytes(), new_end, "the footer")
-        self._size = max(self._size, new_end + fmt.FOOTER_SIZE)
+        if self.in_device:
+            self._end = new_end
+        else:
+            self._size = max(self._size, new_end + fmt.FOOTER_SIZE)
 
     # --- properties --------------------------------------------------------------
 
@@ -482,9 +525,8 @@ class ImageReader:
 def tail_offset(size: int) -> int:
     """Where the tail footer lies in a file of ``size`` bytes.
 
-    The one place that decides where an image ends (Image.end(), check and
-    repair use it): an image inside a logical volume larger than the image
-    changes this, not its callers.
+    With ``device_tail`` the one place that decides where an image ends
+    (Image.end(), check and repair use them).
     """
     return size - fmt.FOOTER_SIZE
 
@@ -495,7 +537,80 @@ def _still_named(path: str, st: os.stat_result) -> bool:
         now = os.stat(path)
     except OSError:
         return False
-    return (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
+    return node_key(now) == node_key(st)
+
+
+def device_tail(pread: Callable[[int, int], bytes], size: int, path: str = "") -> int:
+    """Where the tail footer of an image inside a block device of ``size`` bytes lies.
+
+    A logical volume is larger than the image it holds, and what follows the
+    image is stale: the image ends right after its last structure.  That end is
+    found from the footer copy at offset 0 (dynamic and differencing images
+    keep one), the header it points at (where images keep it, right after the
+    copy, if the copy is damaged), the BAT, the batmap (where libvhd wants
+    one) and the parent locators: the furthest of their regions and of the
+    data blocks.  Without either (a fixed disk) the image fills the device:
+    its footer is the last sector.  ``pread(length, offset)`` reads the device.
+    """
+    try:
+        head: fmt.Footer | None = fmt.Footer.from_bytes(pread(fmt.FOOTER_SIZE, 0),
+                                                         f"{path}: footer copy")
+    except Corrupt:
+        head = None
+    if head is not None and head.disk_type == fmt.DISK_FIXED:
+        return tail_offset(size)
+    hoff = head.data_offset if head is not None else fmt.FOOTER_SIZE
+    if hoff < fmt.FOOTER_SIZE or hoff + fmt.HEADER_SIZE > size:
+        raise Corrupt(f"{path}: dynamic header offset {hoff} outside the device")
+    try:
+        header = fmt.Header.from_bytes(pread(fmt.HEADER_SIZE, hoff), f"{path}: dynamic header")
+        header.validate(f"{path}: dynamic header")
+    except Corrupt:
+        if head is None:  # no copy and no header where images keep it: a fixed disk
+            return tail_offset(size)
+        raise
+    entries = header.max_table_entries
+    if head is not None:
+        entries = min(entries, fmt.blocks_for(head.current_size, header.block_size))
+    if header.table_offset + fmt.bat_bytes(header.max_table_entries) > size:
+        raise Corrupt(f"{path}: BAT ({header.max_table_entries} entries at "
+                      f"{header.table_offset}) lies outside the device")
+    batmap = None
+    if head is None or bmap.expected(head) is not False:
+        at = fmt.batmap_header_offset(header.table_offset, header.max_table_entries)
+        if at + fmt.BATMAP_HEADER_SIZE <= size:
+            try:
+                batmap = fmt.BatmapHeader.from_bytes(pread(fmt.BATMAP_HEADER_SIZE, at))
+            except Corrupt:
+                batmap = None
+            if batmap is not None and \
+                    batmap.batmap_offset + batmap.batmap_size * fmt.SECTOR > size:
+                batmap = None
+    ends = [layout.end_of_headers(layout.metadata_regions(hoff, header, batmap))]
+    bat = fmt.Bat.from_bytes(pread(4 * entries, header.table_offset), entries)
+    offsets = bat.offsets()
+    if offsets:
+        ends.append(offsets[-1] * fmt.SECTOR + header.bitmap_size + header.block_size)
+    end = fmt.round_up(max(ends), fmt.SECTOR)
+    if end + fmt.FOOTER_SIZE > size:
+        raise Corrupt(f"{path}: the image ends at {end + fmt.FOOTER_SIZE}, past the end of "
+                      f"its device ({size} bytes)")
+    return end
+
+
+def node_key(st: os.stat_result) -> tuple[int, int]:
+    """What identifies an image's storage: a file's inode, a block device's number."""
+    if stat.S_ISBLK(st.st_mode):
+        return (-1, st.st_rdev)
+    return (st.st_dev, st.st_ino)
+
+
+def storage_size(fd: int) -> int:
+    """Bytes of a file, or of a block device (whose st_size is 0)."""
+    st = os.fstat(fd)
+    if stat.S_ISBLK(st.st_mode):
+        return os.lseek(fd, 0, os.SEEK_END)
+    return st.st_size
 
 
 def check_int(name: str, value: object) -> None:

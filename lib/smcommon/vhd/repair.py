@@ -17,7 +17,7 @@ import os
 from smcommon.vhd import batmap as bmap
 from smcommon.vhd import format as fmt
 from smcommon.vhd import layout, relayout
-from smcommon.vhd.check import _footers, _open_fd, _read
+from smcommon.vhd.check import _end, _footers, _open_fd, _read
 from smcommon.vhd.errors import Corrupt, from_os_error
 from smcommon.vhd.image import Image, tail_offset
 
@@ -25,9 +25,9 @@ from smcommon.vhd.image import Image, tail_offset
 def repair(path: str | os.PathLike[str]) -> list[str]:
     """Restore damaged footers and the batmap; return what was done."""
     path = os.fspath(path)
-    fd, size = _open_fd(path, writable=True)
+    fd, size, in_device = _open_fd(path, writable=True)
     try:
-        done = _repair_footers(fd, size, path)
+        done = _repair_footers(fd, size, path, in_device)
     except OSError as exc:
         raise from_os_error(path, exc, "repairing") from None
     finally:
@@ -56,10 +56,10 @@ def _repair_batmap(path: str) -> list[str]:
             img.repairing = False
 
 
-def _repair_footers(fd: int, size: int, path: str) -> list[str]:
+def _repair_footers(fd: int, size: int, path: str, in_device: bool = False) -> list[str]:
     if size < fmt.FOOTER_SIZE:
         raise Corrupt(f"{path}: file of {size} bytes is too small to be repaired")
-    tail, head = _footers(fd, size, path)
+    tail, head = _footers(fd, _end(fd, size, path, in_device), path)
     if isinstance(tail, fmt.Footer):
         if tail.disk_type == fmt.DISK_FIXED:
             return []
@@ -73,7 +73,9 @@ def _repair_footers(fd: int, size: int, path: str) -> list[str]:
         raise Corrupt(f"{path}: both footers are damaged ({tail}; {head}); cannot repair")
     if head.disk_type == fmt.DISK_FIXED:
         raise Corrupt(f"{path}: {tail}; a fixed disk has no footer copy to repair from")
-    pos = max(tail_offset(size), _data_end(fd, size, head, path))
+    pos = _data_end(fd, size, head, path)
+    if not in_device:  # a device's image ends with its last structure
+        pos = max(tail_offset(size), pos)
     os.pwrite(fd, head.to_bytes(), pos)
     os.fsync(fd)
     return [f"restored the tail footer at offset {pos} from the copy at offset 0"]

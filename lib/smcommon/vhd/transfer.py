@@ -19,7 +19,7 @@ from smcommon.vhd import format as fmt
 from smcommon.vhd import layout
 from smcommon.vhd.create import check_size, new_file, write_dynamic_layout
 from smcommon.vhd.errors import InvalidArgument, TooLarge, from_os_error
-from smcommon.vhd.image import Image, Info, copy_range, open_image
+from smcommon.vhd.image import Image, Info, copy_range, node_key, open_image
 from smcommon.vhd.ops import info
 
 BS = fmt.BLOCK_SIZE
@@ -48,8 +48,7 @@ def _export(img: Image, out: int, dest: str) -> None:
     vsize = img.virtual_size
     ost = os.fstat(out)
     for i in img.chain():
-        st = os.fstat(i.fd)
-        if (st.st_dev, st.st_ino) == (ost.st_dev, ost.st_ino):
+        if node_key(os.fstat(i.fd)) == node_key(ost):
             raise InvalidArgument(f"{dest}: is {i.path}, an image of the chain being exported")
     is_blockdev = stat.S_ISBLK(os.fstat(out).st_mode)
     if is_blockdev:

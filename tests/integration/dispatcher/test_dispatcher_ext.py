@@ -44,7 +44,7 @@ def test_default_sr_is_ready_and_listed(ext_daemon: Daemon) -> None:
     assert sr in ok(ext_daemon.unix("/").SR.ls({"dbg": "t"}))
     assert sr in ok(ext_daemon.tcp("/ext").SR.ls({"dbg": "t"}))
     drivers = ok(ext_daemon.unix("/").Query.query({"dbg": "t"}))
-    assert [q["driver"] for q in drivers] == ["ext", "nfs"]  # every plugin of plugins/
+    assert [q["driver"] for q in drivers] == ["ext", "lvmoiscsi", "nfs"]  # every plugin of plugins/
     assert ok(ext_daemon.unix("/ext").Query.query({"dbg": "t"}))["driver"] == "ext"
     assert "ext" in ok(ext_daemon.unix("/").Query.diagnostics({"dbg": "t"}))
     assert ok(ext_daemon.unix("/ext").Query.diagnostics({"dbg": "t"}))

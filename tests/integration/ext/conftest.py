@@ -15,6 +15,8 @@ path_sr      the same as ``sr`` (the cheaper fixture, by its old name)
 make_sr      make more SRs of the type in the same SM_ROOT
 nfs_backend  the nfs type's backend: the session NFS server and the
              environment of the development mount
+iscsi_backend  the lvmoiscsi type's backend: the session's tgtd (each SR gets a
+             LUN of its own on it)
 """
 
 from __future__ import annotations
@@ -75,6 +77,15 @@ def _stale_loop_devices() -> None:
 @pytest.fixture
 def nfs_backend(nfs_server: Any, nfs_env: dict[str, str]) -> tuple[Any, dict[str, str]]:
     return nfs_server, nfs_env
+
+
+@pytest.fixture
+def iscsi_backend(tgtd: Any) -> tuple[Any, dict[str, str]]:
+    # a tree change of an lvmoiscsi SR runs several lvm commands (40-90 ms each
+    # on an idle machine, several times that under the test load): the eight
+    # workers of the concurrency test queue longer on the SR's tree lock than
+    # the default bound of 30 s
+    return tgtd, {"SM_LOCK_TIMEOUT": "120"}
 
 
 @pytest.fixture

@@ -309,6 +309,10 @@ class SR:
             return [vhd.read(path, off, n) for off, n in ranges]
 
     # --- on-disk checks -------------------------------------------------
+    def holds_image(self, path: str) -> bool:
+        """``path`` (an attach_info params) names an image of this SR."""
+        return Path(path).resolve().is_relative_to(self.data_dir.resolve())
+
     def vhd_files(self) -> dict[Path, Any]:
         from smcommon import vhd
 
@@ -390,6 +394,7 @@ class SrFactory:
         self.spec = SR_TYPES[ext.sr_type]
         self.loops: list[str] = []
         self.srs: list[SR] = []
+        self.targets: list[Any] = []  # LUNs made on the iSCSI backend
 
     def loop_device(self, size: str = "256M") -> str:
         if os.geteuid() != 0:
@@ -430,6 +435,8 @@ class SrFactory:
         elif kind == "ext4":
             config = {"device": self.loop_device()}
             data_dir = mount_point
+        elif kind == "iscsi":
+            return self._make_lvmoiscsi(sr_uuid, attach)
         elif kind.startswith("nfs"):
             server = self.ext.backend
             config = {"server": server.address, "serverpath": "/export",
@@ -445,10 +452,33 @@ class SrFactory:
             self.ext.ok("SR.attach", sr=sr_uuid, device_config=config)
         return sr
 
+    def _make_lvmoiscsi(self, sr_uuid: str, attach: bool) -> SR:
+        """An lvmoiscsi SR on a new LUN of the session's tgtd (lvmo_helpers)."""
+        from lvmo_helpers import LvmoSR, device_config
+
+        tgtd = self.ext.backend
+        target = tgtd.add_target("suite")
+        self.targets.append(target)
+        config = device_config(tgtd, target)
+        self.ext.ok("SR.create", sr=sr_uuid, device_config=config, physical_size="0")
+        sr = LvmoSR(self.ext, sr_uuid, config, target)
+        self.srs.append(sr)
+        if attach:
+            self.ext.ok("SR.attach", sr=sr_uuid, device_config=config)
+        return sr
+
     def cleanup(self) -> None:
         for sr in self.srs:
             with contextlib.suppress(Exception):
-                self.ext.call("SR.detach", sr=sr.uuid)
+                r = self.ext.call("SR.detach", sr=sr.uuid)
+                if not r.ok and self.targets:
+                    self.ext.call("SR.reset", sr=sr.uuid)
+        if self.targets:
+            from lvmo_helpers import force_cleanup
+
+            force_cleanup(self.ext.root)
+            for t in self.targets:
+                self.ext.backend.remove_target(t)
         for mnt in reversed(_mounts_under(self.ext.root)):
             subprocess.run(["umount", "-l", mnt], capture_output=True, check=False)
         for dev in self.loops:

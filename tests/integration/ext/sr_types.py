@@ -1,8 +1,9 @@
 """The SR types the plugin suites of this directory run over: one entry each.
 
 Every test that uses the ``ext`` fixture (the plugin caller) runs once per
-type (``sr_type``: ids ``[ext]``, ``[nfs]``); ``each_sr`` runs once per kind
-of SR of each type (``sr_kind``: ``[ext-path]``, ``[nfs-nfs4.1]``).  A test
+type (``sr_type``: ids ``[ext]``, ``[nfs]``, ``[lvmoiscsi]``); ``each_sr`` runs
+once per kind of SR of each type (``sr_kind``: ``[ext-path]``, ``[nfs-nfs4.1]``,
+``[lvmoiscsi-iscsi]``).  A test
 marked ``@pytest.mark.sr_types("ext")`` runs for those types only (what is
 specific to one type's device_config).
 
@@ -54,5 +55,15 @@ SR_TYPES = {
         frozenset({"nfs3", "nfs4.1"}),
         backend="nfs_backend",
         config_keys=frozenset({"server", "serverpath", "nfsversion", "port", "options"}),
+    ),
+    "lvmoiscsi": SrTypeSpec(
+        "lvmoiscsi",
+        REPO / "plugins" / "lvmoiscsi" / "LVMoISCSISR",
+        ("iscsi",),  # a LUN of the session's tgtd, with CHAP
+        frozenset({"iscsi"}),
+        backend="iscsi_backend",
+        config_keys=frozenset({"target", "port", "targetIQN", "SCSIid", "chapuser",
+                               "chappassword", "incoming_chapuser",
+                               "incoming_chappassword", "multihomed"}),
     ),
 }

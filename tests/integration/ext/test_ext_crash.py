@@ -231,6 +231,7 @@ def test_kill_during_compose_epoch_and_copy(make_sr: SrFactory) -> None:
         assert dest.read(v, [(0, K4)]) == [pat("b0")], "a copy shows up half made"
 
 
+@pytest.mark.sr_types("ext", "nfs")  # lvmoiscsi: VHD-<v>.new LVs, test_lvmoiscsi_crash.py
 def test_leftover_temp_of_a_killed_fork_does_not_block_the_next(sr: SR) -> None:
     """Deterministic form of a state the random kills reach: a process killed
     while writing a VDI's new leaf under its temporary name (FileStore's

@@ -22,6 +22,8 @@ def pat(tag: str) -> bytes:
     return (unit * (K4 // len(unit) + 1))[:K4]
 
 
+# lvmoiscsi: foreign logical volumes, tests/integration/lvmoiscsi/test_lvmoiscsi_sr.py
+@pytest.mark.sr_types("ext", "nfs")
 def test_destroy_of_an_unrelated_vdi_keeps_someone_elses_disk(sr: SR) -> None:
     """The issue's reproduction: a VHD copied into a ``path`` SR's directory
     was deleted by a VDI.destroy of an unrelated VDI."""
@@ -78,6 +80,7 @@ def _foreign_files(sr: SR, tmp: Path) -> dict[str, bytes]:
     return made
 
 
+@pytest.mark.sr_types("ext", "nfs")  # files in the SR directory (lvmoiscsi: LVs, above)
 def test_foreign_files_survive_destroy_gc_and_are_reported(
     sr: SR, tmp_path: Path
 ) -> None:

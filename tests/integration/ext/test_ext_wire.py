@@ -250,6 +250,12 @@ def test_hostile_sr_names(ext: Ext, tmp_path: Path) -> None:
         canary = ext.backend.export_dir / f"keep-{tmp_path.name}"
         canary.write_text("x")
         cfg = {"server": ext.backend.address, "serverpath": "/export"}
+    lun = None
+    if ext.sr_type == "lvmoiscsi":  # a blank LUN is the victim: it must stay blank
+        from lvmo_helpers import device_config
+
+        lun = ext.backend.add_target("hostile")
+        cfg = device_config(ext.backend, lun)
     extra: dict[str, dict[str, object]] = {
         "SR.create": {"device_config": cfg, "physical_size": "0"},
         "SR.attach": {"device_config": cfg},
@@ -266,13 +272,18 @@ def test_hostile_sr_names(ext: Ext, tmp_path: Path) -> None:
         "VDI.stat",
         "SR.gc",
     ]
-    share = sorted(os.listdir(ext.backend.export_dir)) if ext.backend else []
+    nfs = ext.sr_type == "nfs"
+    share = sorted(os.listdir(ext.backend.export_dir)) if nfs else []
     for method, name in _plan("SR.create", others):
         r = ext.raw(_hostile_request(method, {"sr": name, **extra.get(method, {})}))
         assert not r.ok, f"{method} accepted sr={name!r}\n{r.describe()}"
     assert canary.read_text() == "x"
-    if ext.backend:
+    if nfs:
         assert sorted(os.listdir(ext.backend.export_dir)) == share
+    if lun is not None:
+        with open(lun.backing, "rb") as f:
+            assert f.read(1 << 20) == bytes(1 << 20), "the LUN was written to"
+        ext.backend.remove_target(lun)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["smroot", "victim"]
     assert ext.ok("SR.ls") == []
 
