@@ -26,11 +26,14 @@ class VdiFlow:
         self.sr = sr
         self.label = label
         self.written: dict[str, Writes] = {}
+        self.check_params: Callable[[str], None] | None = None
 
     def _open(self, vdi: str, rw: bool) -> tuple[str, str]:
         dp = f"kt-{'rw' if rw else 'ro'}-{vdi[:8]}"
         info = self.p.ok("VDI.attach", sr=self.sr, vdi=vdi, dp=dp, read_write=rw)
         self.p.ok("VDI.activate", sr=self.sr, vdi=vdi, dp=dp)
+        if self.check_params is not None:  # while attached and active
+            self.check_params(info["params"])
         return dp, info["params"]
 
     def _close(self, vdi: str, dp: str) -> None:
@@ -71,8 +74,11 @@ class VdiFlow:
         self, steps: Steps, check_params: Callable[[str], None] | None = None
     ) -> dict[str, Any]:
         """All the steps; returns the VDIs and the images VDI.attach handed
-        out (``images``: leaf and snapshot) for the host's check."""
+        out (``images``: leaf and snapshot) for the host's check.
+        ``check_params`` looks at what each VDI.attach handed out, while the
+        VDI is attached and active."""
         lb = self.label
+        self.check_params = check_params
         with steps.step(f"{lb}: VDI.create") as r:
             info = {"name_label": "kt-disk", "virtual_size": str(VDI_SIZE)}
             base = self.p.ok("VDI.create", sr=self.sr, vdi_info=info)["vdi"]
@@ -82,8 +88,6 @@ class VdiFlow:
             f"{lb}: VDI.attach+activate rw, vhd writes, read back, deactivate+detach"
         ) as r:
             r.update(self.write(base, BASE_WRITES))
-            if check_params is not None:
-                check_params(r["params"])
         with steps.step(f"{lb}: VDI.snapshot") as r:
             snap = self.p.ok(
                 "VDI.snapshot",
