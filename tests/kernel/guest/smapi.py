@@ -16,6 +16,7 @@ REPO = os.path.dirname(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 )
 CALL_TIMEOUT = 300.0
+EXECUTABLES = {"lvmoiscsi": "LVMoISCSISR"}  # the others: plugins/<type>/<TYPE>SR
 
 
 class SmapiError(Exception):
@@ -34,7 +35,8 @@ class Plugin:
     """One SR type's executable, e.g. ``Plugin("ext")`` -> plugins/ext/EXTSR."""
 
     def __init__(self, sr_type: str, dbg: str = "kernel-tier") -> None:
-        self.path = os.path.join(REPO, "plugins", sr_type, f"{sr_type.upper()}SR")
+        name = EXECUTABLES.get(sr_type, f"{sr_type.upper()}SR")
+        self.path = os.path.join(REPO, "plugins", sr_type, name)
         self.dbg = dbg
 
     def call(self, method: str, **args: Any) -> tuple[bool, Any, str]:
