@@ -147,6 +147,7 @@ class LVStore:
 
     def _report(self) -> dict[str, Lv]:
         if self._lvs is None:
+            _drop_backing_cache(self.pv)
             vg, lvs = self.lvm.report(self.vg)
             if vg is None:
                 raise BackendError("SR_VG_EMPTY", [f"volume group {self.vg} has no volumes"])
@@ -958,3 +959,24 @@ def _copy(src: str, dst: str, length: int) -> None:
             os.close(d)
     finally:
         os.close(s)
+
+
+def _drop_backing_cache(dev: str) -> None:
+    """Drop the page cache of the file behind a loop device ``dev`` (the
+    kernel-less initiator's FUSE export of the LUN), so that lvm reads the VG
+    metadata another host wrote through its own path to the LUN, not a copy
+    this host's loop device cached (an owner tag changed by a takeover was
+    missed).  No-op for any other device, or if it cannot be done."""
+    name = os.path.basename(os.path.realpath(dev))
+    try:
+        with open(f"/sys/block/{name}/loop/backing_file") as f:
+            backing = f.read().strip()
+        fd = os.open(backing, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
