@@ -16,8 +16,8 @@ device_config (one of):
 No device_config key of ext is secret (``SECRET_KEYS``).
 
 This module is imported by every call of EXTSR, so it imports nothing heavy:
-``factory`` returns a small object that answers Query.query itself and hands
-every other method to the engine's ``Driver``, imported only then.
+``factory`` returns the engine's small ``SrPlugin``, which answers Query.query
+itself and hands every other method to the engine's ``Driver``, imported only then.
 Outside commands go through ``smcommon.runner.run`` (argv lists, timeouts);
 mounting and the mount table are ``smcommon.mount``'s.
 """
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from pathlib import Path
     from typing import Any
 
+    from smcommon.engine.front import SrPlugin
     from smcommon.paths import Paths
 
 DRIVER = "ext"
@@ -235,33 +236,11 @@ class ExtType:
             self.run(["wipefs", "-a", "-q", device], timeout=MOUNT_TIMEOUT)
 
 
-class ExtPlugin:
+def factory(paths: Paths) -> SrPlugin:
     """What plugin.main calls: Query.query here, the rest in the engine."""
+    from smcommon.engine.front import SrPlugin
 
-    secret_keys = SECRET_KEYS
-
-    def __init__(self, paths: Paths) -> None:
-        self.paths = paths
-        self._driver: Any = None
-
-    def query_query(self, dbg: str) -> dict[str, object]:
-        return query_result()
-
-    def driver(self) -> Any:
-        if self._driver is None:
-            from smcommon.engine.driver import Driver
-
-            self._driver = Driver(self.paths, ExtType(self.paths))
-        return self._driver
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("_"):
-            raise AttributeError(name)
-        return getattr(self.driver(), name)
-
-
-def factory(paths: Paths) -> ExtPlugin:
-    return ExtPlugin(paths)
+    return SrPlugin(paths, ExtType(paths))
 
 
 driver_factory = factory  # the name bench/plugin_bench.py looks for

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from pathlib import Path
     from typing import Any
 
+    from smcommon.engine.front import SrPlugin
     from smcommon.lun import LunSpec
     from smcommon.paths import Paths
 
@@ -510,31 +511,11 @@ def _mounted_at(mountpoint: str) -> bool:
         return False
 
 
-class LvmoiscsiPlugin:
+def factory(paths: Paths) -> SrPlugin:
     """What plugin.main calls: Query.query here, the rest in the engine."""
+    from smcommon.engine.front import SrPlugin
 
-    def __init__(self, paths: Paths) -> None:
-        self.paths = paths
-        self._driver: Any = None
-
-    def query_query(self, dbg: str) -> dict[str, object]:
-        return query_result()
-
-    def driver(self) -> Any:
-        if self._driver is None:
-            from smcommon.engine.driver import Driver
-
-            self._driver = Driver(self.paths, LvmoiscsiType(self.paths))
-        return self._driver
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("_"):
-            raise AttributeError(name)
-        return getattr(self.driver(), name)
-
-
-def factory(paths: Paths) -> LvmoiscsiPlugin:
-    return LvmoiscsiPlugin(paths)
+    return SrPlugin(paths, LvmoiscsiType(paths))
 
 
 driver_factory = factory  # the name bench/plugin_bench.py looks for

@@ -32,6 +32,8 @@ import json
 import os
 import re
 
+from smcommon.engine.front import SrPlugin
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -401,36 +403,15 @@ class NfsType:
         return out
 
 
-class NfsPlugin:
-    """What plugin.main calls: Query.query here, the rest in the engine,
-    every call on an attached SR after a probe of its server."""
+class NfsPlugin(SrPlugin):
+    """The engine's SrPlugin, every call on an attached SR after a probe of its server."""
 
-    secret_keys = SECRET_KEYS
-
-    def __init__(self, paths: Paths) -> None:
-        self.paths = paths
-        self._driver: Any = None
-        self._type: NfsType | None = None
-
-    def query_query(self, dbg: str) -> dict[str, object]:
-        return query_result()
-
-    def sr_type(self) -> NfsType:
-        if self._type is None:
-            self._type = NfsType(self.paths)
-        return self._type
-
-    def driver(self) -> Any:
-        if self._driver is None:
-            from smcommon.engine.driver import Driver
-
-            self._driver = Driver(self.paths, self.sr_type())
-        return self._driver
+    sr_type: NfsType
 
     def query_diagnostics(self, dbg: str) -> str:
         text = self.driver().query_diagnostics(dbg)
         srs = self.driver().sr_ls(dbg)
-        return text + "\n".join(["", "NFS:", *self.sr_type().diagnostics(srs)]) + "\n"
+        return text + "\n".join(["", "NFS:", *self.sr_type.diagnostics(srs)]) + "\n"
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
@@ -445,14 +426,14 @@ class NfsPlugin:
                 if isinstance(value, str):
                     from smcommon.paths import safe_name
 
-                    self.sr_type().check_online(safe_name(key, value))
+                    self.sr_type.check_online(safe_name(key, value))
             return target(**kwargs)
 
         return call
 
 
 def factory(paths: Paths) -> NfsPlugin:
-    return NfsPlugin(paths)
+    return NfsPlugin(paths, NfsType(paths))
 
 
 driver_factory = factory  # the name bench/plugin_bench.py looks for
