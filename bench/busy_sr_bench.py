@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import signal
 import statistics
 import subprocess
@@ -36,34 +35,27 @@ os.environ.setdefault("SM_SR_PATHS", tempfile.gettempdir())
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(1, str(REPO / "lib"))
+sys.path.insert(2, str(REPO / "bench"))
 
-from smcommon.engine import locks  # noqa: E402
+import benchd
+from smcommon.engine import locks
 
-from dispatcher import client, wire  # noqa: E402
+from dispatcher import client, wire
 
 
 def start_daemon(root: Path, workers: int, share: int | None) -> tuple[subprocess.Popen[str], str, Path]:
     env = dict(os.environ, SM_ROOT=str(root), PYTHONUNBUFFERED="1", SM_LOCK_TIMEOUT="600")
     argv = [
-        sys.executable, "-m", "dispatcher", "--plugins-dir", str(REPO / "plugins"),
+        "--plugins-dir", str(REPO / "plugins"),
         "--workers", str(workers), "--queue-timeout", "30",
         "--default-sr", str(root / "sr-a"), "--log-file", str(root / "dispatcher.log"),
     ]  # fmt: skip
     if share:
         argv += ["--share", str(share)]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=env, cwd=REPO)
-    banner = ""
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        banner += line
-        if line.startswith("  python:"):
-            break
-    sock = re.search(r"unix socket: (\S+)", banner)
-    sr = re.search(r"default SR: (\S+)", banner)
-    if not sock or not sr:
-        proc.kill()
-        raise SystemExit(f"the daemon did not start:\n{banner}")
-    return proc, sr.group(1), Path(sock.group(1))
+    d = benchd.start(argv, env=env)
+    d.need("sock", "sr")
+    assert d.sock is not None and d.sr is not None
+    return d.proc, d.sr, d.sock
 
 
 def ok(resp: wire.Response) -> object:

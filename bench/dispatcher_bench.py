@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
 import signal
 import statistics
@@ -49,7 +48,9 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(1, str(REPO / "lib"))
 sys.path.insert(2, str(REPO / "bench"))
 
-from dispatcher import client, wire  # noqa: E402
+import benchd
+
+from dispatcher import client, wire
 
 EXTSR = REPO / "plugins" / "ext" / "EXTSR"
 MiB = 1 << 20
@@ -62,24 +63,14 @@ class Daemon:
         root.mkdir(parents=True)
         env = dict(os.environ, SM_ROOT=str(root), PYTHONUNBUFFERED="1")
         argv = [
-            sys.executable, "-m", "dispatcher", "--plugins-dir", str(REPO / "plugins"),
+            "--plugins-dir", str(REPO / "plugins"),
             "--default-sr", str(root / "default-sr"), "--log-file", str(root / "dispatcher.log"),
             *([] if warm else ["--no-warm"]),
         ]  # fmt: skip
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=env, cwd=REPO)
-        banner = ""
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            banner += line
-            if line.startswith("  python:"):
-                break
-        sock = re.search(r"unix socket: (\S+)", banner)
-        sr = re.search(r"default SR: (\S+)", banner)
-        if not sock or not sr:
-            self.proc.kill()
-            raise SystemExit(f"the daemon did not start:\n{banner}")
-        self.sock = Path(sock.group(1))
-        self.sr = sr.group(1)
+        d = benchd.start(argv, env=env)
+        d.need("sock", "sr")
+        assert d.sock is not None and d.sr is not None
+        self.proc, self.sock, self.sr = d.proc, d.sock, d.sr
         self.client = client.Client(self.sock, keep_alive=True)
         if warm:
             deadline = time.monotonic() + 120
@@ -238,24 +229,26 @@ def main() -> int:
                 def fresh(t: Daemon = target, m: dict[str, str] = made) -> None:
                     m["vdi"] = t.call("VDI.create", {"sr": t.sr, "vdi_info": {"name_label": "s", "virtual_size": MiB}})["vdi"]
 
-                def request(m: dict[str, str] = made, t: Daemon = target) -> tuple[dict[str, Any], str]:
-                    if method == "Query.query":
+                def request(
+                    m: dict[str, str] = made, t: Daemon = target, meth: str = method
+                ) -> tuple[dict[str, Any], str]:
+                    if meth == "Query.query":
                         return {}, "/ext"
-                    if method == "VDI.stat":
+                    if meth == "VDI.stat":
                         return {"sr": t.sr, "vdi": m["vdi"]}, "/"
-                    if method == "VDI.create":
+                    if meth == "VDI.create":
                         return {"sr": t.sr, "vdi_info": {"name_label": "c", "virtual_size": MiB}}, "/"
                     return {"sr": t.sr, "vdi_info": {"vdi": m["vdi"]}}, "/"
 
                 setup = fresh if method == "VDI.snapshot" else None
                 if d is None:
-                    def one(r: Path = root) -> Any:
+                    def one(r: Path = root, meth: str = method) -> Any:
                         a, _path = request()
-                        return direct(r, method, a)()
+                        return direct(r, meth, a)()
                 else:
-                    def one(dd: Daemon = d) -> Any:
+                    def one(dd: Daemon = d, meth: str = method) -> Any:
                         a, path = request()
-                        return dd.call(method, a, path)
+                        return dd.call(meth, a, path)
                 figures.append(median_ms(one, args.calls, setup))
             rows.append((method, "ms", figures, targets[method]))
         vdi = warm.call("VDI.create", {"sr": warm.sr, "vdi_info": {"name_label": "t", "virtual_size": MiB}})["vdi"]
@@ -294,7 +287,7 @@ def main() -> int:
     for name, unit, (w, e, dr), target in rows:
         print(f"| {name:44s} | {unit:7s} | {w:9.1f} | {e:9.1f} | {dr:9.1f} | {target} |")
     d_vdi = [r for r in rows if r[0].startswith("VDI.") and r[1] == "ms"]
-    print(f"\ndirect VDI.* / floor (target <= 1.3): "
+    print("\ndirect VDI.* / floor (target <= 1.3): "
           + ", ".join(f"{r[0]} {r[2][2] / floor:.2f}" for r in d_vdi))
     print(f"load average at the end: {os.getloadavg()[0]:.2f}")
     return 0

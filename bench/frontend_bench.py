@@ -47,6 +47,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(1, str(REPO / "lib"))
 
+import benchd
 import psutil
 
 from dispatcher import wire
@@ -60,23 +61,17 @@ def start(base: Path, repo: Path) -> tuple[subprocess.Popen[str], int]:
     helptext = subprocess.run([sys.executable, "-m", "dispatcher", "--help"], env=env,
                               cwd=repo, capture_output=True, text=True, check=False).stdout  # fmt: skip
     argv = [
-        sys.executable, "-m", "dispatcher", "--plugins-dir", str(repo / "plugins"),
+        "--plugins-dir", str(repo / "plugins"),
         "--tcp", "127.0.0.1:0", *(["--insecure"] if "--insecure" in helptext else []),
         "--default-sr", str(base / "sr"),
     ]  # fmt: skip
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            text=True, env=env, cwd=repo)  # fmt: skip
-    banner = ""
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        banner += line
-        if line.startswith("  python:"):
-            break
-    m = re.search(r"tcp: http://127.0.0.1:(\d+)/", banner)
+    d = benchd.start(argv, env=env, cwd=repo, stderr=subprocess.DEVNULL)
+    d.need("url")
+    m = re.match(r"http://127\.0\.0\.1:(\d+)/", d.url or "")
     if not m:
-        proc.kill()
-        raise SystemExit(f"the dispatcher did not start:\n{banner}")
-    return proc, int(m.group(1))
+        d.proc.kill()
+        raise SystemExit(f"the dispatcher did not start on plain TCP:\n{d.banner}")
+    return d.proc, int(m.group(1))
 
 
 def connect(port: int, source: str) -> socket.socket:

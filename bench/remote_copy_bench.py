@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "lib"))
 
+import benchd
 from smcommon import vhd
 
 from dispatcher import client
@@ -67,31 +67,14 @@ def start(
     root = base / name / "root"
     root.mkdir(parents=True, exist_ok=True)
     argv = [
-        sys.executable, "-m", "dispatcher", "--plugins-dir", str(REPO / "plugins"),
+        "--plugins-dir", str(REPO / "plugins"),
         *tcp, "--timeout", "600", "--default-sr", str(base / name / "sr"),
     ]  # fmt: skip
     env = dict(os.environ, PYTHONUNBUFFERED="1", SM_ROOT=str(root), SM_SR_PATHS=str(base))
-    proc = subprocess.Popen(
-        argv,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=env,
-        cwd=REPO,
-    )
-    banner = ""
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        banner += line
-        if line.startswith("  python:"):
-            break
-    url = re.search(r"tcp: (https?://\S+)", banner)
-    sr = re.search(r"default SR: (\S+)", banner)
-    sock = re.search(r"unix socket: (\S+)", banner)
-    if not (sr and sock) or (tcp and not url):
-        proc.kill()
-        raise SystemExit(f"dispatcher {name} did not start:\n{banner}")
-    return proc, url.group(1) if url else None, sr.group(1), Path(sock.group(1))
+    d = benchd.start(argv, env=env, stderr=subprocess.DEVNULL)
+    d.need("sr", "sock", *(["url"] if tcp else []))
+    assert d.sr is not None and d.sock is not None
+    return d.proc, d.url, d.sr, d.sock
 
 
 def leaf(sm: Any, sr: str, vdi: str) -> str:

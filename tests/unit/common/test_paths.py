@@ -3,7 +3,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from smcommon.errors import InvalidRequest
 from smcommon.paths import Paths, safe_name
 
