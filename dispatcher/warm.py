@@ -244,6 +244,20 @@ class Zygote:
             self._close()
         return status
 
+    def spare(self) -> int:
+        """The pid of the child forked ahead for the next call (0: none)."""
+        with self._lock:
+            sock = self._sock
+            if sock is None or self.state != "ready":
+                return 0
+            try:
+                sock.send(b'{"op": "spare"}')
+                reply = json.loads(sock.recv(MAX_MSG) or b"null")
+            except (OSError, ValueError):
+                return 0
+        spare = reply.get("spare") if isinstance(reply, dict) else None
+        return spare if isinstance(spare, int) else 0
+
     def as_struct(self) -> dict[str, Any]:
         return {
             "plugin": str(self.plugin),
@@ -252,6 +266,7 @@ class Zygote:
             "age": round(time.monotonic() - self.started, 1),
             "calls": self.calls,
             "children": len(self._children),
+            "spare": self.spare(),
             "rss": _rss(self.pid) if self.state in ("ready", "draining") else 0,
             "why": self.why,
         }

@@ -15,15 +15,23 @@ then sends ``{"ready": pid, "files": [...]}`` (the module files a change of
 which makes it stale) and serves, one message at a time:
 
 - ``{"op": "fork", "env": {...}, "cwd": ..., "umask": ...}`` with three file
-  descriptors (the call's stdin, stdout, stderr): forks a child and answers
-  ``{"pid": N}``.  The child, before it runs the plugin's code as
-  ``__main__``: becomes a process group leader; gets the three descriptors as
+  descriptors (the call's stdin, stdout, stderr): hands them to the spare
+  child (below; forks one if there is none) and answers ``{"pid": N}``, then
+  forks the next spare.  The child, before it runs the plugin's code as
+  ``__main__``: is a process group leader; gets the three descriptors as
   0, 1, 2 and no other (everything else is closed); a fresh environment, cwd
   and umask; the signal dispositions of a newly started interpreter (set once
   in the zygote, inherited) and an empty signal mask;
   new ``sys.std*`` streams; a reseeded ``random``; logging without handlers
   (``logging.shutdown`` of what the zygote had: nothing).  It exits with the
   plugin's exit status (``os._exit`` after ``atexit`` handlers and flushing).
+- The spare: one child forked ahead, between calls, so no call waits for a
+  fork (~1 ms here) nor for the child's first copies of the zygote's pages.
+  It makes itself a group leader, runs each ``WARM_REHEARSAL`` function an
+  imported module names (``smcommon.plugin.rehearse``: one Query.query through
+  the per-call path, keeping nothing), then waits on a socket of its own for
+  its call; at the zygote's end (end of file) it exits and is reaped.
+- ``{"op": "spare"}``: answers ``{"spare": pid}`` (0: none), for status.
 - ``{"op": "reap", "pid": N}``: the child has exited (the dispatcher saw its
   pidfd): waits for it and answers ``{"pid": N, "status": <exit code,
   negative for a signal>}``.  Children are reaped only when asked, so the
@@ -46,6 +54,7 @@ import signal
 import socket
 import sys
 import types
+from collections.abc import Callable
 
 CONTROL_FD = 3
 MAX_MSG = 1 << 20
@@ -83,6 +92,17 @@ def _warm(names: list[str]) -> None:
         extra = getattr(mod, "WARM_IMPORTS", None)
         if isinstance(extra, (list, tuple)):
             todo.extend(str(x) for x in extra)
+
+
+def _rehearsals() -> list[Callable[[], object]]:
+    """The functions named by the ``WARM_REHEARSAL`` of an imported module."""
+    found = []
+    for mod in list(sys.modules.values()):
+        name = getattr(mod, "WARM_REHEARSAL", None)
+        fn = getattr(mod, name, None) if isinstance(name, str) else None
+        if callable(fn):
+            found.append(fn)
+    return found
 
 
 def _own_files(plugin: str) -> list[str]:
@@ -187,6 +207,96 @@ def _max_fd() -> int:
         return 65536
 
 
+class Spare:
+    """A child forked before its call: it waits for its request on a socket of
+    its own, so a call does not wait for a fork (the fork and the child's
+    first page copies happen between calls).  ``None`` pid: none (fork failed)."""
+
+    def __init__(
+        self,
+        code: types.CodeType,
+        plugin: str,
+        control: socket.socket,
+        rehearsals: list[Callable[[], object]],
+    ) -> None:
+        self.pid = 0
+        self.sock: socket.socket | None = None
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            pid = os.fork()
+        except OSError:
+            ours.close()
+            theirs.close()
+            return
+        if pid == 0:
+            control.close()
+            ours.close()
+            _wait_for_call(code, plugin, theirs, rehearsals)
+        theirs.close()
+        self.pid, self.sock = pid, ours
+
+    def hand(self, data: bytes, fds: array.array[int]) -> int:
+        """Pass a call to the spare; its pid, 0 if it is gone (then the call forks)."""
+        sock, self.sock = self.sock, None
+        if sock is None:
+            return 0
+        try:
+            sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+        except OSError:
+            self.end()
+            return 0
+        finally:
+            sock.close()
+        return self.pid
+
+    def end(self) -> None:
+        """An unused spare: close its socket (it exits) and reap it."""
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self.pid, 0)
+
+
+def _wait_for_call(
+    code: types.CodeType,
+    plugin: str,
+    sock: socket.socket,
+    rehearsals: list[Callable[[], object]],
+) -> None:
+    """In a spare child: rehearse, wait for the call (or the end of the zygote), run it."""
+    try:
+        os.setpgid(0, 0)
+        for rehearse in rehearsals:
+            with contextlib.suppress(Exception):
+                rehearse()
+        data, fds = _receive(sock)
+    except BaseException:  # noqa: BLE001 -- nothing to run
+        os._exit(0)
+    if not data or len(fds) != 3:
+        os._exit(0)
+    try:
+        req = json.loads(data)
+    except ValueError:
+        req = {}
+    _child(code, plugin, req if isinstance(req, dict) else {}, list(fds))
+
+
+def _receive(sock: socket.socket) -> tuple[bytes, array.array[int]]:
+    """One message and the file descriptors that came with it."""
+    fds = array.array("i")
+    while True:
+        try:
+            data, ancdata, _flags, _addr = sock.recvmsg(MAX_MSG, socket.CMSG_SPACE(3 * fds.itemsize))
+            break
+        except InterruptedError:
+            continue
+    for level, kind, cdata in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(cdata[: len(cdata) - len(cdata) % fds.itemsize])
+    return data, fds
+
+
 def serve(plugin: str) -> int:
     sock = socket.socket(fileno=CONTROL_FD)
     with open(plugin, "rb") as f:
@@ -203,43 +313,47 @@ def serve(plugin: str) -> int:
     gc.collect()
     gc.freeze()
     _send(sock, {"ready": os.getpid(), "files": _own_files(plugin)})
-    while True:
-        fds = array.array("i")
-        try:
-            data, ancdata, _flags, _addr = sock.recvmsg(MAX_MSG, socket.CMSG_SPACE(3 * fds.itemsize))
-        except InterruptedError:
-            continue
-        except OSError:
-            return 0
-        for level, kind, cdata in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds.frombytes(cdata[: len(cdata) - len(cdata) % fds.itemsize])
-        if not data:
-            return 0  # the dispatcher is gone, or retires us
-        try:
-            req = json.loads(data)
-        except ValueError:
-            req = {}
-        op = req.get("op") if isinstance(req, dict) else None
-        if op == "fork" and len(fds) == 3:
-            pid = os.fork()
-            if pid == 0:
-                sock.close()
-                _child(code, plugin, req, list(fds))
-            for fd in fds:
-                os.close(fd)
-            _send(sock, {"pid": pid})
-        elif op == "reap":
-            pid = int(req.get("pid", 0))
+    rehearsals = _rehearsals()
+    spare = Spare(code, plugin, sock, rehearsals)
+    try:
+        while True:
             try:
-                _pid, st = os.waitpid(pid, 0)
-                _send(sock, {"pid": pid, "status": os.waitstatus_to_exitcode(st)})
-            except ChildProcessError:
-                _send(sock, {"pid": pid, "error": "not a child of this zygote"})
-        else:
-            for fd in fds:
-                os.close(fd)
-            _send(sock, {"error": f"bad request: {str(req)[:200]}"})
+                data, fds = _receive(sock)
+            except OSError:
+                return 0
+            if not data:
+                return 0  # the dispatcher is gone, or retires us
+            try:
+                req = json.loads(data)
+            except ValueError:
+                req = {}
+            op = req.get("op") if isinstance(req, dict) else None
+            if op == "fork" and len(fds) == 3:
+                pid = spare.hand(data, fds)
+                if not pid:
+                    pid = os.fork()
+                    if pid == 0:
+                        sock.close()
+                        _child(code, plugin, req, list(fds))
+                for fd in fds:
+                    os.close(fd)
+                _send(sock, {"pid": pid})
+                spare = Spare(code, plugin, sock, rehearsals)  # for the next call, while this one runs
+            elif op == "reap":
+                pid = int(req.get("pid", 0))
+                try:
+                    _pid, st = os.waitpid(pid, 0)
+                    _send(sock, {"pid": pid, "status": os.waitstatus_to_exitcode(st)})
+                except ChildProcessError:
+                    _send(sock, {"pid": pid, "error": "not a child of this zygote"})
+            elif op == "spare":
+                _send(sock, {"spare": spare.pid if spare.sock is not None else 0})
+            else:
+                for fd in fds:
+                    os.close(fd)
+                _send(sock, {"error": f"bad request: {str(req)[:200]}"})
+    finally:
+        spare.end()
 
 
 if __name__ == "__main__":

@@ -180,17 +180,23 @@ class Daemon:
         assert isinstance(found, list)
         return found
 
+    def spares(self) -> list[int]:
+        """The pids of the children the warm parents forked ahead for the next call."""
+        return [w["spare"] for w in self.status()["warm"] if w["spare"]]
+
     def _descendants(self) -> list[psutil.Process]:
-        """Every process below the daemon but its warm parents (which are
-        expected to live as long as it does)."""
+        """Every process below the daemon but its warm parents and their
+        spare children (which are expected to live as long as it does)."""
         try:
             procs = psutil.Process(self.proc.pid).children(recursive=True)
         except psutil.NoSuchProcess:
             return []
+        spares = set(self.spares()) if self.proc.poll() is None else set()
         out = []
         for c in procs:
             with contextlib.suppress(psutil.Error):
-                if not (c.ppid() == self.proc.pid and ZYGOTE_MARK in " ".join(c.cmdline())):
+                zygote = c.ppid() == self.proc.pid and ZYGOTE_MARK in " ".join(c.cmdline())
+                if not zygote and c.pid not in spares:
                     out.append(c)
         return out
 

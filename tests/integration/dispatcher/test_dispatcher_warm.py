@@ -83,13 +83,27 @@ def test_the_warm_parent_holds_nothing(start_in_mode: Callable[..., Daemon]) -> 
     d = start_in_mode(mode="warm")
     for _ in range(3):
         probe(d)
+    spares = d.spares()
+    assert len(spares) == len(d.warm_parents()) >= 1
     for pid in d.warm_parents():
         z = psutil.Process(pid)
         assert z.num_threads() == 1
         assert z.open_files() == []
         fds = sorted(int(fd) for fd in os.listdir(f"/proc/{pid}/fd"))
-        assert fds == [0, 1, 2, 3], fds  # /dev/null, /dev/null, the dispatcher's stderr, its socket
+        # /dev/null, /dev/null, the dispatcher's stderr, its socket, the spare's socket
+        assert fds == [0, 1, 2, 3, 4], fds
         assert os.readlink(f"/proc/{pid}/fd/3").startswith("socket:")
+        assert os.readlink(f"/proc/{pid}/fd/4").startswith("socket:")
+        kids = [c.pid for c in z.children()]
+        assert len(kids) == 1 and kids[0] in spares  # the one forked ahead, idle
+    for pid in spares:  # the child forked ahead holds no more than its parent
+        s = psutil.Process(pid)
+        assert s.num_threads() == 1
+        assert s.open_files() == []
+        fds = sorted(int(fd) for fd in os.listdir(f"/proc/{pid}/fd"))
+        assert len(fds) == 4 and fds[:3] == [0, 1, 2], fds
+        assert os.readlink(f"/proc/{pid}/fd/{fds[3]}").startswith("socket:")
+        assert os.getpgid(pid) == pid  # its own process group already
 
 
 def test_crash_hang_exit_and_leak_touch_no_other_call(
