@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from smcommon import lock, timestamps
-from smcommon.engine import gc
+from smcommon.engine import gc, locks
 from smcommon.errors import Error, LockTimeout
 from smcommon.fileio import atomic_write
 
@@ -256,7 +256,7 @@ def run_foreground(eng: SrEngine, wait: float = FOREGROUND_WAIT) -> gc.Report:
         if not lock.flock_wait(fd, shared=False, timeout=wait, record=True):
             raise LockTimeout(f"the collector of SR {eng.sr}", wait)
         token = read_token(eng)
-        rep = gc.Collector(eng).run()
+        rep = gc.Collector(eng, lock_wait=locks.default_timeout()).run()
         if not rep.stopped:
             _write_token(eng, DONE, token)
         return rep

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -56,6 +57,7 @@ log = logging.getLogger(__name__)
 
 LOCK_TRY = 1.0  # seconds the collector waits for a VDI lock before skipping
 SR_LOCK_TRY = 1.0  # seconds per wait for the SR lock (the stop flag is checked between)
+SR_LOCK_WAIT = 60.0  # seconds the collector process waits for the SR lock in all
 SWITCH_TRIES = 6  # waits for the locks of a switch before leaving it for the next pass
 MAX_ROUNDS = 10000
 
@@ -108,13 +110,16 @@ class Progress:
 class Collector:
     """One pass of the collector of one SR.  Takes the SR lock as it needs it
     (a caller may hold it already: it is re-entrant, and then the copy runs
-    under it too)."""
+    under it too), waiting up to ``lock_wait`` seconds for it: the collector
+    process waits long (SR_LOCK_WAIT); SR.gc as long as any call
+    (``$SM_LOCK_TIMEOUT``)."""
 
     def __init__(
         self,
         engine: SrEngine,
         should_stop: Callable[[], bool] | None = None,
         progress: Progress | None = None,
+        lock_wait: float = 0.0,
     ) -> None:
         self.eng = engine
         self.meta = engine.meta
@@ -124,6 +129,7 @@ class Collector:
         self.should_stop = should_stop or (lambda: False)
         self.progress = progress or Progress()
         self._failed: set[str] = set()
+        self.lock_tries = max(1, math.ceil((lock_wait or SR_LOCK_WAIT) / SR_LOCK_TRY))
 
     # --- a pass --------------------------------------------------------------------
 
@@ -167,8 +173,9 @@ class Collector:
             raise Stopped()
 
     @contextlib.contextmanager
-    def _sr_lock(self, tries: int = 60) -> Iterator[None]:
+    def _sr_lock(self, tries: int = 0) -> Iterator[None]:
         """The SR lock, waited for in slices so a stop request is seen."""
+        tries = tries or self.lock_tries
         held = contextlib.ExitStack()
         for _ in range(tries):
             self._check_stop()

@@ -42,9 +42,19 @@ VHD_TMP_PREFIX = ".vhd-tmp-"  # smcommon.vhd.create's fallback temp names
 VHD_TMP_RE = re.compile(r"\.vhd-tmp-[0-9a-f]{16}")
 COPY_CHUNK = 8 * 1024 * 1024
 CACHE_SETTLE_NS = 2_000_000_000
-LOCK_TRY = (
-    1.0  # seconds to wait for an image lock before treating its holder as long-lived
-)
+LIVE_LOCK_WAIT_ENV = "SM_LIVE_LOCK_WAIT"
+LIVE_LOCK_WAIT = 1.0  # seconds to wait for an image lock before treating its holder as long-lived
+
+
+def live_lock_wait() -> float:
+    """How long the collector waits for an image's lock before it takes the
+    holder for a running VM's backend and re-links without the lock
+    (``$SM_LIVE_LOCK_WAIT`` seconds, default 1)."""
+    try:
+        return max(0.0, float(os.environ.get(LIVE_LOCK_WAIT_ENV, LIVE_LOCK_WAIT)))
+    except ValueError:
+        return LIVE_LOCK_WAIT
+
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
 
@@ -436,7 +446,7 @@ class FileStore:
 
     def set_parent(self, child: str, parent: str, live_ok: bool = False) -> None:
         """Re-link ``child`` to ``parent``.  With ``live_ok``, a child whose
-        lock stays taken for LOCK_TRY seconds (a running VM's backend holds
+        lock stays taken for ``live_lock_wait()`` seconds (a running VM's backend holds
         it) is re-linked without the lock (``vhd.live.set_parent_live``): the
         caller guarantees ``parent`` reads what the child's parent reads."""
         from smcommon.vhd.errors import Busy
@@ -448,7 +458,7 @@ class FileStore:
             vhd_call("set_parent", self.vhd.set_parent, c, p)
             return
         try:
-            vhd_call("set_parent", self.vhd.set_parent, c, p, lock_timeout=LOCK_TRY)
+            vhd_call("set_parent", self.vhd.set_parent, c, p, lock_timeout=live_lock_wait())
         except Busy:
             vhd_call("set_parent_live", set_parent_live, c, p)
 

@@ -759,7 +759,7 @@ class LVStore:
     def set_parent(self, child: str, parent: str, live_ok: bool = False) -> None:
         """Re-link ``child`` to ``parent``; ``live_ok``: as FileStore.set_parent
         (a child a running VM holds is re-linked without its image lock)."""
-        from smcommon.engine.store import LOCK_TRY
+        from smcommon.engine.store import live_lock_wait
         from smcommon.vhd.errors import Busy
         from smcommon.vhd.live import set_parent_live
 
@@ -771,7 +771,9 @@ class LVStore:
                 vhd_call("set_parent", self.vhd.set_parent, c, p)
                 return
             try:
-                vhd_call("set_parent", self.vhd.set_parent, c, p, lock_timeout=LOCK_TRY)
+                vhd_call(
+                    "set_parent", self.vhd.set_parent, c, p, lock_timeout=live_lock_wait()
+                )
             except Busy:
                 vhd_call("set_parent_live", set_parent_live, c, p)
         finally:
