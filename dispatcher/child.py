@@ -34,6 +34,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from dispatcher.warm import WarmUnavailable
+from dispatcher.zygote import EXIT_MARK
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -46,6 +47,7 @@ log = logging.getLogger(__name__)
 DEFAULT_SIGNALS = frozenset(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP}
 
 ERR_TAIL = 8192
+EXIT_MARK_PREFIX = EXIT_MARK[: EXIT_MARK.index(b"%d")]
 DRAIN_BOUND = 2.0  # seconds to wait for pipes after the group was killed
 READ_CHUNK = 65536
 
@@ -115,6 +117,7 @@ class Child:
         self._reaped = False
         self._cancelled = False
         self._rc: int | None = None
+        self._said: int | None = None  # the exit status a forked child wrote
         self._open: set[int] = set()
         self._kill_timer: threading.Timer | None = None
 
@@ -296,6 +299,14 @@ class Child:
                             err += chunk
                             if len(err) > 2 * ERR_TAIL:
                                 del err[:-ERR_TAIL]
+                        if not open_pipes and not exited and self.warm is not None:
+                            said = _exit_mark(err)
+                            if said is not None:
+                                # a forked child that finished: its status, without
+                                # waiting for its exit's teardown (dispatcher/zygote.py)
+                                self._said = said
+                                exited = True
+                                self._signal_group(signal.SIGKILL)
         finally:
             sel.close()
             os.close(pidfd)
@@ -321,7 +332,10 @@ class Child:
                 os.killpg(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
-            if self.warm is not None:
+            if self.warm is not None and self._said is not None:
+                self.warm.reap(pid, wait=False)
+                self._rc = self._said
+            elif self.warm is not None:
                 rc = self.warm.reap(pid)
                 if rc is None:
                     self.status_lost = True
@@ -333,3 +347,19 @@ class Child:
         if self._kill_timer is not None:
             self._kill_timer.cancel()
         return self._rc
+
+
+def _exit_mark(err: bytearray) -> int | None:
+    """The exit status at the end of a forked child's stderr (the mark is
+    removed from it), or None if its stderr does not end with one."""
+    if not err.endswith(b"\0"):
+        return None
+    _head, sep, rest = bytes(err[-40:]).rpartition(EXIT_MARK_PREFIX)
+    if not sep:
+        return None
+    try:
+        status = int(rest[:-1])
+    except ValueError:
+        return None
+    del err[-(len(sep) + len(rest)) :]
+    return status

@@ -225,14 +225,17 @@ class Zygote:
         self._dead(self.why)
         raise WarmUnavailable(self.why)
 
-    def reap(self, pid: int) -> int | None:
-        """Reap child ``pid`` (it has exited); its exit status, None if it was lost."""
+    def reap(self, pid: int, wait: bool = True) -> int | None:
+        """Reap child ``pid`` (it has exited); its exit status, None if it was
+        lost.  ``wait=False``: the child said its status (``EXIT_MARK``) and
+        was killed; the zygote reaps it when its exit ends, and this returns
+        at once (None, unless it had ended)."""
         with self._lock:
             status: int | None = None
             sock = self._sock
             if sock is not None:
                 try:
-                    sock.send(json.dumps({"op": "reap", "pid": pid}).encode())
+                    sock.send(json.dumps({"op": "reap", "pid": pid, "wait": wait}).encode())
                     reply = json.loads(sock.recv(MAX_MSG) or b"null")
                     if isinstance(reply, dict) and isinstance(reply.get("status"), int):
                         status = reply["status"]

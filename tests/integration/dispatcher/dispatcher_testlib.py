@@ -24,6 +24,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent.parent
 FAKE = HERE / "fake_plugin.py"
 ZYGOTE_MARK = "dispatcher/zygote.py"
+SETTLE = 2.0  # seconds the daemon may take to see a call's process gone
 MODES = ("warm", "exec")  # how the daemon makes plugin processes (sm-dispatcher --no-warm)
 MAKE_CERTS = REPO / "scripts" / "make-certs"
 
@@ -200,22 +201,28 @@ class Daemon:
                     out.append(c)
         return out
 
-    def children(self) -> list[psutil.Process]:
-        """Plugin processes (and what they started) still running."""
-        out = []
-        for c in self._descendants():
-            with contextlib.suppress(psutil.Error):
-                if c.status() != psutil.STATUS_ZOMBIE:
-                    out.append(c)
-        return out
+    def children(self, settle: float = SETTLE) -> list[psutil.Process]:
+        """Plugin processes (and what they started) still running, once
+        ``settle`` seconds passed or none is left: a forked call's process
+        answers before its exit ends (dispatcher/zygote.py, EXIT_MARK)."""
+        return self._left(lambda c: c.status() != psutil.STATUS_ZOMBIE, settle)
 
-    def zombies(self) -> list[psutil.Process]:
-        out = []
-        for c in self._descendants():
-            with contextlib.suppress(psutil.Error):
-                if c.status() == psutil.STATUS_ZOMBIE:
-                    out.append(c)
-        return out
+    def zombies(self, settle: float = SETTLE) -> list[psutil.Process]:
+        """Exited plugin processes not reaped yet (the warm parent reaps
+        those the dispatcher is done with within REAP_POLL of their end)."""
+        return self._left(lambda c: c.status() == psutil.STATUS_ZOMBIE, settle)
+
+    def _left(self, which: Callable[[psutil.Process], bool], settle: float) -> list[psutil.Process]:
+        deadline = time.monotonic() + settle
+        while True:
+            out = []
+            for c in self._descendants():
+                with contextlib.suppress(psutil.Error):
+                    if which(c):
+                        out.append(c)
+            if not out or time.monotonic() >= deadline:
+                return out
+            time.sleep(0.02)
 
     def stop(self, timeout: float = 60) -> tuple[int, str]:
         if self.proc.poll() is None:

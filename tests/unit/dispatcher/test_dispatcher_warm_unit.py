@@ -55,3 +55,35 @@ def test_zygote_imports_a_plugins_top_level_imports() -> None:
     assert z._plugin_imports(tree) == [
         "os", "sys", "smcommon", "smcommon", "smcommon.plugin"
     ]  # fmt: skip
+
+
+def test_exit_mark_ends_stderr_or_is_not_one() -> None:
+    """A forked child's last stderr bytes say its status (zygote.EXIT_MARK);
+    the dispatcher takes them only at the very end, and strips them."""
+    from dispatcher.child import _exit_mark
+    from dispatcher.zygote import EXIT_MARK
+
+    err = bytearray(b"a warning\n" + EXIT_MARK % 7)
+    assert _exit_mark(err) == 7 and err == b"a warning\n"
+    for tail in (b"late output\n", b"\0"):  # not at the very end
+        err = bytearray(b"x" + EXIT_MARK % 0 + tail)
+        assert _exit_mark(err) is None and err == b"x" + EXIT_MARK % 0 + tail
+    assert _exit_mark(bytearray(EXIT_MARK.replace(b"%d", b"seven"))) is None
+
+
+def test_zygote_environment_changes_only_what_differs(monkeypatch) -> None:
+    spec = importlib.util.spec_from_file_location("zygote_under_test", ZYGOTE)
+    assert spec is not None and spec.loader is not None
+    z = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(z)
+    import os
+
+    monkeypatch.setenv("SM_KEEP", "same")
+    monkeypatch.setenv("SM_GONE", "x")
+    monkeypatch.setenv("SM_CHANGED", "old")
+    want = {k: v for k, v in os.environ.items() if k != "SM_GONE"}
+    want.update(SM_CHANGED="new", SM_NEW=1)
+    z._set_environment(want)
+    assert dict(os.environ) == {k: str(v) for k, v in want.items()}
+    assert os.getenv("SM_GONE") is None and os.getenv("SM_NEW") == "1"
+    monkeypatch.delenv("SM_NEW")
