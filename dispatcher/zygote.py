@@ -16,8 +16,7 @@ which makes it stale) and serves, one message at a time:
 
 - ``{"op": "fork", "env": {...}, "cwd": ..., "umask": ...}`` with three file
   descriptors (the call's stdin, stdout, stderr): hands them to the spare
-  child (below; forks one if there is none) and answers ``{"pid": N}``, then
-  forks the next spare.  The child, before it runs the plugin's code as
+  child (below; forks one if there is none) and answers ``{"pid": N}``.  The child, before it runs the plugin's code as
   ``__main__``: is a process group leader; gets the three descriptors as
   0, 1, 2 and no other (everything else is closed); a fresh environment, cwd
   and umask; the signal dispositions of a newly started interpreter (set once
@@ -30,8 +29,10 @@ which makes it stale) and serves, one message at a time:
   closes every descriptor and exits with that status: the dispatcher answers
   on the mark, without waiting for the exit's teardown of the address space
   (1.5 ms here), and has the zygote reap it later.
-- The spare: one child forked ahead, between calls, so no call waits for a
-  fork (~1 ms here) nor for the child's first copies of the zygote's pages.
+- The spare: one child forked ahead, between calls (when a call's child is
+  reaped: forked while the call runs, it took the call's CPU), so no call
+  waits for a fork (~1 ms here) nor for the child's first copies of the
+  zygote's pages.
   It makes itself a group leader, runs each ``WARM_REHEARSAL`` function an
   imported module names (``smcommon.plugin.rehearse``: one Query.query through
   the per-call path, keeping nothing), then waits on a socket of its own for
@@ -369,7 +370,6 @@ def serve(plugin: str) -> int:
                 for fd in fds:
                     os.close(fd)
                 _send(sock, {"pid": pid})
-                spare = Spare(code, plugin, sock, rehearsals)  # for the next call, while this one runs
             elif op == "reap":
                 pid = int(req.get("pid", 0))
                 wait = req.get("wait", True) is not False
@@ -383,6 +383,8 @@ def serve(plugin: str) -> int:
                 else:
                     later.add(pid)
                     _send(sock, {"pid": pid, "later": True})
+                if spare.sock is None:  # for the next call, now that this one is done
+                    spare = Spare(code, plugin, sock, rehearsals)
             elif op == "spare":
                 _send(sock, {"spare": spare.pid if spare.sock is not None else 0})
             else:
