@@ -29,9 +29,11 @@ flags of the ``#!`` line.  A plugin naming an absolute interpreter keeps it.
 from __future__ import annotations
 
 import array
+import contextlib
 import json
 import logging
 import os
+import select
 import socket
 import threading
 import time
@@ -111,8 +113,11 @@ class Zygote:
         self.files: list[tuple[str, tuple[int, int] | None]] = []
         self.rss0 = 0
         self._sock: socket.socket | None = None
+        self._poll: select.poll | None = None
         self._lock = threading.Lock()
         self._children: set[int] = set()
+        self._spares: list[tuple[int, socket.socket]] = []  # forked ahead, ours to use
+        self._spare_asked = False  # a spare is on its way (one at a time)
         self.reaper: threading.Thread | None = None
 
     # -- life ----------------------------------------------------------------------
@@ -149,6 +154,9 @@ class Zygote:
         self.files = [(f, _stamp(f)) for f in msg.get("files", []) if isinstance(f, str)]
         self.rss0 = _rss(self.pid)
         ours.settimeout(IO_TIMEOUT)
+        self._poll = select.poll()
+        self._poll.register(ours, select.POLLIN)
+        self._spare_asked = True  # the zygote sends the first spare when ready
         self.state = "ready"
         log.info("warm parent of %s ready: pid %d, %d files watched, %d KiB",
                  self.plugin, self.pid, len(self.files), self.rss0 >> 10)  # fmt: skip
@@ -164,6 +172,9 @@ class Zygote:
         sock, self._sock = self._sock, None
         if sock is not None:
             sock.close()
+        for _pid, spare in self._spares:
+            spare.close()  # the spare sees the end of its socket and exits
+        self._spares.clear()
         pid = self.pid
         if pid and self.reaper is None:
             self.reaper = threading.Thread(target=_reap_quietly, args=(pid,), daemon=True)
@@ -200,28 +211,40 @@ class Zygote:
     # -- calls -----------------------------------------------------------------------
 
     def spawn(self, env: dict[str, str], fds: tuple[int, int, int]) -> int:
-        """Fork a child with these stdin, stdout, stderr; its pid (WarmUnavailable if not)."""
+        """Start a child with these stdin, stdout, stderr: hand the call to a
+        spare, or have the zygote fork one; its pid (WarmUnavailable if not)."""
         req = {"op": "fork", "env": env, "cwd": os.getcwd(), "umask": _umask()}
+        data = json.dumps(req).encode()
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
         with self._lock:
             if self.state != "ready" or self._sock is None:
                 raise WarmUnavailable(self.state)
-            try:
-                self._sock.sendmsg(
-                    [json.dumps(req).encode()],
-                    [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))],
-                )
-                reply = json.loads(self._sock.recv(MAX_MSG) or b"null")
-            except (OSError, ValueError) as e:
-                reply = {"error": str(e) or type(e).__name__}
-            pid = reply.get("pid") if isinstance(reply, dict) else None
-            if not isinstance(pid, int) or pid <= 0:
-                why = reply.get("error") if isinstance(reply, dict) else reply
-                self.state = "dead"
-                self.why = f"fork failed: {why}"
-            else:
+            self._take_spares()
+            while self._spares:
+                pid, spare = self._spares.pop()
+                try:
+                    spare.sendmsg([data], rights)
+                except OSError:  # it died: the zygote reaps it
+                    self._send({"op": "reap", "pid": pid, "wait": False})
+                    continue
+                finally:
+                    spare.close()
                 self.calls += 1
                 self._children.add(pid)
                 return pid
+            try:
+                self._sock.sendmsg([data], rights)
+                reply = self._reply()
+            except (OSError, ValueError) as e:
+                reply = {"error": str(e) or type(e).__name__}
+            forked = reply.get("pid")
+            if not isinstance(forked, int) or forked <= 0:
+                self.state = "dead"
+                self.why = f"fork failed: {reply.get('error', reply)}"
+            else:
+                self.calls += 1
+                self._children.add(forked)
+                return forked
         self._dead(self.why)
         raise WarmUnavailable(self.why)
 
@@ -229,37 +252,80 @@ class Zygote:
         """Reap child ``pid`` (it has exited); its exit status, None if it was
         lost.  ``wait=False``: the child said its status (``EXIT_MARK``) and
         was killed; the zygote reaps it when its exit ends, and this returns
-        at once (None, unless it had ended)."""
+        at once (None).  Either way it asks for a spare if it has none."""
         with self._lock:
             status: int | None = None
-            sock = self._sock
-            if sock is not None:
+            if self._sock is not None:
                 try:
-                    sock.send(json.dumps({"op": "reap", "pid": pid, "wait": wait}).encode())
-                    reply = json.loads(sock.recv(MAX_MSG) or b"null")
-                    if isinstance(reply, dict) and isinstance(reply.get("status"), int):
-                        status = reply["status"]
+                    self._take_spares()
+                    want = not self._spares and not self._spare_asked
+                    self._send({"op": "reap", "pid": pid, "wait": wait, "want_spare": want})
+                    self._spare_asked |= want
+                    if wait:
+                        status = self._reply().get("status")
                 except (OSError, ValueError):
                     pass
             self._children.discard(pid)
             drained = self.state == "draining" and not self._children
         if drained:
             self._close()
-        return status
+        return status if isinstance(status, int) else None
+
+    # -- the control socket (under self._lock) -----------------------------------------
+
+    def _send(self, doc: dict[str, Any]) -> None:
+        if self._sock is not None:
+            self._sock.send(json.dumps(doc).encode())
+
+    def _reply(self) -> dict[str, Any]:
+        """The zygote's answer to the request just sent (spares that come first are kept)."""
+        while True:
+            doc = self._receive()
+            if doc is None:
+                raise OSError("the warm parent is gone")
+            if "spare" not in doc:
+                return doc
+
+    def _take_spares(self) -> None:
+        """Keep the spares the zygote sent (without waiting for any)."""
+        while self._poll is not None and self._poll.poll(0):
+            doc = self._receive()
+            if doc is None:
+                return
+            if "spare" not in doc:
+                log.warning("warm parent of %s: unexpected message %.200s", self.plugin, doc)
+
+    def _receive(self) -> dict[str, Any] | None:
+        """One message of the zygote (None at its end); a spare is kept."""
+        assert self._sock is not None
+        fds = array.array("i")
+        data, anc, _flags, _addr = self._sock.recvmsg(MAX_MSG, socket.CMSG_SPACE(fds.itemsize))
+        for level, kind, cdata in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(cdata[: len(cdata) - len(cdata) % fds.itemsize])
+        if not data:
+            for fd in fds:
+                os.close(fd)
+            return None
+        doc = json.loads(data)
+        if not isinstance(doc, dict):
+            doc = {"error": f"not a message: {str(doc)[:200]}"}
+        spare = doc.get("spare")
+        if isinstance(spare, int) and len(fds) == 1:
+            self._spares.append((spare, socket.socket(fileno=fds[0])))
+            self._spare_asked = False
+        else:
+            for fd in fds:
+                os.close(fd)
+        return doc
 
     def spare(self) -> int:
-        """The pid of the child forked ahead for the next call (0: none)."""
+        """The pid of a child forked ahead for the next call (0: none)."""
         with self._lock:
-            sock = self._sock
-            if sock is None or self.state != "ready":
-                return 0
-            try:
-                sock.send(b'{"op": "spare"}')
-                reply = json.loads(sock.recv(MAX_MSG) or b"null")
-            except (OSError, ValueError):
-                return 0
-        spare = reply.get("spare") if isinstance(reply, dict) else None
-        return spare if isinstance(spare, int) else 0
+            if self._sock is not None and self.state == "ready":
+                with contextlib.suppress(OSError, ValueError):
+                    self._take_spares()
+            return self._spares[-1][0] if self._spares else 0
 
     def as_struct(self) -> dict[str, Any]:
         return {

@@ -14,38 +14,38 @@ called: the zygote runs no thread and holds no lock, file or SR state.  It
 then sends ``{"ready": pid, "files": [...]}`` (the module files a change of
 which makes it stale) and serves, one message at a time:
 
+- The spare: a child forked ahead, between calls, so that a call waits for
+  no fork (~1 ms here), for no exchange with the zygote, nor for the child's
+  first copies of the zygote's pages.  The zygote sends ``{"spare": pid}``
+  with the descriptor of the spare's socket once it is ready, and again after
+  a reap that asks ``want_spare`` (when the call is done: forked while a call
+  runs, the spare took the call's CPU on 2 cores).  The spare makes itself a
+  group leader, runs each ``WARM_REHEARSAL`` function an imported module
+  names (``smcommon.plugin.rehearse``: one Query.query through the per-call
+  path, keeping nothing), then waits on its socket.  The dispatcher sends it
+  a call as it would send a fork (below); at the end of the socket it exits.
 - ``{"op": "fork", "env": {...}, "cwd": ..., "umask": ...}`` with three file
-  descriptors (the call's stdin, stdout, stderr): hands them to the spare
-  child (below; forks one if there is none) and answers ``{"pid": N}``.  The child, before it runs the plugin's code as
-  ``__main__``: is a process group leader; gets the three descriptors as
-  0, 1, 2 and no other (everything else is closed); a fresh environment, cwd
-  and umask; the signal dispositions of a newly started interpreter (set once
-  in the zygote, inherited) and an empty signal mask;
-  new ``sys.std*`` streams; a reseeded ``random``; logging without handlers
-  (``logging.shutdown`` of what the zygote had: nothing).  The environment
-  is changed where it differs from the zygote's (setting 40 variables anew
-  costs 0.5 ms here).  When the plugin's code, ``atexit`` handlers and
-  flushing are done, it writes ``EXIT_MARK`` with its status to stderr,
-  closes every descriptor and exits with that status: the dispatcher answers
-  on the mark, without waiting for the exit's teardown of the address space
-  (1.5 ms here), and has the zygote reap it later.
-- The spare: one child forked ahead, between calls (when a call's child is
-  reaped: forked while the call runs, it took the call's CPU), so no call
-  waits for a fork (~1 ms here) nor for the child's first copies of the
-  zygote's pages.
-  It makes itself a group leader, runs each ``WARM_REHEARSAL`` function an
-  imported module names (``smcommon.plugin.rehearse``: one Query.query through
-  the per-call path, keeping nothing), then waits on a socket of its own for
-  its call; at the zygote's end (end of file) it exits and is reaped.
-- ``{"op": "spare"}``: answers ``{"spare": pid}`` (0: none), for status.
+  descriptors (the call's stdin, stdout, stderr), when the dispatcher has no
+  spare: forks a child and answers ``{"pid": N}``.  The child (forked now or
+  a spare), before it runs the plugin's code as ``__main__``: is a process
+  group leader; gets the three descriptors as 0, 1, 2 and no other
+  (everything else is closed); a fresh environment, cwd and umask; the
+  signal dispositions of a newly started interpreter (set once in the
+  zygote, inherited) and an empty signal mask; new ``sys.std*`` streams; a
+  reseeded ``random``; logging without handlers (``logging.shutdown`` of what
+  the zygote had: nothing).  The environment is changed where it differs
+  from the zygote's (setting 40 variables anew costs 0.5 ms here).  When the
+  plugin's code, ``atexit`` handlers and flushing are done, it writes
+  ``EXIT_MARK`` with its status to stderr, closes every descriptor and exits
+  with that status: the dispatcher answers on the mark, without waiting for
+  the exit's teardown of the address space (1.5 ms here).
 - ``{"op": "reap", "pid": N}``: the child has exited (the dispatcher saw its
   pidfd): waits for it and answers ``{"pid": N, "status": <exit code,
   negative for a signal>}``.  With ``"wait": false`` (the dispatcher had the
-  status from the mark and killed the group): answers ``{"pid": N, "later":
-  true}`` at once unless it had ended, and reaps it within ``REAP_POLL`` of
-  its end.  Children are reaped only when asked, so the dispatcher can
-  signal a finished call's process group before its leader's pid may be
-  reused.
+  status from the mark and killed the group): no answer; reaped within
+  ``REAP_POLL`` of its end.  Children are reaped only when asked, so the
+  dispatcher can signal a finished call's process group before its leader's
+  pid may be reused.
 - end of file (the dispatcher is gone or retires this zygote): exits; the
   children it did not reap are reaped by init.
 """
@@ -62,6 +62,7 @@ import os
 import signal
 import socket
 import sys
+import time
 import types
 from collections.abc import Callable
 
@@ -234,55 +235,26 @@ def _max_fd() -> int:
         return 65536
 
 
-class Spare:
-    """A child forked before its call: it waits for its request on a socket of
-    its own, so a call does not wait for a fork (the fork and the child's
-    first page copies happen between calls).  ``None`` pid: none (fork failed)."""
-
-    def __init__(
-        self,
-        code: types.CodeType,
-        plugin: str,
-        control: socket.socket,
-        rehearsals: list[Callable[[], object]],
-    ) -> None:
-        self.pid = 0
-        self.sock: socket.socket | None = None
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            pid = os.fork()
-        except OSError:
-            ours.close()
-            theirs.close()
-            return
-        if pid == 0:
-            control.close()
-            ours.close()
-            _wait_for_call(code, plugin, theirs, rehearsals)
+def _fork_spare(
+    code: types.CodeType,
+    plugin: str,
+    control: socket.socket,
+    rehearsals: list[Callable[[], object]],
+) -> tuple[int, socket.socket] | None:
+    """Fork a spare child; its pid and our end of its socket (None: no fork)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        pid = os.fork()
+    except OSError:
+        ours.close()
         theirs.close()
-        self.pid, self.sock = pid, ours
-
-    def hand(self, data: bytes, fds: array.array[int]) -> int:
-        """Pass a call to the spare; its pid, 0 if it is gone (then the call forks)."""
-        sock, self.sock = self.sock, None
-        if sock is None:
-            return 0
-        try:
-            sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
-        except OSError:
-            self.end()
-            return 0
-        finally:
-            sock.close()
-        return self.pid
-
-    def end(self) -> None:
-        """An unused spare: close its socket (it exits) and reap it."""
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(self.pid, 0)
+        return None
+    if pid == 0:
+        control.close()
+        ours.close()
+        _wait_for_call(code, plugin, theirs, rehearsals)
+    theirs.close()
+    return pid, ours
 
 
 def _wait_for_call(
@@ -341,8 +313,26 @@ def serve(plugin: str) -> int:
     gc.freeze()
     _send(sock, {"ready": os.getpid(), "files": _own_files(plugin)})
     rehearsals = _rehearsals()
-    spare = Spare(code, plugin, sock, rehearsals)
     later: set[int] = set()  # exited or exiting children the dispatcher is done with
+    handed: set[int] = set()  # spares given to the dispatcher and not reaped
+
+    def give_spare() -> None:
+        got = _fork_spare(code, plugin, sock, rehearsals)
+        if got is None:
+            return
+        pid, end = got
+        try:
+            sock.sendmsg(
+                [json.dumps({"spare": pid}).encode()],
+                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [end.fileno()]))],
+            )
+        except OSError:
+            pass  # the dispatcher is gone: the spare sees the end of its socket
+        finally:
+            end.close()
+            handed.add(pid)
+
+    give_spare()
     try:
         while True:
             _reap_finished(later)
@@ -361,41 +351,47 @@ def serve(plugin: str) -> int:
                 req = {}
             op = req.get("op") if isinstance(req, dict) else None
             if op == "fork" and len(fds) == 3:
-                pid = spare.hand(data, fds)
-                if not pid:
-                    pid = os.fork()
-                    if pid == 0:
-                        sock.close()
-                        _child(code, plugin, req, list(fds))
+                pid = os.fork()
+                if pid == 0:
+                    sock.close()
+                    _child(code, plugin, req, list(fds))
                 for fd in fds:
                     os.close(fd)
                 _send(sock, {"pid": pid})
             elif op == "reap":
                 pid = int(req.get("pid", 0))
-                wait = req.get("wait", True) is not False
-                try:
-                    done, st = os.waitpid(pid, 0 if wait else os.WNOHANG)
-                except ChildProcessError:
-                    _send(sock, {"pid": pid, "error": "not a child of this zygote"})
-                    continue
-                if done:
-                    _send(sock, {"pid": pid, "status": os.waitstatus_to_exitcode(st)})
-                else:
-                    later.add(pid)
-                    _send(sock, {"pid": pid, "later": True})
-                if spare.sock is None:  # for the next call, now that this one is done
-                    spare = Spare(code, plugin, sock, rehearsals)
-            elif op == "spare":
-                _send(sock, {"spare": spare.pid if spare.sock is not None else 0})
+                handed.discard(pid)
+                if req.get("wait", True) is not False:
+                    try:
+                        _pid, st = os.waitpid(pid, 0)
+                        _send(sock, {"pid": pid, "status": os.waitstatus_to_exitcode(st)})
+                    except ChildProcessError:
+                        _send(sock, {"pid": pid, "error": "not a child of this zygote"})
+                else:  # no answer: the dispatcher has the status (EXIT_MARK)
+                    with contextlib.suppress(ChildProcessError):
+                        if not os.waitpid(pid, os.WNOHANG)[0]:
+                            later.add(pid)
+                if req.get("want_spare"):  # for the next call, now that this one is done
+                    give_spare()
             else:
                 for fd in fds:
                     os.close(fd)
                 _send(sock, {"error": f"bad request: {str(req)[:200]}"})
     finally:
-        spare.end()
         for pid in later:  # killed by the dispatcher before it asked
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
+        _reap_spares(handed)
+
+
+def _reap_spares(pids: set[int], wait: float = 1.0) -> None:
+    """Reap the spares that end with us (their socket ended); one that took a
+    call and outlives us (the dispatcher died) is left to init."""
+    deadline = time.monotonic() + wait
+    while pids and time.monotonic() < deadline:
+        _reap_finished(pids)
+        if pids:
+            time.sleep(0.005)
 
 
 def _reap_finished(pids: set[int]) -> None:
