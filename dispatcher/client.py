@@ -177,6 +177,13 @@ def connect(
     )
 
 
+class _Stale(Exception):
+    """A kept-alive connection the daemon had closed."""
+
+
+_STALE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, http.client.RemoteDisconnected)
+
+
 class Client:
     """One dispatcher endpoint; ``call(method, args)`` returns the parsed reply.
 
@@ -233,6 +240,19 @@ class Client:
             self._conn = None
 
     def post(self, path: str, body: bytes) -> bytes:
+        """The response body of one POST.  A kept-alive connection the daemon
+        closed meanwhile (it closes idle ones) is replaced once, as
+        xmlrpc.client does: the call had not reached it (and a changing call
+        sent twice gets its first outcome: dispatcher/outcomes.py)."""
+        if self._conn is not None:
+            try:
+                return self._post(path, body)
+            except _Stale:
+                pass
+        return self._post(path, body)
+
+    def _post(self, path: str, body: bytes) -> bytes:
+        reused = self._conn is not None
         conn = self._conn
         if conn is None:
             conn = self._connection()
@@ -257,6 +277,8 @@ class Client:
             keep = self.keep_alive and not resp.will_close
             return data
         except (OSError, http.client.HTTPException) as e:
+            if reused and isinstance(e, _STALE):
+                raise _Stale from None
             raise ConnectError(
                 f"the dispatcher at {self.describe()} dropped the call: {e}"
             ) from None

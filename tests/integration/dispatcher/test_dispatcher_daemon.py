@@ -77,6 +77,26 @@ def test_plugin_in_a_subdirectory_and_env(daemon: Daemon, sm_root: Path) -> None
     assert r["Value"]["root"] == str(sm_root)
 
 
+def test_a_kept_alive_client_outlives_the_idle_timeout(
+    start_daemon: Callable[..., Daemon],
+) -> None:
+    """The daemon closes a connection idle past --idle-timeout; the client
+    that kept it sends its next call on a new one (as xmlrpc.client does)."""
+    import time
+
+    from dispatcher import client
+
+    d = start_daemon("--idle-timeout", "0.5")
+    c = client.Client(d.socket, keep_alive=True)
+    args = {"dbg": "idle", "sr": "sr1", "vdi": "ok"}
+    assert c.call("VDI.stat", args, "/fake").value["Value"]["vdi"] == "ok"
+    first = c._conn
+    time.sleep(1.5)  # the daemon closed it meanwhile
+    assert c.call("VDI.stat", args, "/fake").value["Value"]["vdi"] == "ok"
+    assert c._conn is not None and c._conn is not first
+    c.close()
+
+
 def test_unknown_type_and_bad_path(daemon: Daemon) -> None:
     r = stat(daemon.unix("/nosuch"), "ok")
     assert r["Status"] == "Failure"
