@@ -15,15 +15,15 @@ then sends ``{"ready": pid, "files": [...]}`` (the module files a change of
 which makes it stale) and serves, one message at a time:
 
 - The spare: a child forked ahead, between calls, so that a call waits for
-  no fork (~1 ms here), for no exchange with the zygote, nor for the child's
-  first copies of the zygote's pages.  The zygote sends ``{"spare": pid}``
-  with the descriptor of the spare's socket once it is ready, and again after
-  a reap that asks ``want_spare`` (when the call is done: forked while a call
-  runs, the spare took the call's CPU on 2 cores).  The spare makes itself a
-  group leader, runs each ``WARM_REHEARSAL`` function an imported module
-  names (``smcommon.plugin.rehearse``: one Query.query through the per-call
-  path, keeping nothing), then waits on its socket.  The dispatcher sends it
-  a call as it would send a fork (below); at the end of the socket it exits.
+  no fork (~1 ms here) and for no exchange with the zygote.  The zygote
+  sends ``{"spare": pid}`` with the descriptor of the spare's socket once it
+  is ready, and again after a reap that asks ``want_spare`` (when the call is
+  done: forked while a call runs, the spare took the call's CPU on 2 cores).
+  The spare makes itself a group leader and waits on its socket; the
+  dispatcher sends it a call as it would send a fork (below); at the end of
+  the socket it exits.  (Running one call's path in the spare beforehand, to
+  copy the pages every call writes, saved ~0.3 ms per call for ~2 ms of CPU:
+  on 2 cores it cost a fifth of the calls per second, so it is not done.)
 - ``{"op": "fork", "env": {...}, "cwd": ..., "umask": ...}`` with three file
   descriptors (the call's stdin, stdout, stderr), when the dispatcher has no
   spare: forks a child and answers ``{"pid": N}``.  The child (forked now or
@@ -64,7 +64,6 @@ import socket
 import sys
 import time
 import types
-from collections.abc import Callable
 
 CONTROL_FD = 3
 MAX_MSG = 1 << 20
@@ -106,17 +105,6 @@ def _warm(names: list[str]) -> None:
         extra = getattr(mod, "WARM_IMPORTS", None)
         if isinstance(extra, (list, tuple)):
             todo.extend(str(x) for x in extra)
-
-
-def _rehearsals() -> list[Callable[[], object]]:
-    """The functions named by the ``WARM_REHEARSAL`` of an imported module."""
-    found = []
-    for mod in list(sys.modules.values()):
-        name = getattr(mod, "WARM_REHEARSAL", None)
-        fn = getattr(mod, name, None) if isinstance(name, str) else None
-        if callable(fn):
-            found.append(fn)
-    return found
 
 
 def _own_files(plugin: str) -> list[str]:
@@ -236,10 +224,7 @@ def _max_fd() -> int:
 
 
 def _fork_spare(
-    code: types.CodeType,
-    plugin: str,
-    control: socket.socket,
-    rehearsals: list[Callable[[], object]],
+    code: types.CodeType, plugin: str, control: socket.socket
 ) -> tuple[int, socket.socket] | None:
     """Fork a spare child; its pid and our end of its socket (None: no fork)."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -252,23 +237,15 @@ def _fork_spare(
     if pid == 0:
         control.close()
         ours.close()
-        _wait_for_call(code, plugin, theirs, rehearsals)
+        _wait_for_call(code, plugin, theirs)
     theirs.close()
     return pid, ours
 
 
-def _wait_for_call(
-    code: types.CodeType,
-    plugin: str,
-    sock: socket.socket,
-    rehearsals: list[Callable[[], object]],
-) -> None:
-    """In a spare child: rehearse, wait for the call (or the end of the zygote), run it."""
+def _wait_for_call(code: types.CodeType, plugin: str, sock: socket.socket) -> None:
+    """In a spare child: wait for the call (or the end of the zygote), run it."""
     try:
         os.setpgid(0, 0)
-        for rehearse in rehearsals:
-            with contextlib.suppress(Exception):
-                rehearse()
         data, fds = _receive(sock)
     except BaseException:  # noqa: BLE001 -- nothing to run
         os._exit(0)
@@ -312,12 +289,11 @@ def serve(plugin: str) -> int:
     gc.collect()
     gc.freeze()
     _send(sock, {"ready": os.getpid(), "files": _own_files(plugin)})
-    rehearsals = _rehearsals()
     later: set[int] = set()  # exited or exiting children the dispatcher is done with
     handed: set[int] = set()  # spares given to the dispatcher and not reaped
 
     def give_spare() -> None:
-        got = _fork_spare(code, plugin, sock, rehearsals)
+        got = _fork_spare(code, plugin, sock)
         if got is None:
             return
         pid, end = got

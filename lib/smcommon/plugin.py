@@ -63,8 +63,6 @@ WARM_IMPORTS = [
     "encodings.utf_16_be",
     "encodings.utf_16_le",
 ]
-# What a warm parent's spare child runs while it waits for its call (rehearse)
-WARM_REHEARSAL = "rehearse"
 STDIN_TIMEOUT_ENV = "SM_STDIN_TIMEOUT"
 OUTCOME_ENV = "SM_OUTCOME_FILE"  # set by the dispatcher: where to keep the response
 STDIN_TIMEOUT = 60.0  # seconds to wait for a complete request on stdin
@@ -514,38 +512,6 @@ def _record_outcome(response: bytes) -> None:
         os.replace(tmp, path)
     except OSError:
         pass  # the answer on stdout still goes out
-
-
-class _Rehearsal:
-    """The driver of a rehearsed call: a Query.query answer shaped like a real one."""
-
-    secret_keys: frozenset[str] = frozenset()
-
-    def query_query(self, dbg: str) -> dict[str, object]:
-        return {
-            "driver": "rehearsal", "name": "rehearsal", "description": "", "vendor": "",
-            "copyright": "", "version": "0", "required_api_version": "2.0",
-            "features": ["VDI_CREATE"], "configuration": {"path": "a directory"},
-        }  # fmt: skip
-
-
-def rehearse() -> None:
-    """Serve one Query.query through the whole per-call path, keeping nothing:
-    log records to /dev/null, no outcome file, the answer dropped.
-
-    A warm parent's spare child (dispatcher/zygote.py, ``WARM_REHEARSAL``) runs
-    it while it waits for its call: the pages that every call writes (object
-    reference counts, the allocator's) are copied from the warm parent then,
-    not while the caller waits (about 1 ms of page faults per call here)."""
-    from smcommon import log
-
-    request = rpc.dumps_call("Query.query", {"dbg": "rehearsal"})
-    context = log.setup(os.devnull, "rehearsal")
-    try:
-        call = Call(lambda _paths: _Rehearsal(), "rehearsal", context)
-        _wire(call, [], io.BytesIO(request), time.monotonic())
-    finally:
-        log.shutdown()
 
 
 def _wire(call: Call, args: list[str], stdin: BinaryIO, started: float) -> bytes:

@@ -614,25 +614,3 @@ def test_any_bytes_get_one_well_formed_answer(data):
         ["Backend_error", "INVALID_REQUEST"],
         ["Backend_error", "UNKNOWN_METHOD"],
     )
-
-
-def test_rehearsal_keeps_nothing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
-) -> None:
-    """What a warm parent's spare child runs before its call (dispatcher/zygote.py)
-    answers a well-formed Query.query and leaves no file, output or log handler."""
-    import logging
-
-    monkeypatch.setenv("SM_ROOT", str(tmp_path))
-    monkeypatch.setenv(plugin.OUTCOME_ENV, str(tmp_path / "outcome"))
-    handlers = list(logging.getLogger().handlers)
-    seen: list[bytes] = []
-    real_wire = plugin._wire
-    monkeypatch.setattr(plugin, "_wire", lambda *a: seen.append(real_wire(*a)) or seen[-1])
-    plugin.rehearse()
-    assert list(tmp_path.iterdir()) == []
-    assert capfd.readouterr() == ("", "")
-    assert logging.getLogger().handlers == handlers
-    (response,) = seen
-    answer = rpc.parse_response(response).value
-    assert answer["Status"] == "Success" and answer["Value"]["driver"] == "rehearsal"
