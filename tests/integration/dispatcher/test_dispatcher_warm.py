@@ -189,6 +189,27 @@ def test_killing_the_warm_parent_mid_call(start_in_mode: Callable[..., Daemon]) 
     assert d.children() == [] and d.zombies() == []
 
 
+def test_a_dispatcher_killed_leaves_no_warm_process(
+    start_in_mode: Callable[..., Daemon],
+) -> None:
+    """kill -9 of the dispatcher: its warm parents see the end of their
+    control socket and their spares the end of theirs; all exit, reaped."""
+    d = start_in_mode(mode="warm")
+    for _ in range(3):
+        probe(d)
+    spares = d.spares()
+    assert spares
+    procs = psutil.Process(d.proc.pid).children(recursive=True)
+    assert {p.pid for p in procs} >= set(spares) | set(d.warm_parents())
+    d.proc.send_signal(signal.SIGKILL)
+    d.proc.wait()
+
+    def gone() -> bool:
+        return not [p for p in procs if alive(p.pid)]
+
+    wait_until(gone, 10, "the warm parents and their spares to exit")
+
+
 def test_twelve_parallel_clients(
     start_daemon: Callable[..., Daemon], fake_logs: Path
 ) -> None:
