@@ -220,6 +220,10 @@ class Zygote:
             if self.state != "ready" or self._sock is None:
                 raise WarmUnavailable(self.state)
             self._take_spares()
+            if not self._spares and self._spare_asked:
+                # the zygote is forking one: waiting for it is sooner than a fork
+                with contextlib.suppress(OSError, ValueError):
+                    self._reply_spare()
             while self._spares:
                 pid, spare = self._spares.pop()
                 try:
@@ -285,6 +289,15 @@ class Zygote:
                 raise OSError("the warm parent is gone")
             if "spare" not in doc:
                 return doc
+
+    def _reply_spare(self) -> None:
+        """Wait for the spare the zygote is forking."""
+        while self._spare_asked:
+            doc = self._receive()
+            if doc is None:
+                raise OSError("the warm parent is gone")
+            if "spare" not in doc:
+                log.warning("warm parent of %s: unexpected message %.200s", self.plugin, doc)
 
     def _take_spares(self) -> None:
         """Keep the spares the zygote sent (without waiting for any)."""
