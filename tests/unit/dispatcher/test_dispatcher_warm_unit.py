@@ -87,3 +87,34 @@ def test_zygote_environment_changes_only_what_differs(monkeypatch) -> None:
     assert dict(os.environ) == {k: str(v) for k, v in want.items()}
     assert os.getenv("SM_GONE") is None and os.getenv("SM_NEW") == "1"
     monkeypatch.delenv("SM_NEW")
+
+
+def test_file_watch_sees_edits_and_replacements(tmp_path: Path) -> None:
+    """A warm parent is stale once a file it loaded changes: written in place,
+    replaced by a rename, touched; through inotify and through stat."""
+    import os
+
+    from dispatcher.warm import FileWatch
+
+    for inotify in (True, False):
+        files = [tmp_path / f"m{i}.py" for i in range(3)]
+        for f in files:
+            f.write_text("x = 1\n")
+        for change in ("write", "rename", "touch"):
+            w = FileWatch([str(f) for f in files])
+            if not inotify:
+                w.close()  # as where inotify is not to be had: stat
+            assert w.changed() == ""
+            target = files[1]
+            if change == "write":
+                with open(target, "a") as fh:
+                    fh.write("y = 2\n")
+            elif change == "rename":
+                (tmp_path / "new").write_text("x = 33\n")  # another size: stat sees it too
+                os.replace(tmp_path / "new", target)
+            else:
+                st = target.stat()
+                os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+            assert w.changed() == f"{target} changed", (inotify, change)
+            assert w.changed() == f"{target} changed"  # and stays so
+            w.close()
