@@ -296,6 +296,11 @@ class Zygote:
                     spare.close()
                 self.calls += 1
                 self._children.add(pid)
+                if not self._spares and not self._spare_asked:
+                    # the next call's, forked while this one runs
+                    with contextlib.suppress(OSError):
+                        self._send({"op": "spare"})
+                        self._spare_asked = True
                 return pid
             try:
                 self._sock.sendmsg([data], rights)

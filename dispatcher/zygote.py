@@ -14,11 +14,11 @@ called: the zygote runs no thread and holds no lock, file or SR state.  It
 then sends ``{"ready": pid, "files": [...]}`` (the module files a change of
 which makes it stale) and serves, one message at a time:
 
-- The spare: a child forked ahead, between calls, so that a call waits for
+- The spare: a child forked ahead, so that a call waits for
   no fork (~1 ms here) and for no exchange with the zygote.  The zygote
   sends ``{"spare": pid}`` with the descriptor of the spare's socket once it
-  is ready, and again after a reap that asks ``want_spare`` (when the call is
-  done: forked while a call runs, the spare took the call's CPU on 2 cores).
+  is ready, and again when asked: ``{"op": "spare"}`` (the dispatcher asks as
+  it hands a call to the last spare) or a reap's ``want_spare``.
   The spare makes itself a group leader and waits on its socket; the
   dispatcher sends it a call as it would send a fork (below); at the end of
   the socket it exits.  (Running one call's path in the spare beforehand, to
@@ -349,6 +349,8 @@ def serve(plugin: str) -> int:
                             later.add(pid)
                 if req.get("want_spare"):  # for the next call, now that this one is done
                     give_spare()
+            elif op == "spare":
+                give_spare()
             else:
                 for fd in fds:
                     os.close(fd)
