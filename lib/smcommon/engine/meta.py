@@ -112,7 +112,7 @@ def _read_small(path: str) -> bytes:
     buffered reader: SR.scan reads 10,000 records)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        chunks = []
+        chunks: list[bytes] = []
         while True:
             chunk = os.read(fd, 1 << 16)
             if not chunk:

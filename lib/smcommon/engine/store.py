@@ -126,7 +126,22 @@ def vhd_call(what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         raise BackendError("VHD_IO_ERROR", [what, f"{e.strerror or e}"]) from None
 
 
-class FileStore:
+class BaseStore:
+    """What FileStore and LVStore (lvhd) share: ``busy`` from ``check_not_busy``."""
+
+    def check_not_busy(self, volume: str) -> None:
+        raise NotImplementedError
+
+    def busy(self, volume: str) -> bool:
+        """Whether a writer holds ``volume``'s image (its exclusive lock) now."""
+        try:
+            self.check_not_busy(volume)
+        except BackendError:
+            return True
+        return False
+
+
+class FileStore(BaseStore):
     """Volumes as ``<volume>.vhd`` files in one directory."""
 
     def __init__(self, sr_dir: Path, vhd: Any = None) -> None:
@@ -240,14 +255,6 @@ class FileStore:
             ) from None
         finally:
             os.close(fd)
-
-    def busy(self, volume: str) -> bool:
-        """Whether a writer holds ``volume``'s image (its exclusive lock) now."""
-        try:
-            self.check_not_busy(volume)
-        except BackendError:
-            return True
-        return False
 
     def stamp(self, volume: str) -> list[int] | None:
         """(inode, size, mtime, ctime) of the volume: any write changes it."""

@@ -48,7 +48,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from smcommon.engine.store import Node, load_vhd, vhd_call
+from smcommon.engine.store import BaseStore, Node, load_vhd, vhd_call
 from smcommon.errors import BackendError, Error
 from smcommon.fileio import atomic_write_json, unlink_durable
 from smcommon.lvhd.activation import Activations, flush, process_holder
@@ -98,7 +98,7 @@ def key_of(lv: str) -> str | None:
     return volume_of(lv)
 
 
-class LVStore:
+class LVStore(BaseStore):
     """Volumes as LVs holding VHDs (see the module doc)."""
 
     def __init__(
@@ -778,14 +778,6 @@ class LVStore:
                 vhd_call("set_parent_live", set_parent_live, c, p)
         finally:
             self.act.release(keys, self.holder)
-
-    def busy(self, volume: str) -> bool:
-        """Whether a writer holds ``volume``'s image (its exclusive lock) now."""
-        try:
-            self.check_not_busy(volume)
-        except BackendError:
-            return True
-        return False
 
     def stamp(self, volume: str) -> list[int] | None:
         """What changes when ``volume`` is written (a leaf merge's check that
