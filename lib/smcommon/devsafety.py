@@ -114,6 +114,11 @@ def allowed_path(
             return real
     shown = ", ".join(str(r) for r in roots) or "none"
     resolved = "" if str(real) == value else f" (resolved: {real})"
+    if any(real == _resolved(str(r)) for r in roots):
+        raise BackendError(
+            "PATH_NOT_ALLOWED",
+            [f"{value}{resolved} is an SR root itself: an SR is a directory below one ({shown})"],
+        )
     raise BackendError(
         "PATH_NOT_ALLOWED",
         [

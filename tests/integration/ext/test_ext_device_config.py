@@ -46,7 +46,7 @@ def test_path_srs_only_under_the_roots(ext: Ext, tmp_path: Path) -> None:
     for path, words in (
         (str(outside / "sr1"), "is not under an SR root"),
         ("/etc/sm-sr-test", "is not under an SR root"),
-        (str(roots / "a"), "is not under an SR root"),  # a root itself
+        (str(roots / "a"), "is an SR root itself"),
         (str(roots / "a" / "escape" / "sr2"), f"(resolved: {outside / 'sr2'})"),
         (str(roots / "a" / ".." / "a2"), "must not hold '..'"),
     ):

@@ -118,6 +118,10 @@ def test_allowed_path_resolves_what_exists(tmp_path: Path) -> None:
     with pytest.raises(BackendError) as e:
         devsafety.allowed_path(str(root / "out" / "sr"), [root])
     assert e.value.code == "PATH_NOT_ALLOWED" and "resolved: /etc/sr" in e.value.details[0]
+    with pytest.raises(BackendError) as e:  # the root itself: said so, not "not under"
+        devsafety.allowed_path(str(root), [root])
+    assert e.value.code == "PATH_NOT_ALLOWED"
+    assert e.value.details == [f"{root} is an SR root itself: an SR is a directory below one ({root})"]
 
 
 def test_the_hosts_own_directories_are_refused(tmp_path: Path) -> None:
