@@ -83,17 +83,33 @@ def test_the_warm_parent_holds_nothing(start_in_mode: Callable[..., Daemon]) -> 
     d = start_in_mode(mode="warm")
     for _ in range(3):
         probe(d)
-    spares = d.spares()
-    assert len(spares) == len(d.warm_parents()) >= 1
+
+    def settled() -> list[int]:
+        """The spares, once each warm parent has exactly one child, its idle
+        spare (the last call's child is reaped, the next spare has come)."""
+        spares, parents = d.spares(), d.warm_parents()
+        if len(spares) != len(parents) or not parents:
+            return []
+        for pid in parents:
+            kids = [c.pid for c in psutil.Process(pid).children()]
+            if len(kids) != 1 or kids[0] not in spares:
+                return []
+        return spares
+
+    spares = wait_until(settled, 10, "each warm parent with one idle spare")
+    assert isinstance(spares, list)
     for pid in d.warm_parents():
         z = psutil.Process(pid)
         assert z.num_threads() == 1
         assert z.open_files() == []
-        fds = sorted(int(fd) for fd in os.listdir(f"/proc/{pid}/fd"))
-        assert fds == [0, 1, 2, 3], fds  # /dev/null, /dev/null, the dispatcher's stderr, its socket
+
+        def fds(pid: int = pid) -> list[int]:
+            return sorted(int(fd) for fd in os.listdir(f"/proc/{pid}/fd"))
+
+        # /dev/null, /dev/null, the dispatcher's stderr, its socket (and for an
+        # instant, as it hands a spare over, that spare's socket)
+        wait_until(lambda f=fds: f() == [0, 1, 2, 3], 5, f"only fds 0-3 in {pid}: {fds()}")
         assert os.readlink(f"/proc/{pid}/fd/3").startswith("socket:")
-        kids = [c.pid for c in z.children()]
-        assert len(kids) == 1 and kids[0] in spares  # the one forked ahead, idle
     for pid in spares:  # the child forked ahead holds no more than its parent
         s = psutil.Process(pid)
         assert s.num_threads() == 1
