@@ -283,14 +283,17 @@ class Zygote:
             self._take_spares()
             if not self._spares and self._spare_asked:
                 # the zygote is forking one: waiting for it is sooner than a fork
-                with contextlib.suppress(OSError, ValueError):
+                try:
                     self._reply_spare()
+                except (OSError, ValueError):
+                    self._spare_asked = False  # none came: fork below
             while self._spares:
                 pid, spare = self._spares.pop()
                 try:
                     spare.sendmsg([data], rights)
                 except OSError:  # it died: the zygote reaps it
-                    self._send({"op": "reap", "pid": pid, "wait": False})
+                    with contextlib.suppress(OSError):
+                        self._send({"op": "reap", "pid": pid, "wait": False})
                     continue
                 finally:
                     spare.close()
@@ -390,9 +393,10 @@ class Zygote:
         if not isinstance(doc, dict):
             doc = {"error": f"not a message: {str(doc)[:200]}"}
         spare = doc.get("spare")
-        if isinstance(spare, int) and len(fds) == 1:
+        if spare is not None:
+            self._spare_asked = False  # it came, or it could not be forked (0)
+        if isinstance(spare, int) and spare > 0 and len(fds) == 1:
             self._spares.append((spare, socket.socket(fileno=fds[0])))
-            self._spare_asked = False
         else:
             for fd in fds:
                 os.close(fd)

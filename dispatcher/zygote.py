@@ -14,11 +14,12 @@ called: the zygote runs no thread and holds no lock, file or SR state.  It
 then sends ``{"ready": pid, "files": [...]}`` (the module files a change of
 which makes it stale) and serves, one message at a time:
 
-- The spare: a child forked ahead, so that a call waits for
-  no fork (~1 ms here) and for no exchange with the zygote.  The zygote
-  sends ``{"spare": pid}`` with the descriptor of the spare's socket once it
-  is ready, and again when asked: ``{"op": "spare"}`` (the dispatcher asks as
-  it hands a call to the last spare) or a reap's ``want_spare``.
+- The spare: a child forked ahead, so that a call waits for no fork (~1 ms
+  here) and for no exchange with the zygote.  The zygote sends ``{"spare":
+  pid}`` with the descriptor of the spare's socket (``{"spare": 0}`` if it
+  could not fork) once it is ready, and again when asked: ``{"op":
+  "spare"}`` (the dispatcher asks as it hands a call to the last spare) or a
+  reap's ``want_spare``.
   The spare makes itself a group leader and waits on its socket; the
   dispatcher sends it a call as it would send a fork (below); at the end of
   the socket it exits.  (Running one call's path in the spare beforehand, to
@@ -294,7 +295,9 @@ def serve(plugin: str) -> int:
 
     def give_spare() -> None:
         got = _fork_spare(code, plugin, sock)
-        if got is None:
+        if got is None:  # say so: the dispatcher waits for the spare it asked for
+            with contextlib.suppress(OSError):
+                _send(sock, {"spare": 0})
             return
         pid, end = got
         try:

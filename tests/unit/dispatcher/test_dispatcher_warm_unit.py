@@ -118,3 +118,39 @@ def test_file_watch_sees_edits_and_replacements(tmp_path: Path) -> None:
             assert w.changed() == f"{target} changed", (inotify, change)
             assert w.changed() == f"{target} changed"  # and stays so
             w.close()
+
+
+def test_a_spare_that_could_not_be_forked_is_not_waited_for(tmp_path: Path) -> None:
+    """The zygote answers ``{"spare": 0}`` when its fork fails: the dispatcher
+    stops waiting for that spare (else every call would wait IO_TIMEOUT)."""
+    import array
+    import json
+    import select
+    import socket
+
+    from dispatcher.warm import Zygote
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    z = Zygote(tmp_path / "XSR", ["python3"], {})
+    z._sock, z._poll = ours, select.poll()
+    z._poll.register(ours, select.POLLIN)
+    z._spare_asked = True
+    theirs.send(json.dumps({"spare": 0}).encode())
+    z._reply_spare()
+    assert not z._spare_asked and z._spares == []
+    # a real one: kept, with its socket
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    z._spare_asked = True
+    theirs.sendmsg(
+        [json.dumps({"spare": 4242}).encode()],
+        [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [a.fileno()]))],
+    )
+    a.close()
+    z._take_spares()
+    assert not z._spare_asked and [pid for pid, _s in z._spares] == [4242]
+    z._spares[0][1].send(b"x")
+    assert b.recv(1) == b"x"
+    for _pid, s in z._spares:
+        s.close()
+    for s in (ours, theirs, b):
+        s.close()
