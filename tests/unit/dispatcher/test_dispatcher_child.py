@@ -130,3 +130,26 @@ def test_environment_is_passed() -> None:
         env={"SM_ROOT": "/x", "PATH": "/usr/bin:/bin"},
     ).run()
     assert r.out == b"/x\n"
+
+
+def test_the_request_is_in_the_pipe_before_the_call_shows_as_started(tmp_path: Path) -> None:
+    """A dispatcher killed the instant after a call shows as started (its
+    on_start) leaves a plugin that reads its whole request: the retry of that
+    call is answered from the plugin's outcome (dispatcher/outcomes.py)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "got"
+    script = (
+        "import os, sys\n"
+        "from dispatcher.child import Child\n"
+        f"c = Child(['sh', '-c', 'sleep 0.3; cat > {out}'], b'x' * 1000, timeout=10,\n"
+        "          on_start=lambda pid: os._exit(0))  # killed right there\n"
+        "c.run()\n"
+    )
+    root = Path(__file__).resolve().parents[3]
+    subprocess.run([sys.executable, "-c", script], cwd=root, check=True, timeout=30)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (not out.exists() or out.stat().st_size < 1000):
+        time.sleep(0.05)
+    assert out.read_bytes() == b"x" * 1000
