@@ -297,14 +297,7 @@ class Zygote:
                     continue
                 finally:
                     spare.close()
-                self.calls += 1
-                self._children.add(pid)
-                if not self._spares and not self._spare_asked:
-                    # the next call's, forked while this one runs
-                    with contextlib.suppress(OSError):
-                        self._send({"op": "spare"})
-                        self._spare_asked = True
-                return pid
+                return self._started(pid)
             try:
                 self._sock.sendmsg([data], rights)
                 reply = self._reply()
@@ -315,25 +308,31 @@ class Zygote:
                 self.state = "dead"
                 self.why = f"fork failed: {reply.get('error', reply)}"
             else:
-                self.calls += 1
-                self._children.add(forked)
-                return forked
+                return self._started(forked)
         self._dead(self.why)
         raise WarmUnavailable(self.why)
+
+    def _started(self, pid: int) -> int:
+        """Count a call's child, and ask for the next call's spare (forked
+        while this call runs) unless one is held or on its way."""
+        self.calls += 1
+        self._children.add(pid)
+        if not self._spares and not self._spare_asked:
+            with contextlib.suppress(OSError):
+                self._send({"op": "spare"})
+                self._spare_asked = True
+        return pid
 
     def reap(self, pid: int, wait: bool = True) -> int | None:
         """Reap child ``pid`` (it has exited); its exit status, None if it was
         lost.  ``wait=False``: the child said its status (``EXIT_MARK``) and
         was killed; the zygote reaps it when its exit ends, and this returns
-        at once (None).  Either way it asks for a spare if it has none."""
+        at once (None)."""
         with self._lock:
             status: int | None = None
             if self._sock is not None:
                 try:
-                    self._take_spares()
-                    want = not self._spares and not self._spare_asked
-                    self._send({"op": "reap", "pid": pid, "wait": wait, "want_spare": want})
-                    self._spare_asked |= want
+                    self._send({"op": "reap", "pid": pid, "wait": wait})
                     if wait:
                         status = self._reply().get("status")
                 except (OSError, ValueError):

@@ -18,8 +18,7 @@ which makes it stale) and serves, one message at a time:
   here) and for no exchange with the zygote.  The zygote sends ``{"spare":
   pid}`` with the descriptor of the spare's socket (``{"spare": 0}`` if it
   could not fork) once it is ready, and again when asked: ``{"op":
-  "spare"}`` (the dispatcher asks as it hands a call to the last spare) or a
-  reap's ``want_spare``.
+  "spare"}`` (the dispatcher asks as it starts a call and holds no spare).
   The spare makes itself a group leader and waits on its socket; the
   dispatcher sends it a call as it would send a fork (below); at the end of
   the socket it exits.  (Running one call's path in the spare beforehand, to
@@ -350,8 +349,6 @@ def serve(plugin: str) -> int:
                     with contextlib.suppress(ChildProcessError):
                         if not os.waitpid(pid, os.WNOHANG)[0]:
                             later.add(pid)
-                if req.get("want_spare"):  # for the next call, now that this one is done
-                    give_spare()
             elif op == "spare":
                 give_spare()
             else:
