@@ -14,17 +14,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 from harness import Disk
 from patterns import BASE_WRITES, LEAF_WRITES, mismatches
+from scenario import MARKS
 
-pytestmark = [
-    pytest.mark.kernel,
-    pytest.mark.integration,
-    pytest.mark.root,
-    pytest.mark.slow,
-    pytest.mark.timeout(1800),  # a cold image build, then the boot
-]
+pytestmark = MARKS
 
 DISK_SIZE = 512 << 20
 

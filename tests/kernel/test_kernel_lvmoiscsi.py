@@ -22,19 +22,14 @@ from typing import Any
 
 import pytest
 from patterns import BASE_WRITES, LEAF_WRITES, mismatches
+from scenario import MARKS
 from testenv import REPO
 
 sys.path.insert(0, str(REPO / "tests" / "integration" / "lvmoiscsi"))
 
 from tgtd import Target, Tgtd, available
 
-pytestmark = [
-    pytest.mark.kernel,
-    pytest.mark.integration,
-    pytest.mark.root,
-    pytest.mark.slow,
-    pytest.mark.timeout(1800),  # a cold image build, then the boot
-]
+pytestmark = MARKS
 
 GUEST_HOST = "10.0.2.2"  # the host's loopback, seen from the guest
 

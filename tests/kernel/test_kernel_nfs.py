@@ -17,19 +17,14 @@ from typing import Any
 
 import pytest
 from patterns import BASE_WRITES, LEAF_WRITES, mismatches
+from scenario import MARKS
 from testenv import REPO
 
 sys.path.insert(0, str(REPO / "tests" / "integration" / "nfs"))
 
 from nfs_server import NfsServer, skip_without_nfs_server, sweep_stale
 
-pytestmark = [
-    pytest.mark.kernel,
-    pytest.mark.integration,
-    pytest.mark.root,
-    pytest.mark.slow,
-    pytest.mark.timeout(1800),  # a cold image build, then the boot
-]
+pytestmark = MARKS
 
 
 @pytest.fixture
