@@ -273,14 +273,21 @@ def _receive(sock: socket.socket) -> tuple[bytes, array.array[int]]:
     return data, fds
 
 
-def serve(plugin: str) -> int:
-    sock = socket.socket(fileno=CONTROL_FD)
+def load(plugin: str) -> types.CodeType:
+    """The plugin's code, with ``sys.argv`` and ``sys.path[0]`` as a run of
+    it would have them and everything a call imports imported."""
     with open(plugin, "rb") as f:
         source = f.read()
     code = compile(source, plugin, "exec")
     sys.argv = [plugin]
     sys.path[0] = os.path.dirname(os.path.realpath(plugin))
     _warm(_plugin_imports(ast.parse(source, plugin)))
+    return code
+
+
+def serve(plugin: str) -> int:
+    sock = socket.socket(fileno=CONTROL_FD)
+    code = load(plugin)
     # once, here (after the imports, which may set handlers): every child
     # inherits these dispositions, and only its mask is reset
     _fresh_signals()

@@ -38,13 +38,9 @@ DRIVER = "ext"
 # What a call may import, imported once by the dispatcher's warm parent of this
 # plugin (dispatcher/zygote.py); a direct run imports only what its method needs.
 WARM_IMPORTS = [
-    "smcommon.engine.driver",
-    "smcommon.engine.datapath",
-    "smcommon.engine.gc",
-    "smcommon.engine.diagnostics",
-    "smcommon.engine.remote",
-    "smcommon.runner",
-    "smcommon.vhd",
+    "smcommon.engine.front",
+    "smcommon.mount",
+    "smcommon.devsafety",
 ]
 _NEEDS = "device_config needs exactly one of 'device' (a block device) or 'path' (a directory)"
 VERSION = "0.1.0"

@@ -40,6 +40,21 @@ if TYPE_CHECKING:
     from smcommon.paths import Paths
 
 DRIVER = "lvmoiscsi"
+# What a call may import, imported once by the dispatcher's warm parent of this
+# plugin (dispatcher/zygote.py); a direct run imports only what its method needs.
+WARM_IMPORTS = [
+    "smcommon.engine.front",
+    "smcommon.errors",
+    "smcommon.fileio",
+    "smcommon.iscsi_probe",
+    "smcommon.lun",
+    "smcommon.lvm",
+    "smcommon.lvhd.activation",
+    "smcommon.lvhd.store",
+    "json",
+    "socket",
+    "uuid",
+]
 VERSION = "0.1.0"
 MGT_SIZE = 64 * 1024 * 1024
 MKFS_TIMEOUT = 300.0

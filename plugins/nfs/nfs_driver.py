@@ -50,13 +50,7 @@ WARM_IMPORTS = [
     "nfs_mounters",
     "smcommon.nfs",
     "smcommon.mount",
-    "smcommon.engine.driver",
-    "smcommon.engine.datapath",
-    "smcommon.engine.gc",
-    "smcommon.engine.diagnostics",
-    "smcommon.engine.remote",
-    "smcommon.runner",
-    "smcommon.vhd",
+    "smcommon.engine.front",
 ]
 VERSION = "0.1.0"
 MAX_PATH = 1024

@@ -9,6 +9,24 @@ subclasses it.
 
 from __future__ import annotations
 
+# What the engine's calls import, imported once by a plugin's warm parent
+# (dispatcher/zygote.py follows the WARM_IMPORTS of what it imports); a direct
+# run imports only what its method needs.  A module a call imports that is not
+# here is imported again by every call (tests/integration/dispatcher/
+# test_warm_imports.py).
+WARM_IMPORTS = [
+    "smcommon.engine.driver",
+    "smcommon.engine.datapath",
+    "smcommon.engine.collector",
+    "smcommon.engine.foreign",
+    "smcommon.engine.gc",
+    "smcommon.engine.diagnostics",
+    "smcommon.engine.remote",
+    "smcommon.runner",
+    "smcommon.vhd",
+    "smcommon.vhd.live",
+]
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
