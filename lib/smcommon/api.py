@@ -53,7 +53,7 @@ class Type:
     """A wire type.  ``kind`` is one of string, key, int64, bool, list, map,
     struct, unit, any; ``item`` is a list's item type; ``fields`` a struct's."""
 
-    __slots__ = ("description", "fields", "item", "kind", "name")
+    __slots__ = ("description", "fields", "item", "kind", "name", "plan")
 
     def __init__(
         self,
@@ -69,6 +69,9 @@ class Type:
         self.description = description
         self.item = item
         self.fields = {f.name: f for f in fields}
+        # a struct's fields with the Python type a scalar one has as it is
+        # (the fast path of convert: an SR.scan result holds 10,000 structs)
+        self.plan = tuple((f.name, f, _EXACT.get(f.type.kind)) for f in fields)
 
     def __repr__(self) -> str:
         return f"Type({self.name})"
@@ -122,10 +125,10 @@ class Type:
             if not isinstance(value, dict):
                 raise _mistyped(where, f"a {self.name} struct", value)
             out: dict[str, object] = {}
-            for name, f in self.fields.items():
+            for name, f, exact in self.plan:
                 if name in value:
                     v = value[name]
-                    if _plain(f.type.kind, v):
+                    if type(v) is exact and (exact is not int or INT64_MIN <= v <= INT64_MAX):  # type: ignore[operator]
                         out[name] = v
                         continue
                     try:
@@ -279,17 +282,7 @@ def _short(value: object) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _plain(kind: str, value: object) -> bool:
-    """``value`` is already what ``convert`` would return for a scalar ``kind``
-    (the fast path of a struct's fields: an SR.scan result holds 10,000 structs)."""
-    t = type(value)
-    if kind == "string":
-        return t is str
-    if kind == "bool":
-        return t is bool
-    if kind == "int64":
-        return t is int and INT64_MIN <= value <= INT64_MAX  # type: ignore[operator]
-    return False
+_EXACT: dict[str, type] = {"string": str, "bool": bool, "int64": int}
 
 
 def _int64(value: object, where: str) -> int:

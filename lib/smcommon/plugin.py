@@ -90,18 +90,30 @@ class Outcome:
         return self.error is None
 
     def response(self) -> bytes:
-        """The methodResponse, marshalled once (an SR.scan answer is megabytes)."""
+        """The methodResponse, marshalled once (an SR.scan answer is megabytes)
+        and checked against the method's output type as it is: a value that
+        is not one is the driver's bug, a BackendError INTERNAL_ERROR."""
         if self._body is None:
             if self.error is not None:
                 self._body = rpc.failure(self.error)
+            elif self.method is None:
+                self._body = rpc.success(self.value)
             else:
-                self._body = rpc.success(self.value, self.method.output if self.method else None)
+                try:
+                    self._body = rpc.success(self.value, self.method.output)
+                except InvalidRequest:
+                    self.method.check_result(self.value)  # raises, saying where
+                    raise
         return self._body
+
+    def checked(self) -> object:
+        """The value as the method's output type has it (defaults filled in)."""
+        return self.value if self.method is None else self.method.check_result(self.value)
 
     def as_struct(self) -> dict[str, object]:
         if self.error is not None:
             return {"Status": "Failure", "ErrorDescription": self.error}
-        return {"Status": "Success", "Value": self.value}
+        return {"Status": "Success", "Value": self.checked()}
 
 
 class Call:
@@ -186,9 +198,8 @@ class Call:
             if fn is None:
                 raise Unimplemented(name)
             result = fn(**kwargs)
-            outcome = Outcome(method, method.check_result(result))
-            # a result that cannot be marshalled is a bug, answered as one
-            outcome.response()
+            outcome = Outcome(method, result)
+            outcome.response()  # a result not of the output type is a bug, answered as one
         except Error as e:
             outcome = Outcome(method, error=self._masked(to_wire(e)))
             self._log_call(
@@ -581,7 +592,7 @@ def _by_hand(
                 " (the device_config it was created with)\n"
             )
     else:
-        _write(stdout, _pretty(outcome.value))
+        _write(stdout, _pretty(outcome.checked()))
     return EXIT_OK if outcome.ok else EXIT_FAILURE
 
 

@@ -17,9 +17,11 @@ the remote copy all use it:
 - ``dumps_call`` / ``dumps_response`` / ``dumps_fault`` marshal plain Python
   values (ints of 32 bits as ``<int>``, larger ones as ``<i8>``).
 - ``success(value, type)`` builds ``{"Status": "Success", "Value": value}``,
-  marshalled by the method's declared output type: int64 is always ``<i8>``
-  (xmlrpc.client writes ``<int>`` and refuses values past 2**31), a unit result
-  is ``<nil/>``.  ``failure(description)`` builds ``{"Status": "Failure",
+  marshalled by the method's declared output type, and checked against it as
+  it is (``Type.convert``'s rules, in the same pass: an ``InvalidRequest`` if
+  it is not one): a struct's fields in the type's order, a missing one as its
+  default, an unknown one left out; int64 is always ``<i8>`` (xmlrpc.client
+  writes ``<int>`` and refuses values past 2**31); a unit result is ``<nil/>``.  ``failure(description)`` builds ``{"Status": "Failure",
   "ErrorDescription": [...]}`` (a flat list of strings).
 - Strings are XML-escaped; ``\\r`` is written as ``&#13;`` so it survives;
   characters XML 1.0 cannot carry (control characters, lone surrogates) become
@@ -315,65 +317,85 @@ def escape(text: str) -> str:
 
 
 def _marshal(out: list[str], value: object, type: Type | None) -> None:
-    """Append ``<value>...</value>`` for ``value``, driven by ``type`` when given."""
+    """Append ``<value>...</value>`` for ``value``, checked against ``type``
+    when given (``InvalidRequest`` if it is not one)."""
     kind = type.kind if type is not None else "any"
-    if kind == "unit" or value is None:
+    if kind == "struct":
+        _marshal_struct(out, value, type)  # type: ignore[arg-type]
+    elif kind == "list":
+        if value.__class__ is not list and value.__class__ is not tuple:
+            type.convert(value, "result")  # type: ignore[union-attr] -- raises
+        out.append("<value><array><data>")
+        item = type.item  # type: ignore[union-attr]
+        for v in value:  # type: ignore[attr-defined]
+            _marshal(out, v, item)
+        out.append("</data></array></value>")
+    elif kind == "unit":
         out.append("<value><nil/></value>")
-    elif kind == "int64":
-        out.append(f"<value><i8>{int(value)}</i8></value>")  # type: ignore[call-overload]
-    elif kind == "string" or kind == "key":
-        out.append(f"<value>{escape(str(value))}</value>")
+    elif kind == "any":
+        _marshal_any(out, value)
+    else:
+        _marshal_scalar(out, type.convert(value, "result"), kind)  # type: ignore[union-attr]
+
+
+def _marshal_scalar(out: list[str], value: object, kind: str) -> None:
+    """A string, key, int64, bool or string map already checked."""
+    if kind == "int64":
+        out.append(f"<value><i8>{value}</i8></value>")
     elif kind == "bool":
         out.append("<value><boolean>1</boolean></value>" if value else _FALSE)
-    elif kind == "list":
-        assert type is not None
-        out.append("<value><array><data>")
-        for v in value:  # type: ignore[attr-defined]
-            _marshal(out, v, type.item)
-        out.append("</data></array></value>")
-    elif kind == "struct":
-        assert type is not None
-        _marshal_struct(out, value, type)  # type: ignore[arg-type]
     elif kind == "map":
         out.append("<value><struct>")
         for k, v in value.items():  # type: ignore[attr-defined]
-            out.append(
-                f"<member><name>{escape(str(k))}</name><value>{escape(str(v))}</value></member>"
-            )
+            out.append(f"<member><name>{escape(k)}</name><value>{escape(v)}</value></member>")
         out.append("</struct></value>")
     else:
-        _marshal_any(out, value)
+        out.append(f"<value>{escape(str(value))}</value>")
 
 
 _FALSE = "<value><boolean>0</boolean></value>"
+_MISSING = object()
 
 
 def _marshal_struct(out: list[str], value: dict[str, object], type: Type) -> None:
-    """A struct by its field types, scalars inline (SR.scan marshals thousands)."""
+    """A struct by its fields, scalars of their exact type inline (SR.scan
+    marshals 10,000 of them)."""
+    if value.__class__ is not dict:
+        type.convert(value, "result")  # raises, or it is a dict of another class
+        value = dict(value)
     append = out.append
-    fields = type.fields
     append("<value><struct>")
-    for k, v in value.items():
-        f = fields.get(k)
-        kind = f.type.kind if f is not None and v is not None else "other"
-        name = k if f is not None else escape(k)  # a field's name is plain text
-        if kind == "string" or kind == "key":
-            append(
-                f"<member><name>{name}</name><value>{escape(str(v))}</value></member>"
-            )
-        elif kind == "int64":
-            n = int(v)  # type: ignore[call-overload]
-            append(f"<member><name>{name}</name><value><i8>{n}</i8></value></member>")
-        elif kind == "bool":
-            b = 1 if v else 0
-            append(
-                f"<member><name>{name}</name><value><boolean>{b}</boolean></value></member>"
-            )
-        else:
-            append(f"<member><name>{name}</name>")
-            _marshal(out, v, f.type if f is not None else None)
-            append("</member>")
+    for name, f, exact in type.plan:
+        v = value.get(name, _MISSING)
+        if v is _MISSING:
+            v = f.default_value()
+            if v is None:
+                append(f"<member><name>{name}</name><value><nil/></value></member>")
+                continue
+        # a field's name is plain text
+        if v.__class__ is exact:
+            if exact is str:
+                if not (v.isprintable() and "&" not in v and "<" not in v and ">" not in v):  # type: ignore[attr-defined,operator]
+                    v = v.translate(_ESCAPE)  # type: ignore[attr-defined]
+                append(f"<member><name>{name}</name><value>{v}</value></member>")
+                continue
+            if exact is bool:
+                append(_BOOL_MEMBER[v] % name)  # type: ignore[index]
+                continue
+            if INT64_MIN <= v <= INT64_MAX:  # type: ignore[operator]
+                append(f"<member><name>{name}</name><value><i8>{v}</i8></value></member>")
+                continue
+        append(f"<member><name>{name}</name>")
+        _marshal(out, v, f.type)
+        append("</member>")
     append("</struct></value>")
+
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+_BOOL_MEMBER = {
+    True: "<member><name>%s</name><value><boolean>1</boolean></value></member>",
+    False: "<member><name>%s</name><value><boolean>0</boolean></value></member>",
+}
 
 
 def _marshal_any(out: list[str], value: object) -> None:

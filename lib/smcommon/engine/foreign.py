@@ -175,4 +175,4 @@ def has_candidates(eng: SrEngine) -> bool:
     if not eng.owned.ready():
         return True
     owned = eng.owned.owned()
-    return any(_is_uuid(v) and v not in owned for v in eng.store.volumes())
+    return any(_is_uuid(v) for v in eng.store.volumes() if v not in owned)

@@ -273,6 +273,29 @@ def test_success_vdi_info_list_and_query_result():
     assert loads(rpc.success(q, api.QUERY_RESULT))["Value"] == q
 
 
+def test_success_checks_the_value_as_it_marshals_it():
+    """As Type.convert then marshalling would, in one pass: fields in the
+    type's order, missing ones defaulted, unknown ones left out, strings
+    escaped, and a value of the wrong type refused."""
+    raw = {"extra": 1, "virtual_size": "5", "vdi": "v", "name_label": "a<b&\u00e9>", "read_only": True}
+    checked = api.VDI_INFO.convert(raw, "x")
+    assert rpc.success(raw, api.VDI_INFO) == rpc.success(checked, api.VDI_INFO)
+    assert loads(rpc.success([raw, checked], api.VDI_INFO_LIST))["Value"] == [checked, checked]
+    bad_items = [
+        {"vdi": "v", "virtual_size": "big"},
+        {"vdi": "v", "persistent": 1},
+        {"vdi": "v", "virtual_size": 2**63},
+        {"vdi": "v", "sm_config": {"a": 1}},
+        {"vdi": "v", "name_label": None},
+        "not a struct",
+    ]
+    for bad in bad_items:
+        with pytest.raises(InvalidRequest):
+            api.VDI_INFO_LIST.convert([bad], "x")
+        with pytest.raises(InvalidRequest):
+            rpc.success([checked, bad], api.VDI_INFO_LIST)
+
+
 def test_unit_is_nil():
     out = rpc.success(None, api.UNIT)
     assert b"<nil/>" in out
