@@ -19,6 +19,9 @@ Guarantees, whatever the plugin does:
   an unreaped zombie is safe: its pid, hence the group id, cannot be reused.
 - memory is bounded: stdout up to ``max_out`` bytes (beyond: killed, marked
   ``overflow``), stderr keeps its last ``ERR_TAIL`` bytes.
+
+``on_out(chunk, out)`` sees stdout as it arrives (the dispatcher checks a
+large answer while the plugin is still writing it: ``replies.Judge``).
 """
 
 from __future__ import annotations
@@ -99,10 +102,12 @@ class Child:
         budget: Budget | None = None,
         on_start: Callable[[int], None] | None = None,
         spawner: Zygote | None = None,
+        on_out: Callable[[bytes, bytearray], None] | None = None,
     ) -> None:
         self.argv = list(argv)
         self.budget = budget
         self.on_start = on_start
+        self.on_out = on_out
         self.spawner = spawner
         self.warm: Zygote | None = None  # the zygote that forked this process
         self.status_lost = False
@@ -305,6 +310,8 @@ class Child:
                                 del out[self.max_out :]
                             elif overflow:
                                 del out[self.max_out :]
+                            elif self.on_out is not None:
+                                self.on_out(chunk, out)
                         else:
                             err += chunk
                             if len(err) > 2 * ERR_TAIL:

@@ -63,9 +63,9 @@ from dispatcher.grants import Grants
 from dispatcher.outcomes import ENV as OUTCOME_ENV
 from dispatcher.outcomes import Entry, OutcomeStore
 from dispatcher.pool import Pool
+from dispatcher.replies import Judge
 from dispatcher.replies import backend as _backend
 from dispatcher.replies import fail as _fail
-from dispatcher.replies import judge
 from dispatcher.replies import outcome as _outcome
 from dispatcher.replies import parse_or_none as _parse_or_none
 from dispatcher.routes import RouteTable
@@ -396,6 +396,7 @@ class Dispatcher:
                 env[OUTCOME_ENV] = str(entry.outcome)
             rec.budget = self.limits.budget(rec.method, rec.progress_file)
             rec.state = "running"
+            judge = Judge(need_value)
             child = Child(
                 self.plugin_argv(path),
                 body,
@@ -406,12 +407,13 @@ class Dispatcher:
                 budget=rec.budget,
                 on_start=None if entry is None else self._note_start(rec, entry),
                 spawner=self.warm.spawner(path) if self.warm is not None else None,
+                on_out=judge.feed,
             )
             self.calls.adopt(rec, child)
             result = child.run()
         finally:
             self.pool.release(key)
-        return self._judge(rec, path, result, need_value)
+        return self._judge(rec, path, result, judge)
 
     @contextlib.contextmanager
     def slot(self, dbg: str, method: str, sr: str, plugin: str) -> Iterator[CallRecord]:
@@ -456,13 +458,13 @@ class Dispatcher:
         return _backend("DISPATCHER_BUSY", self._busy_text(key))
 
     def _judge(
-        self, rec: CallRecord, path: Path, result: ChildResult, need_value: bool = True
+        self, rec: CallRecord, path: Path, result: ChildResult, judge: Judge
     ) -> tuple[bytes, wire.Response | None]:
         resp: wire.Response | None = None
         problem = ""
         if result.rc == 0 and not result.overflow:
             try:
-                resp = judge(result.out, need_value)
+                resp = judge.result(result.out)
             except wire.WireError as e:
                 problem = str(e)
             else:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+from typing import Any
+from xml.parsers import expat
 
 from dispatcher import wire
 
@@ -27,10 +29,55 @@ def judge(out: bytes, need_value: bool = True) -> wire.Response:
     Building the value of a 10,000-VDI SR.scan answer (10 MB) costs seconds;
     this costs a tenth of that.  Anything else is parsed in full.
     """
-    if need_value or len(out) <= FULL_PARSE_LIMIT or not _SUCCESS_HEAD.match(out):
-        return wire.parse_response(out)
-    from xml.parsers import expat
+    j = Judge(need_value)
+    j.feed(out, out)
+    return j.result(out)
 
+
+class Judge:
+    """``judge``, fed the answer as it arrives (``Child``'s ``on_out``): a
+    large Success answer goes through expat piece by piece while the plugin
+    is still marshalling the rest (it writes a long list as it goes:
+    ``smcommon.plugin``), not after its last byte."""
+
+    def __init__(self, need_value: bool = True) -> None:
+        self.need_value = need_value
+        self._parser: Any = None
+        self._error: wire.WireError | None = None
+
+    def feed(self, chunk: bytes, out: bytes | bytearray) -> None:
+        """``chunk`` has arrived; ``out`` is the whole answer so far."""
+        if self.need_value or self._error is not None:
+            return
+        if self._parser is None:
+            if len(out) <= FULL_PARSE_LIMIT or not _SUCCESS_HEAD.match(out):
+                return
+            self._parser = _checker()
+            chunk = bytes(out)  # from its start
+        self._parse(chunk, False)
+
+    def result(self, out: bytes) -> wire.Response:
+        """What ``judge(out)`` says, ``out`` being everything fed."""
+        if self._parser is None:
+            return wire.parse_response(out)
+        self._parse(b"", True)
+        if self._error is not None:
+            raise self._error
+        return wire.Response(value={"Status": "Success"})
+
+    def _parse(self, data: bytes, final: bool) -> None:
+        if self._error is not None:
+            return
+        try:
+            self._parser.Parse(data, final)
+        except _Refused:
+            self._error = wire.WireError("the response uses a DTD", wire.FAULT_UNSAFE)
+        except expat.ExpatError as e:
+            self._error = wire.WireError(f"the response is not well-formed XML: {e}")
+
+
+def _checker() -> Any:
+    """An expat parser that only checks (no handler per element), refusing a DTD."""
     parser = expat.ParserCreate()
     parser.SetParamEntityParsing(expat.XML_PARAM_ENTITY_PARSING_NEVER)
 
@@ -39,13 +86,7 @@ def judge(out: bytes, need_value: bool = True) -> wire.Response:
 
     parser.StartDoctypeDeclHandler = refuse
     parser.EntityDeclHandler = refuse
-    try:
-        parser.Parse(out, True)
-    except _Refused:
-        raise wire.WireError("the response uses a DTD", wire.FAULT_UNSAFE) from None
-    except expat.ExpatError as e:
-        raise wire.WireError(f"the response is not well-formed XML: {e}") from None
-    return wire.Response(value={"Status": "Success"})
+    return parser
 
 
 def fail(*description: str) -> bytes:

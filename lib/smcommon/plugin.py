@@ -45,7 +45,7 @@ from smcommon.errors import Error, InvalidRequest, Unimplemented, to_wire
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import logging
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
     from typing import BinaryIO, NoReturn, TextIO
 
     from smcommon.log import CallContext
@@ -67,6 +67,8 @@ STDIN_TIMEOUT_ENV = "SM_STDIN_TIMEOUT"
 OUTCOME_ENV = "SM_OUTCOME_FILE"  # set by the dispatcher: where to keep the response
 STDIN_TIMEOUT = 60.0  # seconds to wait for a complete request on stdin
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+STREAM_ITEMS = 2000  # a list answer longer than this is written as it is marshalled
+PIPE_SIZE = 1 << 20  # and through a pipe this large (its pieces are smaller)
 
 
 class Outcome:
@@ -105,6 +107,31 @@ class Outcome:
                     self.method.check_result(self.value)  # raises, saying where
                     raise
         return self._body
+
+    def streams(self) -> bool:
+        """A list answer of more than STREAM_ITEMS items: written piece by
+        piece as it is marshalled (``pieces``), not marshalled first."""
+        return (
+            self.error is None
+            and self._body is None
+            and self.method is not None
+            and self.method.output.kind == "list"
+            and isinstance(self.value, list)
+            and len(self.value) > STREAM_ITEMS
+        )
+
+    def pieces(self) -> Iterator[bytes]:
+        """The methodResponse in pieces (InvalidRequest from the piece with
+        an item not of the output type)."""
+        if not self.streams():
+            yield self.response()
+            return
+        assert self.method is not None
+        try:
+            yield from rpc.success_pieces(self.value, self.method.output)  # type: ignore[arg-type]
+        except InvalidRequest:
+            self.method.check_result(self.value)  # raises, saying where
+            raise
 
     def checked(self) -> object:
         """The value as the method's output type has it (defaults filled in)."""
@@ -199,7 +226,8 @@ class Call:
                 raise Unimplemented(name)
             result = fn(**kwargs)
             outcome = Outcome(method, result)
-            outcome.response()  # a result not of the output type is a bug, answered as one
+            if not outcome.streams():
+                outcome.response()  # a result not of the output type is a bug, answered as one
         except Error as e:
             outcome = Outcome(method, error=self._masked(to_wire(e)))
             self._log_call(
@@ -492,7 +520,10 @@ def run(
     call = Call(driver_factory, prog, context)
     try:
         if not args or args[0].lstrip().startswith("<"):
-            response = _wire(call, args, stdin, started)
+            outcome = _wire_call(call, args, stdin, started)
+            if outcome.streams() and not os.environ.get(OUTCOME_ENV):
+                return _stream(call, outcome, stdout, stderr)
+            response = _answer(call, outcome)
             _record_outcome(response)
             _write(stdout, response)
             return EXIT_OK
@@ -525,8 +556,36 @@ def _record_outcome(response: bytes) -> None:
         pass  # the answer on stdout still goes out
 
 
-def _wire(call: Call, args: list[str], stdin: BinaryIO, started: float) -> bytes:
-    outcome = _wire_call(call, args, stdin, started)
+def _stream(call: Call, outcome: Outcome, stdout: BinaryIO, stderr: TextIO) -> int:
+    """Write a long list answer while the rest is marshalled (the reader
+    checks a piece while the next is made).  An item not of the output type
+    (a bug of the driver) ends the answer there, cut short: the process
+    says so on stderr and exits with EXIT_FAILURE."""
+    _grow_pipe(stdout)
+    try:
+        stdout.writelines(outcome.pieces())
+        stdout.flush()
+    except (OSError, ValueError):
+        pass  # the caller went away; nothing left to tell it
+    except BaseException as e:
+        call.log.exception("internal error writing the response")
+        stderr.write(f"{call.prog}: the answer was cut short: {' '.join(to_wire(e))}\n")
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def _grow_pipe(stream: BinaryIO) -> None:
+    """A pipe on ``stream`` that holds a piece of the answer or more, so that
+    writing one returns while its reader checks it (a pipe is 64 KiB)."""
+    import fcntl
+
+    try:
+        fcntl.fcntl(stream.fileno(), fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+    except (OSError, ValueError, AttributeError):
+        pass  # not a pipe, or past /proc/sys/fs/pipe-max-size: written as it drains
+
+
+def _answer(call: Call, outcome: Outcome) -> bytes:
     try:
         return outcome.response()
     except BaseException as e:  # dispatch checked the value: this is a bug

@@ -34,6 +34,8 @@ from smcommon.errors import InvalidRequest
 
 TYPE_CHECKING = False  # typing itself costs an import in every plugin call
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from smcommon.api import Type
 
 MAX_REQUEST = 1 << 20  # bytes; a real request is a few KiB at most
@@ -434,22 +436,37 @@ def _marshal_any(out: list[str], value: object) -> None:
 
 
 def _response(members: list[str]) -> bytes:
-    doc = (
-        "<?xml version='1.0' encoding='UTF-8'?>\n<methodResponse><params><param><value><struct>"
-        + "".join(members)
-        + "</struct></value></param></params></methodResponse>\n"
-    )
-    return doc.encode("utf-8", "replace")
+    return "".join([_DOC_HEAD, *members, _DOC_TAIL]).encode("utf-8", "replace")
 
 
 def success(value: object, type: Type | None = None) -> bytes:
     """The methodResponse of a call that returned ``value`` of ``type``."""
-    out = [
-        "<member><name>Status</name><value>Success</value></member><member><name>Value</name>"
-    ]
+    out = [_SUCCESS_HEAD]
     _marshal(out, value, type)
     out.append("</member>")
     return _response(out)
+
+
+def success_pieces(value: list[object], type: Type, items: int = 500) -> Iterator[bytes]:
+    """``success`` of a list, in pieces of ``items`` items: a piece can be
+    written out while the next is marshalled (an SR.scan of 10,000 VDIs is
+    10 MB).  ``InvalidRequest`` from the piece with an item not of the type."""
+    if type.kind != "list" or value.__class__ is not list:
+        yield success(value, type)
+        return
+    item = type.item
+    out = [_DOC_HEAD, _SUCCESS_HEAD, "<value><array><data>"]
+    for i in range(0, len(value), items):
+        for v in value[i : i + items]:
+            _marshal(out, v, item)
+        yield "".join(out).encode("utf-8", "replace")
+        out.clear()
+    yield ("</data></array></value></member>" + _DOC_TAIL).encode()
+
+
+_DOC_HEAD = "<?xml version='1.0' encoding='UTF-8'?>\n<methodResponse><params><param><value><struct>"
+_DOC_TAIL = "</struct></value></param></params></methodResponse>\n"
+_SUCCESS_HEAD = "<member><name>Status</name><value>Success</value></member><member><name>Value</name>"
 
 
 def failure(description: list[str]) -> bytes:

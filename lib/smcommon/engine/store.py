@@ -443,7 +443,7 @@ class FileStore(BaseStore):
     def physical_utilisation(self, volume: str) -> int:
         """Bytes the leaf's file takes on disk (its chain is not counted)."""
         try:
-            return os.stat(os.path.join(self._dir, volume + VHD_SUFFIX)).st_blocks * 512
+            return os.stat(f"{self._dir}/{volume}{VHD_SUFFIX}").st_blocks * 512  # SR.scan: 10,000
         except FileNotFoundError:
             return 0
 

@@ -63,6 +63,14 @@ class Driver:
     def vdi_set_persistent(self, dbg, sr, vdi, persistent):
         return None
 
+    def sr_scan(self, dbg, sr):
+        """``sr`` "big-<n>" lists n VDIs; "big-<n>-bad-<i>": item i is not a vdi_info."""
+        n, _, bad = sr.removeprefix("big-").partition("-bad-")
+        infos = [{"vdi": f"v{i}", "name_label": f"<{i}>", "virtual_size": i} for i in range(int(n))]
+        if bad:
+            infos[int(bad)] = {"vdi": "v", "virtual_size": "lots"}
+        return infos
+
 
 class Result:
     def __init__(self, code: int, out: bytes, err: str) -> None:
@@ -614,3 +622,35 @@ def test_any_bytes_get_one_well_formed_answer(data):
         ["Backend_error", "INVALID_REQUEST"],
         ["Backend_error", "UNKNOWN_METHOD"],
     )
+
+
+def test_a_long_list_is_written_as_it_is_marshalled(monkeypatch):
+    """SR.scan of thousands of VDIs: the answer is written in pieces (its
+    reader checks one while the next is made), the same bytes as at once."""
+    n = plugin.STREAM_ITEMS + 1234
+    streamed = wire("SR.scan", {"dbg": "d", "sr": f"big-{n}"})
+    assert streamed.code == 0
+    infos = streamed.body()["Value"]
+    assert len(infos) == n and infos[n - 1]["name_label"] == f"<{n - 1}>"
+    assert infos[7] == api.VDI_INFO.convert(Driver.sr_scan(None, "d", "big-8")[7], "x")
+    whole = plugin.Outcome(api.METHODS["SR.scan"], Driver.sr_scan(None, "d", f"big-{n}"))
+    assert whole.streams()
+    assert streamed.out == whole.response() == b"".join(whole.pieces())
+    # a call whose answer the dispatcher keeps (SM_OUTCOME_FILE) is not streamed
+    monkeypatch.setenv(plugin.OUTCOME_ENV, str(plugin.os.environ["SM_ROOT"]) + "/outcome")
+    kept = wire("SR.scan", {"dbg": "d", "sr": f"big-{n}"})
+    assert kept.out == streamed.out
+
+
+def test_a_long_list_with_an_invalid_item_is_cut_short_and_fails(root):
+    n = plugin.STREAM_ITEMS + 1234
+    for bad in (3, n - 1):
+        r = wire("SR.scan", {"dbg": "d", "sr": f"big-{n}-bad-{bad}"})
+        assert r.code == plugin.EXIT_FAILURE
+        assert "the answer was cut short" in r.err and "INTERNAL_ERROR" in r.err
+        assert "result of SR.scan" in r.err
+        assert not r.out.endswith(b"</methodResponse>\n")
+    assert "internal error writing the response" in (root / "var/log/sm/sm.log").read_text()
+    # a short list with an invalid item is answered INTERNAL_ERROR, as any result
+    desc = failure(wire("SR.scan", {"dbg": "d", "sr": "big-5-bad-2"}))
+    assert desc[:2] == ["Backend_error", "INTERNAL_ERROR"]
