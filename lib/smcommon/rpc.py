@@ -21,7 +21,9 @@ the remote copy all use it:
   it is (``Type.convert``'s rules, in the same pass: an ``InvalidRequest`` if
   it is not one): a struct's fields in the type's order, a missing one as its
   default, an unknown one left out; int64 is always ``<i8>`` (xmlrpc.client
-  writes ``<int>`` and refuses values past 2**31); a unit result is ``<nil/>``.  ``failure(description)`` builds ``{"Status": "Failure",
+  writes ``<int>`` and refuses values past 2**31); a unit result is ``<nil/>``.
+  ``success_pieces`` is the same answer of a list in pieces, to write as they
+  come.  ``failure(description)`` builds ``{"Status": "Failure",
   "ErrorDescription": [...]}`` (a flat list of strings).
 - Strings are XML-escaped; ``\\r`` is written as ``&#13;`` so it survives;
   characters XML 1.0 cannot carry (control characters, lone surrogates) become
@@ -30,6 +32,7 @@ the remote copy all use it:
 
 from __future__ import annotations
 
+from smcommon.api import INT64_MAX, INT64_MIN
 from smcommon.errors import InvalidRequest
 
 TYPE_CHECKING = False  # typing itself costs an import in every plugin call
@@ -393,7 +396,6 @@ def _marshal_struct(out: list[str], value: dict[str, object], type: Type) -> Non
     append("</struct></value>")
 
 
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 _BOOL_MEMBER = {
     True: "<member><name>%s</name><value><boolean>1</boolean></value></member>",
     False: "<member><name>%s</name><value><boolean>0</boolean></value></member>",
