@@ -124,8 +124,8 @@ def _read_small(name: str, dir_fd: int) -> bytes:
 
 
 _SMALL = 1 << 16
-# raw_decode: json.loads without its str/bytes dispatch and trailing-space scan
-# (a record ends with a newline, which raw_decode leaves unread)
+# raw_decode: json.loads without its str/bytes dispatch (a record is UTF-8,
+# stripped of a BOM and surrounding space first, as json.loads would take it)
 _DECODER = json.JSONDecoder()
 
 
@@ -225,9 +225,9 @@ class Metadata:
         try:
             for name in self.names():
                 try:
-                    text = _read_small(name + ".json", dir_fd).decode()
+                    text = _read_small(name + ".json", dir_fd).decode("utf-8-sig").strip()
                     doc, end = _DECODER.raw_decode(text)
-                    if text[end:].strip():
+                    if end != len(text):
                         raise ValueError(f"data after the record, at {end}")
                     if not isinstance(doc, dict):
                         raise TypeError("not an object")
