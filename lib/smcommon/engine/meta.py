@@ -225,7 +225,7 @@ class Metadata:
         try:
             for name in self.names():
                 try:
-                    text = _read_small(name + ".json", dir_fd).decode("utf-8-sig").strip()
+                    text = _read_small(name + ".json", dir_fd).decode().lstrip("\ufeff").strip()
                     doc, end = _DECODER.raw_decode(text)
                     if end != len(text):
                         raise ValueError(f"data after the record, at {end}")
