@@ -380,9 +380,7 @@ def _marshal_struct(out: list[str], value: dict[str, object], type: Type) -> Non
         # a field's name is plain text
         if v.__class__ is exact:
             if exact is str:
-                if not (v.isprintable() and "&" not in v and "<" not in v and ">" not in v):  # type: ignore[attr-defined,operator]
-                    v = v.translate(_ESCAPE)  # type: ignore[attr-defined]
-                append(f"<member><name>{name}</name><value>{v}</value></member>")
+                append(f"<member><name>{name}</name><value>{escape(v)}</value></member>")  # type: ignore[arg-type]
                 continue
             if exact is bool:
                 append(_BOOL_MEMBER[v] % name)  # type: ignore[index]
