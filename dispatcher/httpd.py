@@ -193,10 +193,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         here: its email.parser took a third of the daemon's own time per call."""
         self.close_connection = True
         words = self.raw_requestline.split()
-        minor = words[2][7:] if len(words) == 3 and words[2].startswith(b"HTTP/1.") else b""
-        if not minor.isdigit():
+        digits = words[2][7:] if len(words) == 3 and words[2].startswith(b"HTTP/1.") else b""
+        if not digits.isdigit():
             self._raw(400, "Bad Request", "only HTTP/1.0 and HTTP/1.1 requests are served")
             return False
+        minor = int(digits)
         self.command, path, self.request_version = (w.decode("iso-8859-1") for w in words)
         self.requestline = self.raw_requestline.decode("iso-8859-1").rstrip("\r\n")
         self.path = "/" + path.lstrip("/") if path.startswith("//") else path
@@ -206,8 +207,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self._raw(e.code, e.reason, str(e))
             return False
         conntype = self.headers.get("Connection", "").lower()
-        self.close_connection = int(minor) < 1 if conntype not in ("close", "keep-alive") else conntype == "close"
-        if self.headers.get("Expect", "").lower() == "100-continue" and int(minor) >= 1:
+        if conntype in ("close", "keep-alive"):
+            self.close_connection = conntype == "close"
+        else:  # HTTP/1.1 keeps the connection, 1.0 closes it
+            self.close_connection = minor < 1
+        if self.headers.get("Expect", "").lower() == "100-continue" and minor >= 1:
             return self.handle_expect_100()
         return True
 
