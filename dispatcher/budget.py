@@ -26,10 +26,10 @@ call that ran out.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 from smcommon import progress
+from smcommon.record import record
 
 MAX_DISK = 2040 << 30  # the VHD maximum virtual size
 CHECK_EVERY = 10.0  # seconds between two looks at a long call's progress
@@ -61,7 +61,7 @@ LONG_METHODS = frozenset(
 )
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Limits:
     timeout: float = 300.0  # normal methods
     short: float = 60.0  # short methods (never more than ``timeout``)

@@ -12,17 +12,17 @@ import itertools
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from smcommon import progress
+from smcommon.record import field, record
 
 from dispatcher.budget import Budget
 from dispatcher.child import Child
 
 
-@dataclass
+@record
 class CallRecord:
     id: int
     dbg: str

@@ -34,7 +34,8 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+
+from smcommon.record import record
 
 from dispatcher.warm import WarmUnavailable
 from dispatcher.zygote import EXIT_MARK
@@ -55,7 +56,7 @@ DRAIN_BOUND = 2.0  # seconds to wait for pipes after the group was killed
 READ_CHUNK = 65536
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ChildResult:
     rc: int | None  # exit status; negative = killed by that signal; None = never ran
     out: bytes

@@ -47,13 +47,13 @@ import re
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from smcommon import progress
 from smcommon.errors import InvalidRequest
 from smcommon.paths import safe_name
+from smcommon.record import field, record
 
 from dispatcher import fanout, wire
 from dispatcher.budget import Limits
@@ -78,7 +78,7 @@ LEARN_METHODS = ("SR.create", "SR.attach")
 FANOUT_METHODS = ("SR.ls", "Query.query", "Query.diagnostics")
 
 
-@dataclass
+@record
 class Config:
     plugins_dir: Path
     timeout: float = 300.0  # normal methods; see dispatcher.budget for the others
@@ -115,7 +115,7 @@ class NoSlot(Exception):
     """Work done in the dispatcher itself found no slot (its message says why)."""
 
 
-@dataclass
+@record
 class Served:
     """One answered request, for the HTTP layer to ``settle`` once it has written it."""
 

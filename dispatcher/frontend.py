@@ -41,15 +41,16 @@ import select
 import socket
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any
+
+from smcommon.record import record
 
 log = logging.getLogger(__name__)
 
 WATCH_EVERY = 0.1  # seconds between two looks of the watchdog
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Limits:
     request_timeout: float = 20.0
     idle_timeout: float = 30.0

@@ -46,9 +46,10 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from smcommon.record import record
 
 from dispatcher import wire
 
@@ -90,7 +91,7 @@ def proc_start(pid: int) -> int | None:
         return None
 
 
-@dataclass
+@record
 class Entry:
     """The record of one call (see the module doc)."""
 

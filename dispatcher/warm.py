@@ -38,9 +38,10 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from smcommon.record import record
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ class WarmUnavailable(Exception):
     """The zygote cannot fork this call: run it by exec."""
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Interpreter:
     argv: list[str]  # interpreter and flags: run as argv + [plugin]
     python: bool  # a Python interpreter: the plugin can be warm

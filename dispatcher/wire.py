@@ -13,11 +13,11 @@ This module adds what only the daemon and its clients need:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from smcommon import rpc
 from smcommon.errors import InvalidRequest
+from smcommon.record import record
 
 # XML-RPC fault codes (the xmlrpc-epi "specification for fault code
 # interoperability", which most XML-RPC servers use).
@@ -40,7 +40,7 @@ class WireError(Exception):
         self.fault_code = fault_code
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Call:
     method: str
     params: tuple[Any, ...]
@@ -53,7 +53,7 @@ class Call:
         return {}
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Response:
     """One methodResponse: ``value`` or, for a fault, ``fault`` (code, string)."""
 

@@ -26,11 +26,14 @@ import json
 import logging
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from smcommon.errors import BackendError, CommandError, CommandTimeout
+from smcommon.record import record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -95,14 +98,14 @@ class IscsiError(BackendError):
         super().__init__(code, [what, detail] if detail else [what])
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Target:
     portal: str  # host:port
     tpgt: int
     iqn: str
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Session:
     sid: int
     portal: str
@@ -110,7 +113,7 @@ class Session:
     iqn: str
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Disk:
     lun: int
     name: str  # sda

@@ -20,11 +20,14 @@ import contextlib
 import hashlib
 import os
 import socket
-from dataclasses import dataclass, field
-from typing import Self
 
 from smcommon.errors import BackendError
+from smcommon.record import field, record
 from smcommon.scsi import best_id, parse_designators
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Self
 
 DEFAULT_PORT = 3260
 TIMEOUT = 5.0
@@ -71,7 +74,7 @@ class ProbeError(BackendError):
         super().__init__(code, [what, detail] if detail else [what])
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Chap:
     """CHAP credentials: ``user``/``secret`` the target checks, ``in_user``/
     ``in_secret`` (mutual CHAP) the target proves.  Secrets never in repr."""
@@ -82,13 +85,13 @@ class Chap:
     in_secret: str = field(default="", repr=False)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Target:
     portal: str  # host:port,tpgt as the target advertises it
     iqn: str
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class LunInfo:
     lun: int
     scsi_id: str

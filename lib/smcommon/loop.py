@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
 from smcommon.errors import BackendError, CommandError, CommandTimeout
+from smcommon.record import record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 LOSETUP_TIMEOUT = 30.0
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Loop:
     name: str
     back_file: str

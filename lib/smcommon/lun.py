@@ -29,13 +29,13 @@ import shutil
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from smcommon import iscsi_probe, loop
 from smcommon.errors import BackendError
 from smcommon.iscsi_probe import Chap, LunInfo, ProbeError
+from smcommon.record import record
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ CHECK_TIMEOUT = 5.0
 DISK_APPEAR_TIMEOUT = 15.0
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class LunSpec:
     """Which LUN: portals (tried in order), target IQN, SCSI id, CHAP."""
 

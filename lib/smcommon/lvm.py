@@ -27,11 +27,14 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from smcommon.errors import BackendError, CommandError, CommandTimeout
+from smcommon.record import field, record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +65,7 @@ class LvmError(BackendError):
         self.what = what
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Segment:
     """Extents ``lv_start``.. of an LV lie on ``pv`` from extent ``pv_start``."""
 
@@ -72,7 +75,7 @@ class Segment:
     pv_start: int
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Lv:
     name: str
     size: int
@@ -90,7 +93,7 @@ class Lv:
         return len(self.attr) > 1 and self.attr[1] == "r"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Vg:
     name: str
     size: int
@@ -101,7 +104,7 @@ class Vg:
     lv_count: int = 0
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Pv:
     name: str
     vg: str
@@ -111,7 +114,7 @@ class Pv:
     pe_count: int = 0
 
 
-@dataclass
+@record
 class LvmConfig:
     """A private lvm configuration: ``<dir>/lvm.conf`` plus lock and backup dirs.
 

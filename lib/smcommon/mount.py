@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 
 from smcommon.errors import BackendError, CommandError, CommandTimeout
+from smcommon.record import record
 
 MOUNTS_FILE = "/proc/self/mounts"
 MOUNT_TIMEOUT = 120.0
@@ -57,7 +57,7 @@ class UmountFailed(BackendError):
         super().__init__("UMOUNT_FAILED", details)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class MountEntry:
     """One line of the mount table."""
 

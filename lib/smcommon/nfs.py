@@ -31,9 +31,9 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 from smcommon.errors import BackendError, CommandError, CommandTimeout
+from smcommon.record import record
 
 VERSIONS = ("3", "4", "4.0", "4.1", "4.2")
 DEFAULT_VERSION = "3"
@@ -87,7 +87,7 @@ class BadOption(BackendError):
 # --- the server ------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Server:
     """An NFS server as device_config names it."""
 
@@ -174,7 +174,7 @@ def probe_argv(address: str, program: str, version: str, port: int | None) -> li
     return ["rpcinfo", "-T", _netid(address), address, program, vers]
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Probe:
     address: str
     answered: list[str]  # what answered, e.g. "nfs 4 on port 2049"
@@ -246,7 +246,7 @@ def _rpc_failure(server: Server, program: str, port: int, e: CommandError) -> Ba
 # --- exports ---------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Export:
     path: str
     clients: tuple[str, ...]

@@ -14,10 +14,13 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from typing import Any
 
 from smcommon.errors import BackendError, CommandError, CommandTimeout
+from smcommon.record import record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +37,7 @@ CODE_ASCII = 2
 ASSOCIATION_LUN = 0
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Designator:
     type: int
     code_set: int
@@ -42,7 +45,7 @@ class Designator:
     value: bytes
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class DiskInfo:
     """What sysfs says of a SCSI disk."""
 

@@ -28,10 +28,13 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 from smcommon import mount, nfs
 from smcommon.errors import BackendError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 ENV_DEV_MODE = "SM_NFS_DEV_MODE"
 ENV_DEV_EXPORTS = "SM_NFS_DEV_EXPORTS"

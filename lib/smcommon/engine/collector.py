@@ -42,14 +42,16 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 from smcommon import lock, timestamps
 from smcommon.engine import gc, locks
 from smcommon.errors import Error, LockTimeout
 from smcommon.fileio import atomic_write
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from smcommon.engine.sr import SrEngine
 
 log = logging.getLogger(__name__)

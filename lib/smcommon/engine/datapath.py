@@ -47,12 +47,12 @@ import contextlib
 import enum
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 from smcommon.errors import BackendError, IllegalTransition, InvalidRequest
 from smcommon.fileio import atomic_write, fsync_dir
 from smcommon.paths import safe_name
+from smcommon.record import record
 
 OPS = ("attach", "activate", "deactivate", "detach")
 MAX_DP = 1024
@@ -135,7 +135,7 @@ def effective_of(states: list[DpState] | tuple[DpState, ...]) -> DpState:
     return DpState.of(level, any(s.read_write for s in states))
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Transition:
     vdi: str
     dp: str

@@ -25,14 +25,14 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from smcommon import ids
 from smcommon.engine.store import NEW_SUFFIX, VHD_SUFFIX, VHD_TMP_RE
 from smcommon.errors import Error
+from smcommon.record import record
 from smcommon.vhd.errors import ParentMissing, ParentNotAllowed
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from smcommon.engine.sr import SrEngine
     from smcommon.engine.store import Node
@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Foreign:
     """A name in the SR directory the SR did not make."""
 

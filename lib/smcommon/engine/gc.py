@@ -30,12 +30,10 @@ after destroy, compose and set_persistent; ``SR.gc`` in the foreground.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
 
 from smcommon import timestamps
 from smcommon.engine import merge
@@ -43,6 +41,7 @@ from smcommon.engine.merge import Cancelled, Plan, Stopped
 from smcommon.engine.meta import read_json
 from smcommon.errors import Error, LockTimeout
 from smcommon.fileio import atomic_write_json
+from smcommon.record import asdict, field, record, replace
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -62,7 +61,7 @@ SWITCH_TRIES = 6  # waits for the locks of a switch before leaving it for the ne
 MAX_ROUNDS = 10000
 
 
-@dataclass
+@record
 class Report:
     started: str = ""
     finished: str = ""
@@ -290,7 +289,7 @@ class Collector:
                 )
                 continue
             self.store.set_hidden(v, want)
-            tree[v] = dataclasses.replace(n, hidden=want)
+            tree[v] = replace(n, hidden=want)
             (rep.hidden if want else rep.unhidden).append(v)
 
     def _choose(

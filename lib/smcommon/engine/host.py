@@ -14,13 +14,13 @@ Writes are atomic (temp file, fsync, rename).
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from smcommon.engine.meta import MetadataCorrupt, read_json
 from smcommon.errors import SrNotAttached
 from smcommon.fileio import atomic_write_json, private_dir, unlink_durable
 from smcommon.paths import Paths, safe_name
+from smcommon.record import asdict, field, field_names, record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -40,7 +40,7 @@ def public_config(
     return {k: v for k, v in device_config.items() if k in keep}
 
 
-@dataclass
+@record
 class Attached:
     sr: str
     type: str
@@ -69,7 +69,7 @@ class HostRegistry:
             return None
         try:
             return Attached(
-                **{k: doc[k] for k in Attached.__dataclass_fields__ if k in doc}
+                **{k: doc[k] for k in field_names(Attached) if k in doc}
             )
         except TypeError as e:
             raise MetadataCorrupt(path, str(e)) from None

@@ -32,14 +32,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
 
 from smcommon.engine.meta import read_json
 from smcommon.errors import Error
 from smcommon.fileio import atomic_write_json, unlink_durable
+from smcommon.record import asdict, field, record
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from smcommon.engine.meta import VdiRecord
     from smcommon.engine.sr import SrEngine
     from smcommon.engine.store import Node
@@ -49,7 +51,7 @@ log = logging.getLogger(__name__)
 CANCEL_PREFIX = "gc-cancel-"
 
 
-@dataclass
+@record
 class Plan:
     """The journal of the merge in progress."""
 

@@ -26,12 +26,12 @@ import contextlib
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from smcommon.errors import BackendError, InvalidRequest, VdiDoesNotExist
 from smcommon.fileio import atomic_write_json, fsync_dir, unlink_durable
 from smcommon.paths import safe_name
+from smcommon.record import asdict, field, field_names, record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -43,7 +43,7 @@ SM_DIR = ".sm"
 FORMAT = 1
 
 
-@dataclass
+@record
 class VdiRecord:
     """One VDI: the SMAPI vdi_info fields, minus physical_utilisation (live)."""
 
@@ -104,7 +104,7 @@ class VdiRecord:
         return rec
 
 
-_FIELDS = frozenset(f.name for f in fields(VdiRecord))
+_FIELDS = frozenset(field_names(VdiRecord))
 
 
 def _read_small(name: str, dir_fd: int) -> bytes:

@@ -22,13 +22,13 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from smcommon import ids
 from smcommon.errors import BackendError, Error
 from smcommon.fileio import fsync_dir
 from smcommon.paths import safe_name
+from smcommon.record import record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -58,7 +58,7 @@ def live_lock_wait() -> float:
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Node:
     """One volume of an SR's tree, as its VHD header says."""
 

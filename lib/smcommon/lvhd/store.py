@@ -46,7 +46,6 @@ import os
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 from smcommon.engine.store import BaseStore, Node, load_vhd, vhd_call
 from smcommon.errors import BackendError, Error
@@ -54,6 +53,10 @@ from smcommon.fileio import atomic_write_json, unlink_durable
 from smcommon.lvhd.activation import Activations, flush, process_holder
 from smcommon.lvm import Lv, Lvm, LvmError, Segment, Vg
 from smcommon.paths import safe_name
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 log = logging.getLogger(__name__)
 

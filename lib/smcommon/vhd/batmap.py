@@ -22,8 +22,8 @@ always safe.  libvhd refuses a dynamic or differencing image whose creator is
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import replace
 
+from smcommon.record import replace
 from smcommon.vhd import format as fmt
 from smcommon.vhd import layout
 

@@ -13,7 +13,6 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from smcommon import sizes
 from smcommon.errors import Error
@@ -24,6 +23,10 @@ from smcommon.vhd.create import snapshot as snapshot_image
 from smcommon.vhd.errors import InvalidArgument
 from smcommon.vhd.image import Info, open_image
 from smcommon.vhd.repair import repair as repair_image
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PROBLEMS = 0, 1, 2, 3
 CHUNK = 8 * 1024 * 1024

@@ -19,9 +19,9 @@ import contextlib
 import errno
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 from smcommon import ids
+from smcommon.record import record
 from smcommon.vhd import format as fmt
 from smcommon.vhd.batmap import Batmap
 from smcommon.vhd.errors import (
@@ -168,7 +168,7 @@ def _pwrite_all(fd: int, data: bytes, pos: int) -> None:
         pos += done
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class NewLayout:
     """Where a freshly written dynamic/differencing image put things."""
 

@@ -4,7 +4,7 @@ Owns the footer (512 bytes, at the end of every image and copied at offset 0 of
 dynamic and differencing images), the dynamic header (1024 bytes), the parent
 locators inside it, the BAT (block allocation table), the per-block sector
 bitmaps and blktap's batmap (a header and a map of fully allocated blocks).  Each structure is a ``struct.Struct`` with its layout and a frozen
-dataclass whose ``from_bytes``/``to_bytes`` round-trip byte for byte;
+record (``smcommon.record``) whose ``from_bytes``/``to_bytes`` round-trip byte for byte;
 ``from_bytes`` checks cookie and checksum and raises ``Corrupt`` naming what it
 read.  All integers are big-endian, as the VHD specification says.
 """
@@ -16,8 +16,8 @@ import math
 import struct
 import sys
 import time
-from dataclasses import dataclass, replace
 
+from smcommon.record import field_names, record, replace
 from smcommon.vhd.errors import Corrupt
 
 TYPE_CHECKING = False
@@ -124,7 +124,7 @@ FOOTER_CHECKSUM_AT = 64
 FOOTER_HIDDEN_AT = 85
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Footer:
     cookie: bytes
     features: int
@@ -179,7 +179,7 @@ class Footer:
         return footer.sealed()
 
 
-_FOOTER_FIELDS = tuple(Footer.__dataclass_fields__)
+_FOOTER_FIELDS = tuple(field_names(Footer))
 
 
 # --- parent locator -----------------------------------------------------------
@@ -190,7 +190,7 @@ LOCATOR_STRUCT = struct.Struct(">4sIIIQ")
 assert LOCATOR_STRUCT.size == 24
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Locator:
     code: bytes = LOC_NONE
     data_space: int = 0
@@ -262,7 +262,7 @@ assert HEADER_STRUCT.size == HEADER_SIZE
 HEADER_CHECKSUM_AT = 36
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Header:
     cookie: bytes
     data_offset: int
@@ -339,7 +339,7 @@ class Header:
         return header.sealed()
 
 
-_HEADER_FIELDS = tuple(Header.__dataclass_fields__)
+_HEADER_FIELDS = tuple(field_names(Header))
 
 
 def encode_parent_name(name: str) -> bytes:
@@ -498,7 +498,7 @@ BATMAP_STRUCT = struct.Struct(">8sQIIIBB32s32s")
 BATMAP_HEADER_SIZE = SECTOR
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class BatmapHeader:
     cookie: bytes
     batmap_offset: int

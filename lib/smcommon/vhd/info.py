@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from smcommon.record import asdict, record
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Info:
     path: str
     uuid: str

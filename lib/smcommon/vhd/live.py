@@ -24,8 +24,8 @@ from __future__ import annotations
 import os
 import stat
 import time
-from dataclasses import dataclass
 
+from smcommon.record import record
 from smcommon.vhd import format as fmt
 from smcommon.vhd.create import check_parent_allowed
 from smcommon.vhd.errors import Corrupt, InvalidArgument, ParentMissing, from_os_error
@@ -40,7 +40,7 @@ from smcommon.vhd.reader import (
 )
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Head:
     """What an image's footer and header say (no BAT, no parent opened)."""
 
