@@ -63,6 +63,14 @@ WARM_IMPORTS = [
     "encodings.utf_16_be",
     "encodings.utf_16_le",
 ]
+# The call a warm parent runs through a plugin on this runtime before its first
+# fork (dispatcher/zygote.py, rehearse): Query.query needs no SR, lock or
+# device, and its one log line names itself by its dbg.
+WARM_REHEARSAL = (
+    b"<?xml version='1.0'?><methodCall><methodName>Query.query</methodName><params>"
+    b"<param><value><struct><member><name>dbg</name><value><string>warm parent rehearsal"
+    b"</string></value></member></struct></value></param></params></methodCall>"
+)
 STDIN_TIMEOUT_ENV = "SM_STDIN_TIMEOUT"
 OUTCOME_ENV = "SM_OUTCOME_FILE"  # set by the dispatcher: where to keep the response
 STDIN_TIMEOUT = 60.0  # seconds to wait for a complete request on stdin

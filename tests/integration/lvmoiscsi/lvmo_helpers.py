@@ -304,13 +304,16 @@ def force_cleanup(root: Path) -> list[str]:
     p = subprocess.run(["losetup", "--list", "--json", "-O", "NAME,BACK-FILE,AUTOCLEAR"],
                        capture_output=True, text=True, check=False)
     rows = json.loads(p.stdout)["loopdevices"] if p.returncode == 0 and p.stdout.strip() else []
-    rows = [r for r in rows if r.get("autoclear") not in (True, 1, "1")]
+    # the PV loops over this root's files, released (autoclear) or not: a loop
+    # left over a released PV loop holds it, and with it the LUN, for good
     pvs = {r["name"] for r in rows if str(r.get("back-file") or "").startswith(str(root))}
-    for r in rows:
+    held = [r for r in rows if r.get("autoclear") not in (True, 1, "1")]
+    for r in held:
         if str(r.get("back-file") or "") in pvs:
             subprocess.run(["losetup", "-d", r["name"]], capture_output=True, check=False)
+            done.append(f"losetup -d {r['name']} (over {r['back-file']})")
+    for r in held:
+        if r["name"] in pvs:
+            subprocess.run(["losetup", "-d", r["name"]], capture_output=True, check=False)
             done.append(f"losetup -d {r['name']}")
-    for dev in sorted(pvs):
-        subprocess.run(["losetup", "-d", dev], capture_output=True, check=False)
-        done.append(f"losetup -d {dev}")
     return done
