@@ -275,7 +275,7 @@ class Zygote:
     def spawn(self, env: dict[str, str], fds: tuple[int, int, int]) -> int:
         """Start a child with these stdin, stdout, stderr: hand the call to a
         spare, or have the zygote fork one; its pid (WarmUnavailable if not)."""
-        req = {"op": "fork", "env": env, "cwd": os.getcwd(), "umask": _umask()}
+        req = {"op": "fork", "cwd": os.getcwd(), "umask": _umask(), **env_change(self.env, env)}
         data = json.dumps(req).encode()
         rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
         with self._lock:
@@ -422,6 +422,17 @@ class Zygote:
             "rss": _rss(self.pid) if self.state in ("ready", "draining") else 0,
             "why": self.why,
         }
+
+
+def env_change(base: dict[str, str], env: dict[str, str]) -> dict[str, Any]:
+    """``env`` as a change to ``base``, the environment a zygote was started
+    with: ``{"set": {what differs}, "unset": [what is gone]}``.  A call's
+    environment is mostly its zygote's; sending all of it cost each call the
+    encoding, decoding and comparing of 40 variables (~0.3 ms)."""
+    return {
+        "set": {k: v for k, v in env.items() if base.get(k) != v},
+        "unset": [k for k in base if k not in env],
+    }
 
 
 def _umask() -> int:

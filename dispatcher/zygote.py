@@ -21,12 +21,13 @@ which makes it stale) and serves, one message at a time:
   pid}`` with the descriptor of the spare's socket (``{"spare": 0}`` if it
   could not fork) once it is ready, and again when asked: ``{"op":
   "spare"}`` (the dispatcher asks as it starts a call and holds no spare).
-  The spare makes itself a group leader and waits on its socket; the
-  dispatcher sends it a call as it would send a fork (below); at the end of
-  the socket it exits.  (Running one call's path in the spare beforehand, to
+  The spare does what does not depend on the call (``_prepare``: group
+  leader, every descriptor but its socket closed, signal mask, ``random``)
+  and waits on its socket; the dispatcher sends it a call as it would send a
+  fork (below); at the end of the socket it exits.  (Running one call's path in the spare beforehand, to
   copy the pages every call writes, saved ~0.3 ms per call for ~2 ms of CPU:
   on 2 cores it cost a fifth of the calls per second, so it is not done.)
-- ``{"op": "fork", "env": {...}, "cwd": ..., "umask": ...}`` with three file
+- ``{"op": "fork", "set": {...}, "unset": [...], "cwd": ..., "umask": ...}`` with three file
   descriptors (the call's stdin, stdout, stderr), when the dispatcher has no
   spare: forks a child and answers ``{"pid": N}``.  The child (forked now or
   a spare), before it runs the plugin's code as ``__main__``: is a process
@@ -35,8 +36,9 @@ which makes it stale) and serves, one message at a time:
   signal dispositions of a newly started interpreter (set once in the
   zygote, inherited) and an empty signal mask; new ``sys.std*`` streams; a
   reseeded ``random``; logging without handlers (``logging.shutdown`` of what
-  the zygote had: nothing).  The environment is changed where it differs
-  from the zygote's (setting 40 variables anew costs 0.5 ms here).  When the
+  the zygote had: nothing).  The call's environment comes as a change to
+  the one the zygote was started with (``set``, ``unset``: mostly nothing;
+  sending and setting 40 variables anew cost 0.3-0.5 ms here).  When the
   plugin's code, ``atexit`` handlers and flushing are done, it writes
   ``EXIT_MARK`` with its status to stderr, closes every descriptor and exits
   with that status: the dispatcher answers on the mark, without waiting for
@@ -132,24 +134,36 @@ def _send(sock: socket.socket, doc: dict[str, object]) -> None:
     sock.send(json.dumps(doc).encode())
 
 
+def _prepare(spare: socket.socket | None) -> None:
+    """In a new child, before its call is known: what every exec'd plugin
+    has, whatever its call: a process group of its own, no descriptor beyond
+    0-2 (a spare keeps its socket; ``_child`` closes what came with the call),
+    an empty signal mask (the dispositions are fresh since ``serve``), a
+    reseeded ``random``.  A spare does this while it waits, so that its call
+    does not."""
+    os.setpgid(0, 0)
+    if spare is not None:
+        os.closerange(3, spare.fileno())
+        os.closerange(spare.fileno() + 1, MAX_FD)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    if "random" in sys.modules:
+        sys.modules["random"].seed()
+
+
 def _child(code: types.CodeType, plugin: str, req: dict[str, object], fds: list[int]) -> None:
-    """In the forked child: become what an exec'd plugin would be, then run it."""
+    """In the forked child, once ``_prepare``d: become what an exec'd plugin
+    would be for this call, then run it."""
     status = 1
     try:
-        os.setpgid(0, 0)
         for target, fd in enumerate(fds):
             os.dup2(fd, target)  # dup2 clears O_CLOEXEC on the copy
-        os.closerange(3, _max_fd())
+        os.closerange(3, MAX_FD)  # the descriptors as received, a spare's socket
         os.chdir(str(req.get("cwd") or "/"))
         os.umask(int(req.get("umask", 0o022)))  # type: ignore[call-overload]
-        signal.pthread_sigmask(signal.SIG_SETMASK, [])  # dispositions: fresh since serve()
-        env = req.get("env")
-        _set_environment(env if isinstance(env, dict) else {})
+        _change_environment(req.get("unset"), req.get("set"))
         sys.stdin = open(0, encoding=None, closefd=False)  # noqa: SIM115
         sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115
         sys.stderr = open(2, "w", 1, errors="backslashreplace", closefd=False)  # noqa: SIM115
-        if "random" in sys.modules:
-            sys.modules["random"].seed()
         main = types.ModuleType("__main__")
         main.__file__ = plugin
         main.__builtins__ = __builtins__  # type: ignore[attr-defined]
@@ -176,20 +190,22 @@ def _child(code: types.CodeType, plugin: str, req: dict[str, object], fds: list[
         # rather than after the exit's teardown of the address space (~1.5 ms)
         with contextlib.suppress(OSError):
             os.write(2, EXIT_MARK % status)
-        os.closerange(0, _max_fd())
+        os.closerange(0, MAX_FD)
     finally:
         os._exit(status)
 
 
-def _set_environment(env: dict[object, object]) -> None:
-    """``os.environ`` (and the C environment) becomes ``env``, changing only
-    what differs from the zygote's: mostly nothing, and each change costs."""
-    new = {str(k): str(v) for k, v in env.items()}
-    for key in [k for k in os.environ if k not in new]:
-        del os.environ[key]
-    for key, value in new.items():
-        if os.environ.get(key) != value:
-            os.environ[key] = value
+def _change_environment(unset: object, changed: object) -> None:
+    """The call's environment: the zygote's (the one it was started with, as
+    its imports left it, as an exec'd plugin's imports leave theirs) less
+    ``unset`` and with ``changed`` set (what the dispatcher found different:
+    mostly nothing; setting 40 variables anew cost 0.5 ms here)."""
+    if isinstance(unset, list):
+        for key in unset:
+            os.environ.pop(str(key), None)
+    if isinstance(changed, dict):
+        for key, value in changed.items():
+            os.environ[str(key)] = str(value)
 
 
 def _exit_status(code: object) -> int:
@@ -225,6 +241,9 @@ def _max_fd() -> int:
         return 65536
 
 
+MAX_FD = _max_fd()  # the zygote's limit, which its children inherit
+
+
 def _fork_spare(
     code: types.CodeType, plugin: str, control: socket.socket
 ) -> tuple[int, socket.socket] | None:
@@ -245,9 +264,9 @@ def _fork_spare(
 
 
 def _wait_for_call(code: types.CodeType, plugin: str, sock: socket.socket) -> None:
-    """In a spare child: wait for the call (or the end of the zygote), run it."""
+    """In a spare child: prepare, wait for the call (or the end of the zygote), run it."""
     try:
-        os.setpgid(0, 0)
+        _prepare(sock)
         data, fds = _receive(sock)
     except BaseException:  # noqa: BLE001 -- nothing to run
         os._exit(0)
@@ -294,8 +313,8 @@ def rehearse(code: types.CodeType, plugin: str, times: int = REHEARSALS) -> None
     """Run the request an imported module offers as ``WARM_REHEARSAL`` (bytes;
     ``smcommon.plugin`` offers a Query.query) through the plugin's code in
     this process, as a child would, and put back what that changed
-    (descriptors 0-2, ``sys.std*``, ``__main__``, umask; the answer goes to
-    /dev/null).  A plugin whose modules offer none is not rehearsed: only its
+    (descriptors 0-2, ``sys.std*``, ``__main__``, umask, environment; the
+    answer goes to /dev/null).  A plugin whose modules offer none is not rehearsed: only its
     runtime knows which call is free of side effects.
 
     What a call's first run does once and keeps (bytecode specialised in
@@ -311,6 +330,7 @@ def rehearse(code: types.CodeType, plugin: str, times: int = REHEARSALS) -> None
     if body is None:
         return
     saved = [os.dup(fd) for fd in (0, 1, 2)]
+    environ = dict(os.environ)
     streams = sys.stdin, sys.stdout, sys.stderr
     main = sys.modules.get("__main__")
     mask = os.umask(0o022)
@@ -345,6 +365,9 @@ def rehearse(code: types.CodeType, plugin: str, times: int = REHEARSALS) -> None
         if main is not None:
             sys.modules["__main__"] = main
         os.umask(mask)
+        if os.environ != environ:
+            os.environ.clear()
+            os.environ.update(environ)
 
 
 def serve(plugin: str) -> int:
@@ -402,6 +425,7 @@ def serve(plugin: str) -> int:
                 pid = os.fork()
                 if pid == 0:
                     sock.close()
+                    _prepare(None)
                     _child(code, plugin, req, list(fds))
                 for fd in fds:
                     os.close(fd)

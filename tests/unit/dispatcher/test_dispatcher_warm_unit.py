@@ -71,20 +71,29 @@ def test_exit_mark_ends_stderr_or_is_not_one() -> None:
     assert _exit_mark(bytearray(EXIT_MARK.replace(b"%d", b"seven"))) is None
 
 
-def test_zygote_environment_changes_only_what_differs(monkeypatch) -> None:
+def test_a_calls_environment_goes_as_a_change_to_its_zygotes(monkeypatch) -> None:
+    """The dispatcher sends what differs from the zygote's environment
+    (warm.env_change); the child applies it (zygote._change_environment)."""
     spec = importlib.util.spec_from_file_location("zygote_under_test", ZYGOTE)
     assert spec is not None and spec.loader is not None
     z = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(z)
+    import json
     import os
+
+    from dispatcher.warm import env_change
 
     monkeypatch.setenv("SM_KEEP", "same")
     monkeypatch.setenv("SM_GONE", "x")
     monkeypatch.setenv("SM_CHANGED", "old")
-    want = {k: v for k, v in os.environ.items() if k != "SM_GONE"}
-    want.update(SM_CHANGED="new", SM_NEW=1)
-    z._set_environment(want)
-    assert dict(os.environ) == {k: str(v) for k, v in want.items()}
+    base = dict(os.environ)  # the zygote's, as started
+    want = {k: v for k, v in base.items() if k != "SM_GONE"}
+    want.update(SM_CHANGED="new", SM_NEW="1")
+    change = json.loads(json.dumps(env_change(base, want)))  # as sent
+    assert change == {"set": {"SM_CHANGED": "new", "SM_NEW": "1"}, "unset": ["SM_GONE"]}
+    assert env_change(base, dict(base)) == {"set": {}, "unset": []}
+    z._change_environment(change["unset"], change["set"])
+    assert dict(os.environ) == want
     assert os.getenv("SM_GONE") is None and os.getenv("SM_NEW") == "1"
     monkeypatch.delenv("SM_NEW")
 
