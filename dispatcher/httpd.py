@@ -332,18 +332,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
             try:
                 served = disp.serve(route, body, self.client_name)
                 del body
-                fields = served.fields
-                call_log.info(
-                    "dbg=%s method=%s sr=%s plugin=%s duration=%.3fs client=%s outcome=%s",
-                    clean(fields["dbg"]), clean(fields["method"]), clean(fields["sr"]),
-                    fields["plugin"], time.monotonic() - started, clean(self.client_name),
-                    fields["outcome"],
-                )  # fmt: skip
+                duration = time.monotonic() - started
                 try:
                     self._reply(200, served.out, close=disp.stopping)
                 except BaseException:
                     disp.settle(served, delivered=False)
                     raise
+                finally:  # after the answer, which waits for no log write
+                    fields = served.fields
+                    call_log.info(
+                        "dbg=%s method=%s sr=%s plugin=%s duration=%.3fs client=%s outcome=%s",
+                        clean(fields["dbg"]), clean(fields["method"]), clean(fields["sr"]),
+                        fields["plugin"], duration, clean(self.client_name), fields["outcome"],
+                    )  # fmt: skip
                 disp.settle(served, delivered=True)
             finally:
                 self.server.leave()
