@@ -24,6 +24,9 @@ FORMAT = (
     "%(asctime)s %(prog)s[%(process)d] %(levelname)s [%(dbg)s] %(name)s: %(message)s"
 )
 SYSLOG_FORMAT = "%(prog)s[%(process)d]: %(levelname)s [%(dbg)s] %(name)s: %(message)s"
+# one for every call (a Formatter holds no state of its own between records):
+# made once, by the warm parent too, not again in every call's process
+_FORMATTER = logging.Formatter(FORMAT)
 
 
 MASK = "******"
@@ -77,7 +80,8 @@ def setup(
     logging.raiseExceptions = False
     shutdown()
     root = logging.getLogger()
-    root.setLevel(logging.DEBUG)
+    if root.level != logging.DEBUG:  # setLevel clears every logger's cache, each call
+        root.setLevel(logging.DEBUG)
     handler = _file_handler(log_file) if log_file is not None else None
     if handler is None:
         handler = _syslog_handler()
@@ -85,7 +89,7 @@ def setup(
         _install(handler, context)
     if verbose:
         to_stderr = logging.StreamHandler(stream or sys.stderr)
-        to_stderr.setFormatter(logging.Formatter(FORMAT))
+        to_stderr.setFormatter(_FORMATTER)
         _install(to_stderr, context)
     return context
 
@@ -105,15 +109,43 @@ def _install(handler: logging.Handler, context: CallContext) -> None:
     logging.getLogger().addHandler(handler)
 
 
+class LineFile(logging.Handler):
+    """Each record, formatted, appended to a file in one ``write`` (O_APPEND):
+    the bytes of ``logging.FileHandler(encoding="utf-8",
+    errors="backslashreplace")``, without its three stream objects, a flush
+    per record and a ``makedirs`` per call (with the shared formatter and
+    the root level set once: ~50 fewer page copies in a warm call)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+        try:
+            fd = os.open(path, flags, 0o666)
+        except FileNotFoundError:  # the first call: make its directories
+            os.makedirs(os.path.dirname(os.fspath(path)), exist_ok=True)
+            fd = os.open(path, flags, 0o666)
+        super().__init__()
+        self.fd = fd
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + "\n"
+            os.write(self.fd, line.encode("utf-8", "backslashreplace"))
+        except Exception:  # noqa: BLE001 -- as logging does: never fail the call
+            self.handleError(record)
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+        super().close()
+
+
 def _file_handler(log_file: str | os.PathLike[str]) -> logging.Handler | None:
     try:
-        os.makedirs(os.path.dirname(os.fspath(log_file)), exist_ok=True)
-        handler = logging.FileHandler(
-            log_file, encoding="utf-8", errors="backslashreplace"
-        )
+        handler = LineFile(log_file)
     except (OSError, ValueError):
         return None
-    handler.setFormatter(logging.Formatter(FORMAT))
+    handler.setFormatter(_FORMATTER)
     return handler
 
 

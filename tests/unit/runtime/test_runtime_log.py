@@ -47,3 +47,17 @@ def test_setup_and_shutdown_leave_foreign_handlers_alone(fs, clean_logging):
         assert not any(getattr(h, "smcommon_call", False) for h in root.handlers)
     finally:
         root.removeHandler(foreign)
+
+
+def test_lines_are_appended_whole_as_filehandler_wrote_them(fs, clean_logging):
+    """LineFile: one write per record, appended, utf-8 with backslashreplace
+    (a surrogate from a badly decoded name), call after call."""
+    for n, dbg in enumerate(("first", "second")):
+        context = log.setup("/root/var/log/sm/sm.log", "EXTSR")
+        context.dbg = dbg
+        logging.getLogger("smcommon.engine").info("name %s é \udcff", n)
+        log.shutdown()
+    lines = fs.get_object("/root/var/log/sm/sm.log").byte_contents.split(b"\n")
+    assert lines[-1] == b"" and len(lines) == 3
+    assert lines[0].endswith("INFO [first] smcommon.engine: name 0 é \\udcff".encode())
+    assert lines[1].endswith("INFO [second] smcommon.engine: name 1 é \\udcff".encode())
