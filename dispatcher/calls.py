@@ -43,7 +43,7 @@ class CallRecord:
             "method": self.method,
             "sr": self.sr,
             "plugin": self.plugin,
-            "pids": [c.pid for c in self.children if c.pid is not None],
+            "pids": [c.shown_pid for c in self.children if c.shown_pid is not None],
             "seconds": round(time.monotonic() - self.started, 3),
             "cancelled": bool(self.cancel_reason),
             "state": self.state,

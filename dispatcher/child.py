@@ -118,6 +118,10 @@ class Child:
         self.max_out = max_out
         self.env = None if env is None else dict(env)
         self.pid: int | None = None
+        # the pid once the call is started, its request written and on_start
+        # done (its outcome noted): what Dispatcher.status shows, so that a
+        # dispatcher killed after it was shown leaves a run a retry waits for
+        self.shown_pid: int | None = None
         self.started = 0.0
         self._lock = threading.Lock()
         self._reaped = False
@@ -222,6 +226,7 @@ class Child:
                 self.on_start(pid)
             except Exception:  # bookkeeping never fails the call
                 log.exception("on_start of pid %s", pid)
+        self.shown_pid = pid
         try:
             return self._watch(pid, in_w, out_r, err_r)
         finally:

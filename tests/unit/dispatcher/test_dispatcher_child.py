@@ -132,6 +132,19 @@ def test_environment_is_passed() -> None:
     assert r.out == b"/x\n"
 
 
+def test_the_pid_is_shown_only_once_the_call_is_started() -> None:
+    """Dispatcher.status shows a call's pid (``shown_pid``) only after its
+    on_start noted its outcome: a test (or an operator) who kills the
+    dispatcher on seeing the pid leaves a run that a retry waits for.  The
+    pid was shown before, and a CI run killed a dispatcher in between."""
+    from dispatcher.child import Child
+
+    seen: list[object] = []
+    c = Child(["true"], b"", timeout=10, on_start=lambda pid: seen.append((pid, c.shown_pid)))
+    c.run()
+    assert seen == [(c.pid, None)] and c.shown_pid == c.pid
+
+
 def test_the_request_is_in_the_pipe_before_the_call_shows_as_started(tmp_path: Path) -> None:
     """A dispatcher killed the instant after a call shows as started (its
     on_start) leaves a plugin that reads its whole request: the retry of that
