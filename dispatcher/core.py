@@ -158,18 +158,22 @@ class Dispatcher:
 
     def plugin_path(self, sr_type: str) -> Path | None:
         name = sr_type.upper() + "SR"
-        candidates = [self.config.plugins_dir / name, self.config.plugins_dir / sr_type / name]
-        # the executable's own spelling in its type's directory (plugins/lvmoiscsi/LVMoISCSISR)
+        for path in self._plugin_candidates(sr_type, name):
+            if path.is_file() and os.access(path, os.X_OK):
+                return path
+        return None
+
+    def _plugin_candidates(self, sr_type: str, name: str) -> Iterator[Path]:
+        yield self.config.plugins_dir / name
+        yield self.config.plugins_dir / sr_type / name
+        # the executable's own spelling in its type's directory (plugins/lvmoiscsi/LVMoISCSISR),
+        # listed only when neither of the above is there
         with contextlib.suppress(OSError):
-            candidates += [
+            yield from [
                 self.config.plugins_dir / sr_type / e
                 for e in sorted(os.listdir(self.config.plugins_dir / sr_type))
                 if e.upper() == name and e != name
             ]
-        for path in candidates:
-            if path.is_file() and os.access(path, os.X_OK):
-                return path
-        return None
 
     def plugin_argv(self, path: Path) -> list[str]:
         """How to execute a plugin: a ``#!/usr/bin/env python3`` one with the
