@@ -13,8 +13,9 @@ imported module (``plugins/ext/ext_driver.py`` names the engine).  It then
 runs the call its runtime offers (``WARM_REHEARSAL``: ``smcommon.plugin``'s
 Query.query) through the plugin's code three times (``rehearse``), so that
 what a call's first run does once is done before the first fork.  It runs no
-thread and holds no lock, file or SR state.  It then sends ``{"ready": pid, "files": [...]}`` (the module files a change of
-which makes it stale) and serves, one message at a time:
+thread and holds no lock, file or SR state.  It then sends ``{"ready": pid,
+"files": [...]}`` (the module files a change of which makes it stale) and
+serves, one message at a time:
 
 - The spare: a child forked ahead, so that a call waits for no fork (~1 ms
   here) and for no exchange with the zygote.  The zygote sends ``{"spare":
@@ -24,12 +25,13 @@ which makes it stale) and serves, one message at a time:
   The spare does what does not depend on the call (``_prepare``: group
   leader, every descriptor but its socket closed, signal mask, ``random``)
   and waits on its socket; the dispatcher sends it a call as it would send a
-  fork (below); at the end of the socket it exits.  (Running one call's path in the spare beforehand, to
-  copy the pages every call writes, saved ~0.3 ms per call for ~2 ms of CPU:
-  on 2 cores it cost a fifth of the calls per second, so it is not done.)
-- ``{"op": "fork", "set": {...}, "unset": [...], "cwd": ..., "umask": ...}`` with three file
-  descriptors (the call's stdin, stdout, stderr), when the dispatcher has no
-  spare: forks a child and answers ``{"pid": N}``.  The child (forked now or
+  fork (below); at the end of the socket it exits.  (Running one call's
+  path in the spare beforehand, to copy the pages every call writes, saved
+  ~0.3 ms per call for ~2 ms of CPU: on 2 cores it cost a fifth of the
+  calls per second, so it is not done.)
+- ``{"op": "fork", "set": {...}, "unset": [...], "cwd": ..., "umask": ...}``
+  with three file descriptors (the call's stdin, stdout, stderr), when the
+  dispatcher has no spare: forks a child and answers ``{"pid": N}``.  The child (forked now or
   a spare), before it runs the plugin's code as ``__main__``: is a process
   group leader; gets the three descriptors as 0, 1, 2 and no other
   (everything else is closed); a fresh environment, cwd and umask; the
@@ -142,15 +144,15 @@ def _prepare(spare: socket.socket | None) -> None:
     reseeded ``random``.  A spare does this while it waits, so that its call
     does not."""
     os.setpgid(0, 0)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
     if spare is not None:
         os.closerange(3, spare.fileno())
         os.closerange(spare.fileno() + 1, MAX_FD)
-    signal.pthread_sigmask(signal.SIG_SETMASK, [])
-    # a stream opened and closed now copies the pages of the io objects that
-    # the call's three streams touch while the spare waits, not in the call
-    # (0.27 -> 0.15 ms from the call's arrival to its code, traced)
-    for mode in ("r", "w"):
-        open(os.devnull, mode).close()
+        # a stream opened and closed now copies the pages of the io objects
+        # that the call's three streams touch while the spare waits, not in
+        # the call (0.27 -> 0.15 ms from the call's arrival to its code, traced)
+        for mode in ("r", "w"):
+            open(os.devnull, mode).close()
     if "random" in sys.modules:
         sys.modules["random"].seed()
 
@@ -203,8 +205,8 @@ def _child(code: types.CodeType, plugin: str, req: dict[str, object], fds: list[
 def _change_environment(unset: object, changed: object) -> None:
     """The call's environment: the zygote's (the one it was started with, as
     its imports left it, as an exec'd plugin's imports leave theirs) less
-    ``unset`` and with ``changed`` set (what the dispatcher found different:
-    mostly nothing; setting 40 variables anew cost 0.5 ms here)."""
+    ``unset`` and with ``changed`` set (what the dispatcher found different,
+    ``warm.env_change``: mostly nothing)."""
     if isinstance(unset, list):
         for key in unset:
             os.environ.pop(str(key), None)
@@ -318,9 +320,9 @@ def rehearse(code: types.CodeType, plugin: str, times: int = REHEARSALS) -> None
     """Run the request an imported module offers as ``WARM_REHEARSAL`` (bytes;
     ``smcommon.plugin`` offers a Query.query) through the plugin's code in
     this process, as a child would, and put back what that changed
-    (descriptors 0-2, ``sys.std*``, ``__main__``, umask, environment; the
-    answer goes to /dev/null).  A plugin whose modules offer none is not rehearsed: only its
-    runtime knows which call is free of side effects.
+    (descriptors 0-2, ``sys.std*``, ``__main__``, umask, environment,
+    ``sys.path``; the answer goes to /dev/null).  A plugin whose modules offer none is not
+    rehearsed: only its runtime knows which call is free of side effects.
 
     What a call's first run does once and keeps (bytecode specialised in
     place, caches filled, objects made on first use) is then done in the
@@ -336,6 +338,7 @@ def rehearse(code: types.CodeType, plugin: str, times: int = REHEARSALS) -> None
         return
     saved = [os.dup(fd) for fd in (0, 1, 2)]
     environ = dict(os.environ)
+    path = list(sys.path)  # a plugin script puts its directory in front, each run
     streams = sys.stdin, sys.stdout, sys.stderr
     main = sys.modules.get("__main__")
     mask = os.umask(0o022)
@@ -370,6 +373,7 @@ def rehearse(code: types.CodeType, plugin: str, times: int = REHEARSALS) -> None
         if main is not None:
             sys.modules["__main__"] = main
         os.umask(mask)
+        sys.path[:] = path
         if os.environ != environ:
             os.environ.clear()
             os.environ.update(environ)

@@ -34,7 +34,7 @@ def state():
             pass  # the listing's own descriptor, closed by now
     mask = os.umask(0o022)
     os.umask(mask)
-    return {"fds": fds, "umask": mask, "main": id(sys.modules["__main__"]), "env": dict(os.environ),
+    return {"fds": fds, "umask": mask, "main": id(sys.modules["__main__"]), "env": dict(os.environ), "path": list(sys.path),
             "std": [id(s) for s in (sys.stdin, sys.stdout, sys.stderr)]}
 
 plugin = sys.argv[1]
