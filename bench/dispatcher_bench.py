@@ -138,17 +138,16 @@ def alongside_floor(
     fn: Callable[[], Any], n: int, setup: Callable[[], Any] | None = None
 ) -> tuple[float, float]:
     """Medians (ms) of ``fn`` and of the floor, run in turn: floor, then ``fn``."""
-    times, floors = [], []
-    for _ in range(n):
+    floors: list[float] = []
+
+    def floor_first() -> None:
         if setup is not None:
             setup()
         t = time.perf_counter()
         floor_run()
         floors.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1000, statistics.median(floors) * 1000
+
+    return median_ms(fn, n, floor_first), statistics.median(floors) * 1000
 
 
 def median_ms(fn: Callable[[], Any], n: int, setup: Callable[[], Any] | None = None) -> float:
