@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -49,15 +50,21 @@ print(json.dumps({"before": before, "after": after}))
 """
 
 
-@pytest.mark.parametrize("sr_type", sorted(PLUGINS))
-def test_the_rehearsal_leaves_the_zygote_as_it_was(sr_type: str, tmp_path: Path) -> None:
+
+def rehearsed(plugin: Path, tmp_path: Path) -> dict[str, Any]:
+    """SCRIPT's report on ``plugin``: the zygote's state before and after."""
     env = dict(os.environ, SM_ROOT=str(tmp_path / "root"), PYTHONPATH=f"{REPO / 'lib'}:{REPO}")
     p = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(PLUGINS[sr_type])],
+        [sys.executable, "-c", SCRIPT, str(plugin)],
         capture_output=True, text=True, env=env, cwd=REPO, timeout=120, check=False,
     )  # fmt: skip
     assert p.returncode == 0, p.stderr
-    got = json.loads(p.stdout)
+    return dict(json.loads(p.stdout))
+
+
+@pytest.mark.parametrize("sr_type", sorted(PLUGINS))
+def test_the_rehearsal_leaves_the_zygote_as_it_was(sr_type: str, tmp_path: Path) -> None:
+    got = rehearsed(PLUGINS[sr_type], tmp_path)
     assert got["after"] == got["before"]
     assert got["before"]["umask"] == 0o027
     # it ran: the plugin logged the rehearsal's call, and said what it was
@@ -72,12 +79,6 @@ def test_a_plugin_whose_runtime_offers_no_rehearsal_is_not_run(tmp_path: Path) -
     marker = tmp_path / "ran"
     plugin = tmp_path / "OTHERSR"
     plugin.write_text(f"#!/usr/bin/env python3\nopen({str(marker)!r}, 'w').close()\n")
-    env = dict(os.environ, SM_ROOT=str(tmp_path / "root"), PYTHONPATH=f"{REPO / 'lib'}:{REPO}")
-    p = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(plugin)],
-        capture_output=True, text=True, env=env, cwd=REPO, timeout=120, check=False,
-    )  # fmt: skip
-    assert p.returncode == 0, p.stderr
-    got = json.loads(p.stdout)
+    got = rehearsed(plugin, tmp_path)
     assert got["after"] == got["before"]
     assert not marker.exists()
