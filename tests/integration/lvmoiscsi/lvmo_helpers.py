@@ -242,21 +242,29 @@ def make_sr(ext: Lvmo, tgtd: Tgtd, t: Target, **extra: str) -> LvmoSR:
     return LvmoSR(ext, sr_uuid, dc, t)
 
 
-def loops_of(backing_prefixes: list[str]) -> list[str]:
-    """Loop devices over these backing files still attached.  A loop detached
-    while something else holds it (another test's new mount namespace copies
-    the mounts of the moment) is only marked autoclear: it is released, the
-    kernel frees it with its last user, and it is not counted."""
+def _loops() -> list[dict[str, Any]]:
+    """The host's loop devices (losetup's name, back-file, autoclear)."""
     p = subprocess.run(["losetup", "--list", "--json", "-O", "NAME,BACK-FILE,AUTOCLEAR"],
                        capture_output=True, text=True, check=False)
     if p.returncode != 0 or not p.stdout.strip():
         return []
+    return list(json.loads(p.stdout)["loopdevices"])
+
+
+def _released(loop: dict[str, Any]) -> bool:
+    """Detached while something else held it (another test's new mount
+    namespace copies the mounts of the moment): only marked autoclear; the
+    kernel frees it with its last user."""
+    return loop.get("autoclear") in (True, 1, "1")
+
+
+def loops_of(backing_prefixes: list[str]) -> list[str]:
+    """Loop devices over these backing files still attached (a released one
+    is not counted)."""
     out = []
-    for r in json.loads(p.stdout)["loopdevices"]:
+    for r in _loops():
         back = str(r.get("back-file") or "")
-        if r.get("autoclear") in (True, 1, "1"):
-            continue
-        if any(back.startswith(pfx) for pfx in backing_prefixes):
+        if not _released(r) and any(back.startswith(pfx) for pfx in backing_prefixes):
             out.append(f"{r['name']} -> {back}")
     return out
 
@@ -301,13 +309,11 @@ def force_cleanup(root: Path) -> list[str]:
                 done.append(f"killed qemu-storage-daemon {proc.pid}")
         except psutil.Error:
             pass
-    p = subprocess.run(["losetup", "--list", "--json", "-O", "NAME,BACK-FILE,AUTOCLEAR"],
-                       capture_output=True, text=True, check=False)
-    rows = json.loads(p.stdout)["loopdevices"] if p.returncode == 0 and p.stdout.strip() else []
-    # the PV loops over this root's files, released (autoclear) or not: a loop
-    # left over a released PV loop holds it, and with it the LUN, for good
+    rows = _loops()
+    # the PV loops over this root's files, released or not: a loop left over a
+    # released PV loop holds it, and with it the LUN, for good
     pvs = {r["name"] for r in rows if str(r.get("back-file") or "").startswith(str(root))}
-    held = [r for r in rows if r.get("autoclear") not in (True, 1, "1")]
+    held = [r for r in rows if not _released(r)]
     for r in held:
         if str(r.get("back-file") or "") in pvs:
             subprocess.run(["losetup", "-d", r["name"]], capture_output=True, check=False)
