@@ -364,7 +364,10 @@ class Dispatcher:
                     return first[1], _parse_or_none(first[1])
                 entry = self.outcomes.entry(key, rec.id)
                 served.entries.append(entry)
-            return self._run_one(rec, sr_type, body, entry, need_value=False)
+            # the value of a Success is relayed as it is, only checked, but
+            # for a VDI.create's, which grants its VDI's upload (_to_type)
+            need_value = call.method == "VDI.create"
+            return self._run_one(rec, sr_type, body, entry, need_value=need_value)
         finally:
             self._unregister(rec)
 

@@ -8,8 +8,8 @@ from xml.parsers import expat
 
 from dispatcher import wire
 
-# A response larger than this is judged without building its value (below)
-FULL_PARSE_LIMIT = 256 * 1024
+# A Success answer larger than this is checked while it arrives (below)
+CHECK_AS_IT_ARRIVES = 256 * 1024
 _SUCCESS_HEAD = re.compile(
     rb"\s*(<\?xml[^>]*\?>)?\s*<methodResponse>\s*<params>\s*<param>\s*<value>\s*<struct>\s*"
     rb"<member>\s*<name>Status</name>\s*<value>\s*(<string>)?Success(</string>)?\s*</value>"
@@ -23,11 +23,12 @@ class _Refused(Exception):
 def judge(out: bytes, need_value: bool = True) -> wire.Response:
     """A plugin's stdout as a Response (``wire.WireError`` if it is none).
 
-    A large answer whose value the dispatcher does not need (it relays it
+    A Success answer whose value the dispatcher does not need (it relays it
     byte for byte) is only checked: well-formed XML with no DTD (expat, with
     no handler per element) that begins with a ``{Status: Success}`` struct.
     Building the value of a 10,000-VDI SR.scan answer (10 MB) costs seconds;
-    this costs a tenth of that.  Anything else is parsed in full.
+    this costs a tenth of that (a Query.query's 2 KB: 60 -> 10 us).
+    Anything else (a Failure, a fault, something else) is parsed in full.
     """
     j = Judge(need_value)
     j.feed(out, out)
@@ -50,7 +51,7 @@ class Judge:
         if self.need_value or self._error is not None:
             return
         if self._parser is None:
-            if len(out) <= FULL_PARSE_LIMIT or not _SUCCESS_HEAD.match(out):
+            if len(out) <= CHECK_AS_IT_ARRIVES or not _SUCCESS_HEAD.match(out):
                 return
             self._parser = _checker()
             chunk = bytes(out)  # from its start
@@ -58,9 +59,13 @@ class Judge:
 
     def result(self, out: bytes) -> wire.Response:
         """What ``judge(out)`` says, ``out`` being everything fed."""
-        if self._parser is None:
+        if self._parser is not None:
+            self._parse(b"", True)
+        elif self.need_value or not _SUCCESS_HEAD.match(out):
             return wire.parse_response(out)
-        self._parse(b"", True)
+        else:  # a small answer, checked in one piece
+            self._parser = _checker()
+            self._parse(out, True)
         if self._error is not None:
             raise self._error
         return wire.Response(value={"Status": "Success"})

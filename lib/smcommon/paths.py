@@ -17,8 +17,16 @@ from pathlib import Path
 from smcommon.errors import InvalidRequest
 
 ROOT_ENV = "SM_ROOT"
+LOG_FILE = "var/log/sm/sm.log"  # under the root
 MAX_NAME = 128
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]*")
+
+
+def log_file_from_env() -> str:
+    """``Paths.from_env().log_file``, as a str made without pathlib: each
+    plugin call starts with it, and a warm call's first use of pathlib
+    copied ~35 pages more (dispatcher/zygote.py)."""
+    return os.path.join(os.environ.get(ROOT_ENV) or "/", LOG_FILE)
 
 
 def safe_name(kind: str, name: object) -> str:
@@ -43,12 +51,21 @@ def safe_name(kind: str, name: object) -> str:
 
 class Paths:
     """Host paths under one root.  A plain class: the plugins build one per call,
-    and importing dataclasses would cost every call ~10 ms."""
+    and importing dataclasses would cost every call ~10 ms.  ``root`` is made
+    a Path on first use: a call that uses none (Query.query) does not start
+    pathlib, which in a warm call copied ~25 pages (dispatcher/zygote.py)."""
 
-    __slots__ = ("root",)
+    __slots__ = ("_given", "_root")
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.root = Path(root)
+        self._given = root
+        self._root: Path | None = None
+
+    @property
+    def root(self) -> Path:
+        if self._root is None:
+            self._root = Path(self._given)
+        return self._root
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Paths) and other.root == self.root
@@ -61,7 +78,7 @@ class Paths:
 
     @classmethod
     def from_env(cls, root: str | os.PathLike[str] | None = None) -> Paths:
-        return cls(Path(root or os.environ.get(ROOT_ENV) or "/"))
+        return cls(root or os.environ.get(ROOT_ENV) or "/")
 
     @property
     def run_dir(self) -> Path:
@@ -85,11 +102,11 @@ class Paths:
 
     @property
     def log_dir(self) -> Path:
-        return self.root / "var" / "log" / "sm"
+        return self.log_file.parent
 
     @property
     def log_file(self) -> Path:
-        return self.log_dir / "sm.log"
+        return self.root / LOG_FILE
 
     def sr_mount(self, sr: str) -> Path:
         return self.run_dir / "sr-mount" / safe_name("sr", sr)

@@ -698,11 +698,9 @@ def _help(
 def _setup_logging(prog: str, verbose: bool, stderr: TextIO) -> CallContext | None:
     try:
         from smcommon import log
-        from smcommon.paths import Paths
+        from smcommon.paths import log_file_from_env
 
-        return log.setup(
-            Paths.from_env().log_file, prog, verbose=verbose, stream=stderr
-        )
+        return log.setup(log_file_from_env(), prog, verbose=verbose, stream=stderr)
     except Exception:  # noqa: BLE001 -- logging never fails a call
         return None
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 from smcommon.errors import InvalidRequest
-from smcommon.paths import Paths, safe_name
+from smcommon.paths import Paths, log_file_from_env, safe_name
 
 
 def test_paths_derive_from_sm_root(sm_root: Path) -> None:
@@ -19,6 +19,16 @@ def test_default_root_is_the_system(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("SM_ROOT", raising=False)
     assert Paths.from_env().run_dir == Path("/run/sm")
     assert Paths.from_env().state_dir == Path("/var/lib/sm")
+    assert log_file_from_env() == "/var/log/sm/sm.log" == str(Paths.from_env().log_file)
+
+
+@pytest.mark.parametrize("root", ["/tmp/r", "/tmp/r/", "rel/r", ""])
+def test_the_log_file_is_the_same_made_without_pathlib(
+    root: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SM_ROOT", root)
+    assert Path(log_file_from_env()) == Paths.from_env().log_file
+    assert Paths.from_env().log_dir == Paths.from_env().log_file.parent
 
 
 @pytest.mark.parametrize(
