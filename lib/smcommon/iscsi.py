@@ -21,7 +21,6 @@ logged out only when no SR of this host still uses it.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import re
@@ -299,6 +298,8 @@ class TargetUsers:
         self.dir = Path(run_dir) / "iscsi"
 
     def _name(self, iqn: str, portal: str) -> str:
+        import hashlib  # here: an attach or detach, not every call of a warm parent
+
         return hashlib.sha1(f"{iqn}\0{portal}".encode()).hexdigest()[:24]
 
     @contextlib.contextmanager

@@ -17,7 +17,6 @@ connection, one command at a time.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import socket
 
@@ -324,6 +323,9 @@ class Connection:
             raise ProbeError("ISCSI_PROTOCOL_ERROR", what, "no CHAP challenge") from None
         if got.get("CHAP_A", "5") != "5":
             raise ProbeError("ISCSI_PROTOCOL_ERROR", what, "CHAP algorithm not MD5")
+        # here, not at the top: OpenSSL's memory is the warm parent's for every call
+        import hashlib
+
         response = hashlib.md5(bytes([ident & 0xFF]) + chap.secret.encode() + challenge).digest()
         reply = [("CHAP_N", chap.user), ("CHAP_R", "0x" + response.hex())]
         mine = b""
