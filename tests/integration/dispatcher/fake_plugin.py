@@ -134,6 +134,7 @@ def probe() -> dict:
             dispositions[str(int(sig))] = names.get(handler, "python")  # type: ignore[call-overload]
     return {
         "pid": os.getpid(),
+        "ppid": os.getppid(),
         "pgid": os.getpgid(0),
         "fds": fds,
         "env": dict(os.environ),

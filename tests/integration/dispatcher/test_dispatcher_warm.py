@@ -40,7 +40,7 @@ def probe(d: Daemon) -> dict[str, Any]:
 
 def _comparable(p: dict[str, Any], root: Path) -> dict[str, Any]:
     out = dict(p)
-    for k in ("pid", "pgid", "random"):
+    for k in ("pid", "ppid", "pgid", "random"):
         out.pop(k)
     env = dict(out["env"])
     env.pop("SM_PROGRESS_FILE")  # files per call
@@ -172,6 +172,27 @@ def test_an_edited_plugin_is_run_by_the_next_call(
     wait_until(replaced, what="a new warm parent of FAKESR")
     assert ok(d.unix("/fake").Echo.args({"dbg": "e"}))["version"] == 2
     assert not alive(before["pid"], grace=10)
+
+
+def test_a_worn_warm_parent_forks_until_its_successor_is_ready(
+    start_in_mode: Callable[..., Daemon],
+) -> None:
+    """After --warm-max-calls calls a warm parent is replaced, and no call runs
+    by exec meanwhile: it goes on forking while its successor starts."""
+    d = start_in_mode("--warm-max-calls", "3", mode="warm")
+    first = fake_parent(d)
+    parents: list[int] = []
+    deadline = time.monotonic() + 60
+    while len(set(parents)) < 3 and time.monotonic() < deadline:
+        parents.append(probe(d)["ppid"])
+    assert d.proc.pid not in parents  # an executed plugin's parent is the dispatcher
+    assert parents[0] == first and len(set(parents)) == 3, parents
+    # each generation served its calls, then its successor all the later ones
+    generations = [p for i, p in enumerate(parents) if i == 0 or parents[i - 1] != p]
+    assert len(generations) == 3, parents
+    for pid in set(parents) - {parents[-1]}:  # a replaced parent exits with its last child
+        assert not alive(pid, grace=10)
+    assert d.children() == [] and d.zombies() == []
 
 
 def test_killing_the_warm_parent_mid_call(start_in_mode: Callable[..., Daemon]) -> None:
