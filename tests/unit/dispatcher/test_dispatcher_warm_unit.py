@@ -6,7 +6,11 @@ from __future__ import annotations
 import ast
 import importlib.util
 from pathlib import Path
+from typing import ClassVar
 
+import pytest
+
+from dispatcher import warm
 from dispatcher.install import rewrite
 from dispatcher.warm import interpreter
 
@@ -163,3 +167,82 @@ def test_a_spare_that_could_not_be_forked_is_not_waited_for(tmp_path: Path) -> N
         s.close()
     for s in (ours, theirs, b):
         s.close()
+
+
+class FakeZygote:
+    """A zygote whose state the test sets: ``stale`` says ``why`` and whether
+    it may fork meanwhile (worn) or not (its files changed)."""
+
+    made: ClassVar[list[FakeZygote]] = []
+
+    def __init__(self, plugin: Path, argv: list[str], env: dict[str, str]) -> None:
+        self.state = "starting"
+        self.why: tuple[str, bool] = ("", True)
+        self.retired = ""
+        FakeZygote.made.append(self)
+
+    def start(self) -> None:
+        pass  # the test makes it ready
+
+    def stale(self, max_calls: int, max_growth: int) -> tuple[str, bool]:
+        return self.why if self.state == "ready" else (self.state, False)
+
+    def retire(self, why: str) -> None:
+        self.retired = why
+        self.state = "draining"
+
+
+@pytest.fixture
+def fake_pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[warm.WarmPool, Path]:
+    """A WarmPool whose zygotes are FakeZygotes, and a Python plugin."""
+    monkeypatch.setattr(warm, "Zygote", FakeZygote)
+    FakeZygote.made = []
+    return warm.WarmPool("/usr/bin/python3", {}), plugin(tmp_path, "#!/usr/bin/env python3")
+
+
+def test_a_worn_zygote_forks_until_its_successor_is_ready(fake_pool: tuple[warm.WarmPool, Path]) -> None:
+    pool, exe = fake_pool
+    assert pool.spawner(exe) is None  # the first one starts: this call is exec'd
+    [first] = FakeZygote.made
+    first.state = "ready"
+    assert pool.spawner(exe) is first
+    first.why = ("served 1000 calls", True)
+    assert pool.spawner(exe) is first  # worn: it forks, and a successor starts
+    assert pool.spawner(exe) is first
+    [_, succ] = FakeZygote.made  # one successor, however many calls
+    succ.state = "ready"
+    assert pool.spawner(exe) is succ
+    assert first.retired == "served 1000 calls"
+
+
+def test_a_successor_started_before_the_files_changed_is_dropped(fake_pool: tuple[warm.WarmPool, Path]) -> None:
+    pool, exe = fake_pool
+    pool.spawner(exe)
+    [first] = FakeZygote.made
+    first.state, first.why = "ready", ("served 1000 calls", True)
+    assert pool.spawner(exe) is first
+    [_, succ] = FakeZygote.made
+    first.why = ("XSR changed", False)  # while the successor starts
+    assert pool.spawner(exe) is None  # exec'd, and a new one starts
+    [_, _, fresh] = FakeZygote.made
+    assert first.retired == "XSR changed"
+    succ.state = "ready"  # it may have imported the old files: never used
+    assert pool.spawner(exe) is None and succ.retired
+    fresh.state = "ready"
+    assert pool.spawner(exe) is fresh and not fresh.retired
+
+
+def test_a_successor_ready_after_its_predecessor_changed_is_dropped(fake_pool: tuple[warm.WarmPool, Path]) -> None:
+    pool, exe = fake_pool
+    pool.spawner(exe)
+    [first] = FakeZygote.made
+    first.state, first.why = "ready", ("served 1000 calls", True)
+    assert pool.spawner(exe) is first
+    [_, succ] = FakeZygote.made
+    succ.state = "ready"
+    first.why = ("XSR changed", False)  # seen only as the successor is ready
+    assert pool.spawner(exe) is None
+    assert succ.retired and first.retired == "XSR changed"
+    [_, _, fresh] = FakeZygote.made
+    fresh.state = "ready"
+    assert pool.spawner(exe) is fresh
