@@ -12,8 +12,8 @@ process group, so timeouts, cancellation, output limits and reaping work
 unchanged.
 
 Freshness: a zygote is replaced when a file it loaded (the plugin, its
-modules, the library: ``files`` of its ready message, checked by mtime and
-size before each call) changed, after ``max_calls`` calls, when its memory
+modules, the library: ``files`` of its ready message, watched with inotify,
+else by mtime and size, before each call) changed, after ``max_calls`` calls, when its memory
 grew by ``max_growth`` bytes, and when it died.  A worn one (calls, growth)
 goes on forking while its successor starts in the background; for the
 others the call that finds it so runs by exec, and a new zygote starts in the
@@ -498,7 +498,7 @@ class WarmPool:
                     self._retire(z, why or "worn")
                     z = self._current[plugin] = succ
                 else:  # it failed (the worn one goes on), or may hold the old files
-                    self._retire(succ, f"started before its predecessor was found {why}")
+                    self._retire(succ, f"its predecessor is stale at once ({why})")
             if z is not None and z.state == "starting":
                 return None
             if z is not None:

@@ -323,7 +323,8 @@ class Connection:
             raise ProbeError("ISCSI_PROTOCOL_ERROR", what, "no CHAP challenge") from None
         if got.get("CHAP_A", "5") != "5":
             raise ProbeError("ISCSI_PROTOCOL_ERROR", what, "CHAP algorithm not MD5")
-        # here, not at the top: OpenSSL's memory is the warm parent's for every call
+        # here, not at the top, where OpenSSL's memory would be in the warm parent
+        # that every call's fork and exit pay for
         import hashlib
 
         response = hashlib.md5(bytes([ident & 0xFF]) + chap.secret.encode() + challenge).digest()

@@ -193,14 +193,30 @@ class FakeZygote:
 
 
 @pytest.fixture
-def fake_pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[warm.WarmPool, Path]:
+def fake_pool(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[warm.WarmPool, Path]:
     """A WarmPool whose zygotes are FakeZygotes, and a Python plugin."""
     monkeypatch.setattr(warm, "Zygote", FakeZygote)
     FakeZygote.made = []
     return warm.WarmPool("/usr/bin/python3", {}), plugin(tmp_path, "#!/usr/bin/env python3")
 
 
-def test_a_worn_zygote_forks_until_its_successor_is_ready(fake_pool: tuple[warm.WarmPool, Path]) -> None:
+def worn_with_successor(
+    pool: warm.WarmPool, exe: Path
+) -> tuple[FakeZygote, FakeZygote]:
+    """A ready zygote, worn, and the successor its next call started."""
+    pool.spawner(exe)
+    [first] = FakeZygote.made
+    first.state, first.why = "ready", ("served 1000 calls", True)
+    assert pool.spawner(exe) is first
+    [_, succ] = FakeZygote.made
+    return first, succ
+
+
+def test_a_worn_zygote_forks_until_its_successor_is_ready(
+    fake_pool: tuple[warm.WarmPool, Path],
+) -> None:
     pool, exe = fake_pool
     assert pool.spawner(exe) is None  # the first one starts: this call is exec'd
     [first] = FakeZygote.made
@@ -215,13 +231,11 @@ def test_a_worn_zygote_forks_until_its_successor_is_ready(fake_pool: tuple[warm.
     assert first.retired == "served 1000 calls"
 
 
-def test_a_successor_started_before_the_files_changed_is_dropped(fake_pool: tuple[warm.WarmPool, Path]) -> None:
+def test_a_successor_started_before_the_files_changed_is_dropped(
+    fake_pool: tuple[warm.WarmPool, Path],
+) -> None:
     pool, exe = fake_pool
-    pool.spawner(exe)
-    [first] = FakeZygote.made
-    first.state, first.why = "ready", ("served 1000 calls", True)
-    assert pool.spawner(exe) is first
-    [_, succ] = FakeZygote.made
+    first, succ = worn_with_successor(pool, exe)
     first.why = ("XSR changed", False)  # while the successor starts
     assert pool.spawner(exe) is None  # exec'd, and a new one starts
     [_, _, fresh] = FakeZygote.made
@@ -232,13 +246,11 @@ def test_a_successor_started_before_the_files_changed_is_dropped(fake_pool: tupl
     assert pool.spawner(exe) is fresh and not fresh.retired
 
 
-def test_a_successor_ready_after_its_predecessor_changed_is_dropped(fake_pool: tuple[warm.WarmPool, Path]) -> None:
+def test_a_successor_ready_after_its_predecessor_changed_is_dropped(
+    fake_pool: tuple[warm.WarmPool, Path],
+) -> None:
     pool, exe = fake_pool
-    pool.spawner(exe)
-    [first] = FakeZygote.made
-    first.state, first.why = "ready", ("served 1000 calls", True)
-    assert pool.spawner(exe) is first
-    [_, succ] = FakeZygote.made
+    first, succ = worn_with_successor(pool, exe)
     succ.state = "ready"
     first.why = ("XSR changed", False)  # seen only as the successor is ready
     assert pool.spawner(exe) is None
