@@ -17,7 +17,8 @@ else by mtime and size, before each call) changed, after ``max_calls`` calls, wh
 grew by ``max_growth`` bytes, and when it died.  A worn one (calls, growth)
 goes on forking while its successor starts in the background; for the
 others the call that finds it so runs by exec, and a new zygote starts in the
-background for the next calls.  A replaced zygote forks no more and exits
+background for the next calls (after one that could not start, only
+``START_BACKOFF`` seconds later).  A replaced zygote forks no more and exits
 once its last child is reaped.
 
 The interpreter (``interpreter(plugin)``): a plugin whose first line is
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 ZYGOTE = Path(__file__).resolve().parent / "zygote.py"
 READY_TIMEOUT = 60.0  # seconds a new zygote may take to import what calls need
 IO_TIMEOUT = 10.0  # seconds one fork/reap exchange may take
+START_BACKOFF = 10.0  # seconds before a plugin whose zygote could not start gets another
 MAX_MSG = 1 << 20
 
 
@@ -172,6 +174,8 @@ class Zygote:
         self.calls = 0
         self.state = "starting"  # starting, ready, draining, dead
         self.why = ""
+        self.was_ready = False
+        self.ended = 0.0  # when it was found dead (time.monotonic)
         self.files: FileWatch | None = None
         self.rss0 = 0
         self._sock: socket.socket | None = None
@@ -220,12 +224,14 @@ class Zygote:
         self._poll.register(ours, select.POLLIN)
         self._spare_asked = True  # the zygote sends the first spare when ready
         self.state = "ready"
+        self.was_ready = True
         log.info("warm parent of %s ready: pid %d, %d files watched, %d KiB",
                  self.plugin, self.pid, len(self.files.files), self.rss0 >> 10)  # fmt: skip
 
     def _dead(self, why: str) -> None:
         self.state = "dead"
         self.why = why
+        self.ended = time.monotonic()
         log.warning("warm parent of %s (pid %s) %s", self.plugin, self.pid or "-", why)
         self._close()
 
@@ -475,6 +481,7 @@ class WarmPool:
         self._successors: dict[Path, Zygote] = {}
         self._doomed: list[Zygote] = []  # successors started before their files changed
         self._retired: list[Zygote] = []
+        self._failed: dict[Path, float] = {}  # when a zygote of a plugin could not start
         self._closed = False
 
     def spawner(self, plugin: Path) -> Zygote | None:
@@ -484,7 +491,10 @@ class WarmPool:
         replacement every ``max_calls`` calls sent no call to exec (at 8
         clients, a replacement's ~0.3 s of exec'd calls cost 6% of the
         calls/s).  One whose files changed, or that died, forks no more: the
-        calls run by exec until a new one is ready."""
+        calls run by exec until a new one is ready.  After a zygote that could
+        not start (a plugin that does not compile, no process to be had), the
+        calls run by exec for ``START_BACKOFF`` seconds before another is
+        tried, not one start per call."""
         with self._lock:
             for d in [d for d in self._doomed if d.state != "starting"]:
                 self._doomed.remove(d)
@@ -498,6 +508,7 @@ class WarmPool:
                     self._retire(z, why or "worn")
                     z = self._current[plugin] = succ
                 else:  # it failed (the worn one goes on), or may hold the old files
+                    self._note_failure(plugin, succ)
                     self._retire(succ, f"its predecessor is stale at once ({why})")
             if z is not None and z.state == "starting":
                 return None
@@ -506,17 +517,28 @@ class WarmPool:
                 if not why:
                     return z
                 if may_fork:
-                    if plugin not in self._successors and not self._closed:
+                    if plugin not in self._successors and self._may_start(plugin):
                         self._start(plugin, self._successors)
                     return z
-                del self._current[plugin]
-                self._retire(z, why)
                 if plugin in self._successors:  # it may have loaded the old files
                     self._doomed.append(self._successors.pop(plugin))
-            if self._closed:
-                return None
-            self._start(plugin, self._current)
+                self._note_failure(plugin, z)
+                if z.state == "dead" and not self._may_start(plugin):
+                    return None  # kept meanwhile: the status shows why it failed
+                del self._current[plugin]
+                self._retire(z, why)
+            if self._may_start(plugin):
+                self._start(plugin, self._current)
         return None
+
+    def _note_failure(self, plugin: Path, z: Zygote) -> None:
+        if z.state == "dead" and not z.was_ready:
+            self._failed[plugin] = z.ended
+
+    def _may_start(self, plugin: Path) -> bool:
+        failed = self._failed.get(plugin)
+        recent = failed is not None and time.monotonic() - failed < START_BACKOFF
+        return not self._closed and not recent
 
     def _start(self, plugin: Path, into: dict[Path, Zygote]) -> None:
         """Start a zygote of ``plugin`` in the background, kept in ``into``."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -192,6 +193,31 @@ def test_a_worn_warm_parent_forks_until_its_successor_is_ready(
     assert len(generations) == 3, parents
     for pid in set(parents) - {parents[-1]}:  # a replaced parent exits with its last child
         assert not alive(pid, grace=10)
+    assert d.children() == [] and d.zombies() == []
+
+
+def test_a_plugin_whose_warm_parent_cannot_start_costs_no_start_per_call(
+    start_in_mode: Callable[..., Daemon], plugins_dir: Path
+) -> None:
+    """A warm parent that could not start (here: a plugin that does not
+    compile) is not started again by every call: the calls run by exec, and
+    the status shows the dead one and why, until warm.START_BACKOFF passes."""
+    d = start_in_mode(mode="warm")
+    broken = plugins_dir / "BROKENSR"  # its warm parent starts with its first call
+    broken.write_text(f"#!{sys.executable}\ndef (:\n")
+    broken.chmod(0o755)
+
+    def brokens() -> list[dict[str, Any]]:
+        return [w for w in d.status()["warm"] if w["plugin"].endswith("BROKENSR")]
+
+    r = d.unix("/broken").VDI.stat({"dbg": "b", "sr": "sr1", "vdi": "ok"})
+    assert r["Status"] == "Failure" and "PLUGIN_FAILED" in r["ErrorDescription"], r
+    [dead] = wait_until(lambda: [w for w in brokens() if w["state"] == "dead"], what="dead")
+    assert "not ready" in dead["why"] or "started" in dead["why"], dead
+    for _ in range(5):
+        r = d.unix("/broken").VDI.stat({"dbg": "b", "sr": "sr1", "vdi": "ok"})
+        assert "PLUGIN_FAILED" in r["ErrorDescription"], r  # by exec, as before
+    assert [(w["pid"], w["state"]) for w in brokens()] == [(dead["pid"], "dead")]
     assert d.children() == [] and d.zombies() == []
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import time
 from pathlib import Path
 from typing import ClassVar
 
@@ -179,6 +180,8 @@ class FakeZygote:
         self.state = "starting"
         self.why: tuple[str, bool] = ("", True)
         self.retired = ""
+        self.was_ready = False
+        self.ended = 0.0
         FakeZygote.made.append(self)
 
     def start(self) -> None:
@@ -190,6 +193,9 @@ class FakeZygote:
     def retire(self, why: str) -> None:
         self.retired = why
         self.state = "draining"
+
+    def as_struct(self) -> dict[str, str]:
+        return {"state": self.state}
 
 
 @pytest.fixture
@@ -258,3 +264,34 @@ def test_a_successor_ready_after_its_predecessor_changed_is_dropped(
     [_, _, fresh] = FakeZygote.made
     fresh.state = "ready"
     assert pool.spawner(exe) is fresh
+
+
+def test_a_zygote_that_could_not_start_is_not_started_again_at_once(
+    fake_pool: tuple[warm.WarmPool, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pool, exe = fake_pool
+    pool.spawner(exe)
+    [first] = FakeZygote.made
+    first.state, first.ended = "dead", time.monotonic()  # it never became ready
+    for _ in range(5):  # exec'd, and no zygote started per call
+        assert pool.spawner(exe) is None
+    assert len(FakeZygote.made) == 1
+    assert [z["state"] for z in pool.status()] == ["dead"]  # shown, with its why
+    monkeypatch.setattr(warm, "START_BACKOFF", 0.0)  # the back-off is over
+    assert pool.spawner(exe) is None
+    [_, second] = FakeZygote.made
+    second.state, second.was_ready = "ready", True
+    assert pool.spawner(exe) is second
+
+
+def test_a_zygote_that_died_after_serving_is_replaced_by_the_next_call(
+    fake_pool: tuple[warm.WarmPool, Path],
+) -> None:
+    pool, exe = fake_pool
+    pool.spawner(exe)
+    [first] = FakeZygote.made
+    first.state, first.was_ready = "ready", True
+    assert pool.spawner(exe) is first
+    first.state, first.ended = "dead", time.monotonic()
+    assert pool.spawner(exe) is None  # this call is exec'd; a new one starts now
+    assert len(FakeZygote.made) == 2
