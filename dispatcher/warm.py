@@ -13,8 +13,8 @@ unchanged.
 
 Freshness: a zygote is replaced when a file it loaded (the plugin, its
 modules, the library: ``files`` of its ready message, watched with inotify,
-else by mtime and size, before each call) changed, after ``max_calls`` calls, when its memory
-grew by ``max_growth`` bytes, and when it died.  A worn one (calls, growth)
+else by mtime and size, before each call) changed, after ``max_calls``
+calls, when its memory grew by ``max_growth`` bytes, and when it died.  A worn one (calls, growth)
 goes on forking while its successor starts in the background; for the
 others the call that finds it so runs by exec, and a new zygote starts in the
 background for the next calls (after one that could not start, only

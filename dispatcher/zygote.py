@@ -11,7 +11,7 @@ have them; the plugin's top-level imports (and those in top-level ``try``
 blocks) are imported, then every module named by a ``WARM_IMPORTS`` list of an
 imported module (``plugins/ext/ext_driver.py`` names the engine).  It then
 runs the call its runtime offers (``WARM_REHEARSAL``: ``smcommon.plugin``'s
-Query.query) through the plugin's code three times (``rehearse``), so that
+Query.query) through the plugin's code ten times (``rehearse``), so that
 what a call's first run does once is done before the first fork.  It runs no
 thread and holds no lock, file or SR state.  It then sends ``{"ready": pid,
 "files": [...]}`` (the module files a change of which makes it stale) and
@@ -168,16 +168,10 @@ def _child(code: types.CodeType, plugin: str, req: dict[str, object], fds: list[
         os.chdir(str(req.get("cwd") or "/"))
         os.umask(int(req.get("umask", 0o022)))  # type: ignore[call-overload]
         _change_environment(req.get("unset"), req.get("set"))
-        sys.stdin = open(0, encoding=None, closefd=False)  # noqa: SIM115
-        sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115
-        sys.stderr = open(2, "w", 1, errors="backslashreplace", closefd=False)  # noqa: SIM115
-        main = types.ModuleType("__main__")
-        main.__file__ = plugin
-        main.__builtins__ = __builtins__  # type: ignore[attr-defined]
-        sys.modules["__main__"] = main
+        namespace = _as_a_run(plugin)
         sys.argv = [plugin]
         try:
-            exec(code, main.__dict__)  # noqa: S102 -- the plugin's own code, as `python plugin` runs it
+            exec(code, namespace)  # noqa: S102 -- the plugin's own code, as `python plugin` runs it
             status = 0
         except SystemExit as e:
             status = _exit_status(e.code)
@@ -200,6 +194,20 @@ def _child(code: types.CodeType, plugin: str, req: dict[str, object], fds: list[
         os.closerange(0, MAX_FD)
     finally:
         os._exit(status)
+
+
+def _as_a_run(plugin: str) -> dict[str, object]:
+    """``sys.std*`` on descriptors 0-2 and a new ``__main__`` module, as a run
+    of ``plugin`` has them (a call's child, and each rehearsal of one): the
+    namespace to run its code in."""
+    sys.stdin = open(0, encoding=None, closefd=False)  # noqa: SIM115
+    sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115
+    sys.stderr = open(2, "w", 1, errors="backslashreplace", closefd=False)  # noqa: SIM115
+    main = types.ModuleType("__main__")
+    main.__file__ = plugin
+    main.__builtins__ = __builtins__  # type: ignore[attr-defined]
+    sys.modules["__main__"] = main
+    return main.__dict__
 
 
 def _change_environment(unset: object, changed: object) -> None:
@@ -356,15 +364,9 @@ def rehearse(code: types.CodeType, plugin: str, times: int = REHEARSALS) -> None
             os.dup2(null, 2)
             os.close(r)
             os.close(null)
-            sys.stdin = open(0, closefd=False)  # noqa: SIM115
-            sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115
-            sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
-            rehearsal = types.ModuleType("__main__")
-            rehearsal.__file__ = plugin
-            rehearsal.__builtins__ = __builtins__  # type: ignore[attr-defined]
-            sys.modules["__main__"] = rehearsal
+            namespace = _as_a_run(plugin)
             with contextlib.suppress(BaseException):  # a rehearsal never stops the zygote
-                exec(code, rehearsal.__dict__)  # noqa: S102 -- as a child runs it
+                exec(code, namespace)  # noqa: S102 -- as a child runs it
             for stream in (sys.stdout, sys.stderr):
                 with contextlib.suppress(BaseException):
                     stream.flush()
