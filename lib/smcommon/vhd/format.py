@@ -179,7 +179,7 @@ class Footer:
         return footer.sealed()
 
 
-_FOOTER_FIELDS = tuple(field_names(Footer))
+_FOOTER_FIELDS = field_names(Footer)
 
 
 # --- parent locator -----------------------------------------------------------
@@ -339,7 +339,7 @@ class Header:
         return header.sealed()
 
 
-_HEADER_FIELDS = tuple(field_names(Header))
+_HEADER_FIELDS = field_names(Header)
 
 
 def encode_parent_name(name: str) -> bytes:
